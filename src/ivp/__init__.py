@@ -1,0 +1,1 @@
+"""ivp: inference-only verification package."""

@@ -1,0 +1,40 @@
+"""`ivp …` — the command line of the inference-only verification package.
+
+Each part of ivp registers its own commands from ``ivp/<part>/cli.py`` (a function
+``register(app)``), so this file only assembles them. Heavy imports (torch) happen
+inside commands, keeping ``ivp --help`` fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import typer
+
+app = typer.Typer(
+    name="ivp",
+    help=(
+        "Inference-only verification package. Secure network gateways (SNG) boot servers "
+        "only with whitelisted weights and log every input/output pair; the secure "
+        "recomputer (SRC) re-runs a random sample and shuts a cheating server down.\n\n"
+        "Start with `ivp demo` (a whole datacenter on loopback)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Parts in the order their commands appear in --help.
+PARTS = (
+    "demo", "whitelist", "gateway", "server", "recomputer", "verify", "plan", "sim", "attacks",
+)
+
+for _part in PARTS:
+    _name = f"ivp.{_part}.cli"
+    if importlib.util.find_spec(f"ivp.{_part}") and importlib.util.find_spec(_name):
+        importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    app()

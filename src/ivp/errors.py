@@ -1,0 +1,60 @@
+"""One error vocabulary for all of ivp.
+
+Three roots, as in python-tuf: bad data from a peer (``PeerDataError``), a failed
+transport (``TransportError``) and misuse by the caller (``MisuseError``, e.g. serving
+before boot). Each boundary raises only these types, so a caller can tell "the other
+side sent garbage" from "the network is down" from "this is a bug / wrong state".
+"""
+
+from __future__ import annotations
+
+
+class IvpError(Exception):
+    """Root of every error ivp raises on purpose."""
+
+
+# --- bad data from a peer -------------------------------------------------------------
+class PeerDataError(IvpError):
+    """Data received from another party is malformed, unauthentic or inconsistent."""
+
+
+class ValidationError(PeerDataError):
+    """A message does not decode, or a field is out of range."""
+
+
+class SignatureError(PeerDataError):
+    """A signature does not verify, or is by a key we do not know."""
+
+
+class QuorumError(SignatureError):
+    """A signed document lacks the quorum its policy requires."""
+
+
+class ChainError(PeerDataError):
+    """A hash-chain link or an audit sequence number is wrong (gap, replay, fork)."""
+
+
+class DigestError(PeerDataError):
+    """Bytes do not hash to the digest a manifest promised."""
+
+
+class ExpiredError(PeerDataError):
+    """A document is past its expiry, or older than one already accepted (rollback)."""
+
+
+# --- transport -------------------------------------------------------------------------
+class TransportError(IvpError):
+    """A peer could not be reached or answered outside the protocol."""
+
+
+# --- misuse ------------------------------------------------------------------------------
+class MisuseError(IvpError):
+    """An operation was called in a state that does not allow it."""
+
+
+class StateError(MisuseError):
+    """Illegal state transition, e.g. inference before SERVING or upload after brick."""
+
+
+class BrickedError(StateError):
+    """The device was tampered with; it is bricked for good and does nothing."""

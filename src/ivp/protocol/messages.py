@@ -1,0 +1,269 @@
+"""Wire messages of ivp, versioned and validated on decode.
+
+Every message is a frozen ``msgspec.Struct`` that rejects unknown fields (a field we
+do not understand could carry meaning we would silently drop) and carries ``v``, the
+message version. Constraints live on the types, so ``decode`` rejects out-of-range
+values with a message naming the field. ``__post_init__`` adds cross-field checks and
+runs on construction and on decode alike.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+VERSION = 1
+
+Hex256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+U64 = Annotated[int, Meta(ge=0, le=2**64 - 1)]
+Count = Annotated[int, Meta(ge=0)]
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$")]
+Probability = Annotated[float, Meta(gt=0.0, le=1.0)]
+FinishReason = Literal["stop", "length"]
+
+
+class _Msg(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    v: int = VERSION
+
+    def __post_init__(self) -> None:
+        if self.v != VERSION:
+            raise ValueError(f"unsupported message version {self.v} (this build speaks {VERSION})")
+
+
+# --- inference --------------------------------------------------------------------------
+class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The sampler parameters of sampler spec v1 (see ``protocol.sampler``)."""
+
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    max_tokens: Annotated[int, Meta(ge=1, le=65536)] = 16
+
+
+class Tag(Struct, frozen=True, forbid_unknown_fields=True):
+    """Names one request for its whole life: which gateway, which boot, which pair."""
+
+    gateway_id: Name
+    boot_id: Name
+    seq: Count
+
+
+class ServerRequest(_Msg, frozen=True):
+    """What the gateway sends its server: token ids in, under a seed the gateway chose."""
+
+    tag: Tag
+    prompt_token_ids: list[TokenId]
+    params: SamplingParams
+    seed: U64
+    stream: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+
+
+class ServerResponse(_Msg, frozen=True):
+    """What the server answers: only the token ids and why it stopped."""
+
+    tag: Tag
+    token_ids: list[TokenId]
+    finish_reason: FinishReason
+
+
+class PairRecord(_Msg, frozen=True):
+    """One input/output pair, as the gateway logs it (the unit of audit)."""
+
+    tag: Tag
+    model_id: Name
+    endpoint: Literal["completions", "chat.completions"]
+    input: str  # the client's prompt, or its chat messages as JSON: for inspectors
+    prompt_token_ids: list[TokenId]
+    output_token_ids: list[TokenId]
+    output_text: str
+    finish_reason: FinishReason
+    seed: U64
+    params: SamplingParams
+    t_request: float
+    t_response: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if len(self.output_token_ids) > self.params.max_tokens:
+            raise ValueError("more output tokens than max_tokens")
+
+
+# --- gateway -> recomputer (all signed by the gateway's device key) ----------------------
+class AuditRecord(_Msg, frozen=True):
+    """A sampled pair, numbered without gaps per (gateway, boot), tied into the chain.
+
+    ``chain_head == chain.link(chain_prev, pair)``; ``audit_seq`` counts from 1.
+    """
+
+    gateway_id: Name
+    boot_id: Name
+    audit_seq: Annotated[int, Meta(ge=1)]
+    chain_prev: Hex256
+    chain_head: Hex256
+    pair: PairRecord
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.pair.tag.gateway_id, self.pair.tag.boot_id) != (self.gateway_id, self.boot_id):
+            raise ValueError("pair tag names another gateway or boot")
+
+
+class BootRecord(_Msg, frozen=True):
+    """Sent when a gateway reaches SERVING: which model, under which manifest."""
+
+    gateway_id: Name
+    boot_id: Name
+    model_id: Name
+    manifest_digest: Hex256
+    epsilon: Probability
+    time: float
+    url: str = ""  # where the gateway serves INPUT (for routing)
+
+
+class Checkpoint(_Msg, frozen=True):
+    """Periodic proof of life: how much was served and audited so far this boot."""
+
+    gateway_id: Name
+    boot_id: Name
+    pairs_served: Count
+    chain_head: Hex256
+    audits: Count  # audit records made so far this boot (= last audit_seq)
+    time: float
+
+
+# --- recomputer -> gateway ---------------------------------------------------------------
+class Shutdown(_Msg, frozen=True):
+    """Signed by the recomputer: the gateway stops all traffic until re-admitted."""
+
+    gateway_id: Name
+    reason: str
+    time: float
+    nonce: Annotated[str, Meta(min_length=16, max_length=128)]
+
+
+class Ack(Struct, frozen=True, forbid_unknown_fields=True):
+    """The recomputer's answer to an uplink batch: which audit seqs it stored durably."""
+
+    accepted: list[Count]
+    rejected: list[str] = []
+
+
+# --- verdicts ------------------------------------------------------------------------------
+class Verdict(_Msg, frozen=True):
+    gateway_id: Name
+    boot_id: Name
+    audit_seq: Annotated[int, Meta(ge=1)]
+    model_id: Name
+    passed: bool
+    mode: Literal["exact", "tolerant"]
+    reason: str
+    tokens: Count
+    failures: Count
+    max_margin: float
+    bound: float
+    time: float
+
+
+# --- whitelist -----------------------------------------------------------------------------
+class FileEntry(Struct, frozen=True, forbid_unknown_fields=True):
+    """One file of a model, in upload order."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._-]+$")]
+    role: Literal["config", "tokenizer", "weights"]
+    size: Count
+    digest: Hex256
+    algo: Literal["blake3", "sha256"] = "blake3"
+
+
+class NoiseBound(Struct, frozen=True, forbid_unknown_fields=True):
+    """The calibrated bound δ on honest logit differences, and how it was measured."""
+
+    delta: Annotated[float, Meta(ge=0.0)]
+    method: str
+    samples: Count = 0
+
+
+class Manifest(_Msg, frozen=True):
+    """Names a model: its files in upload order, total size S, sampler spec, δ."""
+
+    model_id: Name
+    architecture: str
+    dtype: str
+    files: list[FileEntry]
+    total_size: Count
+    sampler_spec: Literal["v1"] = "v1"
+    noise_bound: NoiseBound | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not any(f.role == "weights" for f in self.files):
+            raise ValueError("a manifest needs at least one weights file")
+        names = [f.name for f in self.files]
+        if len(set(names)) != len(names):
+            raise ValueError("file names in a manifest must be unique")
+        if sum(f.size for f in self.files) != self.total_size:
+            raise ValueError("total_size is not the sum of the file sizes")
+
+
+class Whitelist(_Msg, frozen=True):
+    """The signed list of models a datacenter may serve. Versions only go up."""
+
+    version: Annotated[int, Meta(ge=1)]
+    expires: float  # unix time
+    manifests: list[Manifest]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ids = [m.model_id for m in self.manifests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("model ids in a whitelist must be unique")
+
+    def manifest(self, model_id: str) -> Manifest | None:
+        return next((m for m in self.manifests if m.model_id == model_id), None)
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """BLAKE3 of the manifest's canonical bytes: what BOOT records name."""
+    import blake3
+
+    from ivp.protocol.encoding import canonical
+
+    return blake3.blake3(canonical(manifest)).hexdigest()
+
+
+__all__ = [
+    "VERSION", "Ack", "AuditRecord", "BootRecord", "Checkpoint", "FileEntry", "Manifest",
+    "NoiseBound", "PairRecord", "SamplingParams", "ServerRequest", "ServerResponse",
+    "AdminRequest", "Shutdown", "Tag", "Verdict", "Whitelist", "manifest_digest",
+]
+
+
+# --- admin (signed by inspectors under the quorum policy) ---------------------------------
+AdminInstruction = Literal[
+    "enrol_device",  # args: {"device_id", "public_key", "kind": "gateway"|"sensor", "url"?}
+    "whitelist_update",  # args: {"whitelist": <envelope as dict>}
+    "set_epsilon",  # args: {"epsilon"}
+    "reboot_schedule",  # args: {"interval_s"}
+    "ack_alarm",  # args: {"alarm_id"}
+    "readmit_gateway",  # args: {"gateway_id"}
+    "rotate_key",  # args: {"device_id", "public_key"}
+]
+
+
+class AdminRequest(_Msg, frozen=True):
+    """ADMIN_REQUEST of the note: one instruction from a closed list, used once."""
+
+    instruction: AdminInstruction
+    args: dict[str, Any]
+    nonce: Annotated[str, Meta(min_length=16, max_length=128)]
+    expires: float

@@ -1,0 +1,112 @@
+"""Sampler spec v1: the contract between every serving engine and the verifier.
+
+Given the logits row ``z`` at generated position ``t`` and the gateway's 64-bit seed
+``s``, the token is a pure function of (z, s, t, params). docs/SAMPLER.md restates
+this with known-answer vectors. In short:
+
+* Philox4x32-10 with key ``(s & 0xFFFFFFFF, s >> 32)``.
+* For vocabulary index i: counter = (i >> 2, t, 0, 0); word = output[i & 3];
+  u_i = (word + 0.5) / 2^32;  g_i = -log(-log u_i)   (float64 Gumbel noise).
+* Allowed set A(z): the top_k tokens by z (0 = all), then the smallest prefix, by
+  descending softmax(z/T) over those, whose cumulative probability reaches top_p
+  (at least one token). Ties go to the lower token id.
+* T > 0: token = argmax_{i in A(z)} z_i/T + g_i.  T = 0: token = argmax_i z_i.
+
+Everything here is a small pure numpy function; engines and verifier share them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ivp.protocol.messages import SamplingParams
+
+_M0 = np.uint64(0xD2511F53)
+_M1 = np.uint64(0xCD9E8D57)
+_W0 = np.uint32(0x9E3779B9)
+_W1 = np.uint32(0xBB67AE85)
+_LO = np.uint64(0xFFFFFFFF)
+_32 = np.uint64(32)
+
+
+def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+    """Philox4x32-10 (Salmon et al., SC11) over many counters at once.
+
+    Args:
+        counter: (N, 4) uint32 counters.
+        key: two 32-bit key words.
+    Returns:
+        (N, 4) uint32 outputs.
+    """
+    assert counter.ndim == 2 and counter.shape[1] == 4
+    c0, c1, c2, c3 = (counter[:, j].astype(np.uint64) for j in range(4))
+    k0, k1 = np.uint32(key[0]), np.uint32(key[1])
+    with np.errstate(over="ignore"):
+        for r in range(10):
+            if r:  # the key is bumped between rounds
+                k0 = np.uint32(k0 + _W0)
+                k1 = np.uint32(k1 + _W1)
+            p0 = _M0 * c0  # products of two 32-bit words fit in 64 bits
+            p1 = _M1 * c2
+            hi0, lo0 = p0 >> _32, p0 & _LO
+            hi1, lo1 = p1 >> _32, p1 & _LO
+            c0, c1, c2, c3 = (
+                hi1 ^ c1 ^ np.uint64(k0),
+                lo1,
+                hi0 ^ c3 ^ np.uint64(k1),
+                lo0,
+            )
+    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+
+
+def seed_key(seed: int) -> tuple[int, int]:
+    if not 0 <= seed < 2**64:
+        raise ValueError("seed must be a 64-bit unsigned integer")
+    return seed & 0xFFFFFFFF, seed >> 32
+
+
+def uniforms(seed: int, position: int, vocab_size: int) -> np.ndarray:
+    """u_i in (0, 1) for every vocabulary index i at generated position ``position``."""
+    blocks = (vocab_size + 3) // 4
+    counter = np.zeros((blocks, 4), dtype=np.uint32)
+    counter[:, 0] = np.arange(blocks, dtype=np.uint32)
+    counter[:, 1] = np.uint32(position)
+    words = philox4x32_10(counter, seed_key(seed)).reshape(-1)[:vocab_size]
+    return (words.astype(np.float64) + 0.5) / 2.0**32
+
+
+def gumbel(seed: int, position: int, vocab_size: int) -> np.ndarray:
+    """g_i = -log(-log u_i), float64, shape (vocab_size,)."""
+    return -np.log(-np.log(uniforms(seed, position, vocab_size)))
+
+
+def ranked(z: np.ndarray) -> np.ndarray:
+    """Token ids by descending z, ties to the lower id (stable sort)."""
+    return np.argsort(-z, kind="stable")
+
+
+def allowed_set(z: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """A(z): sorted token ids allowed by top_k then top_p. z: (V,) float64."""
+    vocab = z.shape[0]
+    k = params.top_k if 0 < params.top_k < vocab else vocab
+    if k == vocab and params.top_p >= 1.0:
+        return np.flatnonzero(np.isfinite(z)) if not np.isfinite(z).all() else np.arange(vocab)
+    order = ranked(z)[:k]
+    if params.top_p < 1.0 and params.temperature > 0:
+        logits = z[order] / params.temperature
+        probs = np.exp(logits - logits[0])
+        probs /= probs.sum()
+        cum = np.cumsum(probs)
+        n = int(np.searchsorted(cum, params.top_p, side="left")) + 1
+        order = order[: min(n, k)]
+    return np.sort(order)
+
+
+def choose(z: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
+    """The token spec v1 picks at ``position`` from logits row ``z`` (any float dtype)."""
+    z = np.asarray(z, dtype=np.float64)
+    if params.temperature == 0:
+        return int(np.argmax(z))  # argmax returns the first (lowest id) maximum
+    allowed = allowed_set(z, params)
+    scores = z[allowed] / params.temperature + gumbel(seed, position, z.shape[0])[allowed]
+    return int(allowed[int(np.argmax(scores))])
