@@ -38,3 +38,7 @@ for _part in PARTS:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -151,11 +151,17 @@ class Shutdown(_Msg, frozen=True):
     nonce: Annotated[str, Meta(min_length=16, max_length=128)]
 
 
-class Ack(Struct, frozen=True, forbid_unknown_fields=True):
-    """The recomputer's answer to an uplink batch: which audit seqs it stored durably."""
+class UplinkResult(Struct, frozen=True, forbid_unknown_fields=True):
+    """Outcome for one uplinked envelope. ``ok`` only once it is stored durably."""
 
-    accepted: list[Count]
-    rejected: list[str] = []
+    ok: bool
+    error: str = ""
+
+
+class Ack(Struct, frozen=True, forbid_unknown_fields=True):
+    """The recomputer's answer to an uplink batch: one result per envelope, in order."""
+
+    results: list[UplinkResult]
 
 
 # --- verdicts ------------------------------------------------------------------------------
@@ -244,7 +250,7 @@ def manifest_digest(manifest: Manifest) -> str:
 __all__ = [
     "VERSION", "Ack", "AuditRecord", "BootRecord", "Checkpoint", "FileEntry", "Manifest",
     "NoiseBound", "PairRecord", "SamplingParams", "ServerRequest", "ServerResponse",
-    "AdminRequest", "Shutdown", "Tag", "Verdict", "Whitelist", "manifest_digest",
+    "AdminRequest", "Shutdown", "Tag", "UplinkResult", "Verdict", "Whitelist", "manifest_digest",
 ]
 
 

@@ -1,0 +1,3 @@
+from ivp.cli import main
+
+main()

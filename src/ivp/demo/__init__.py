@@ -1,0 +1,1 @@
+"""The loopback datacenter and `ivp demo`."""
