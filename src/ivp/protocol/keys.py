@@ -7,6 +7,7 @@ Private keys are stored as PEM (PKCS#8); public keys travel as 64 hex characters
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,8 +95,11 @@ class SigningKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        path.write_bytes(pem)
-        path.chmod(0o600)
+        # Create it owner-only before any byte is written (no window at umask 0o644).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # also when the file existed with wider modes
+            f.write(pem)
 
     @property
     def keyid(self) -> str:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta, Struct
 
 VERSION = 1
 
 Hex256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
-U64 = Annotated[int, Meta(ge=0, le=2**64 - 1)]
-Count = Annotated[int, Meta(ge=0)]
+# msgspec cannot express an upper bound above int64 (it raises on *every* decode), so
+# the < 2**64 half of a U64 is checked in __post_init__ by the messages that hold one.
+U64 = Annotated[int, Meta(ge=0)]
+U64_LIMIT = 2**64
+I63 = 2**63 - 1  # counters fit a signed 64-bit column (SQLite INTEGER)
+Count = Annotated[int, Meta(ge=0, le=I63)]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$")]
 Probability = Annotated[float, Meta(gt=0.0, le=1.0)]
@@ -64,6 +67,8 @@ class ServerRequest(_Msg, frozen=True):
         super().__post_init__()
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
+        if self.seed >= U64_LIMIT:
+            raise ValueError("seed must be a 64-bit unsigned integer")
 
 
 class ServerResponse(_Msg, frozen=True):
@@ -94,6 +99,8 @@ class PairRecord(_Msg, frozen=True):
         super().__post_init__()
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
+        if self.seed >= U64_LIMIT:
+            raise ValueError("seed must be a 64-bit unsigned integer")
         if len(self.output_token_ids) > self.params.max_tokens:
             raise ValueError("more output tokens than max_tokens")
 
@@ -107,7 +114,7 @@ class AuditRecord(_Msg, frozen=True):
 
     gateway_id: Name
     boot_id: Name
-    audit_seq: Annotated[int, Meta(ge=1)]
+    audit_seq: Annotated[int, Meta(ge=1, le=I63)]
     chain_prev: Hex256
     chain_head: Hex256
     pair: PairRecord
@@ -168,7 +175,7 @@ class Ack(Struct, frozen=True, forbid_unknown_fields=True):
 class Verdict(_Msg, frozen=True):
     gateway_id: Name
     boot_id: Name
-    audit_seq: Annotated[int, Meta(ge=1)]
+    audit_seq: Annotated[int, Meta(ge=1, le=I63)]
     model_id: Name
     passed: bool
     mode: Literal["exact", "tolerant"]
@@ -248,9 +255,25 @@ def manifest_digest(manifest: Manifest) -> str:
 
 
 __all__ = [
-    "VERSION", "Ack", "AuditRecord", "BootRecord", "Checkpoint", "FileEntry", "Manifest",
-    "NoiseBound", "PairRecord", "SamplingParams", "ServerRequest", "ServerResponse",
-    "AdminRequest", "Shutdown", "Tag", "UplinkResult", "Verdict", "Whitelist", "manifest_digest",
+    "VERSION",
+    "Ack",
+    "AdminRequest",
+    "AuditRecord",
+    "BootRecord",
+    "Checkpoint",
+    "FileEntry",
+    "Manifest",
+    "NoiseBound",
+    "PairRecord",
+    "SamplingParams",
+    "ServerRequest",
+    "ServerResponse",
+    "Shutdown",
+    "Tag",
+    "UplinkResult",
+    "Verdict",
+    "Whitelist",
+    "manifest_digest",
 ]
 
 

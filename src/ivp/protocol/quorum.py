@@ -56,6 +56,9 @@ class QuorumPolicy(Struct, frozen=True, forbid_unknown_fields=True):
     required_parties: list[str] = []
 
     def __post_init__(self) -> None:
+        ids = [k.keyid for k in self.keys]
+        if len(set(ids)) != len(ids):  # e.g. one key under two parties: ambiguous
+            raise ValueError("an inspector key is listed more than once")
         for k in self.keys:
             if VerifyKey.from_hex(k.public_key).keyid != k.keyid:
                 raise ValueError(f"keyid {k.keyid} does not match its public key")

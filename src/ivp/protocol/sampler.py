@@ -80,26 +80,68 @@ def gumbel(seed: int, position: int, vocab_size: int) -> np.ndarray:
     return -np.log(-np.log(uniforms(seed, position, vocab_size)))
 
 
+def gumbel_at(seed: int, position: int, ids: np.ndarray) -> np.ndarray:
+    """g_i for the given token ids only (same values as ``gumbel(...)[ids]``)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    blocks, inverse = np.unique(ids >> 2, return_inverse=True)
+    counter = np.zeros((blocks.shape[0], 4), dtype=np.uint32)
+    counter[:, 0] = blocks.astype(np.uint32)
+    counter[:, 1] = np.uint32(position)
+    words = philox4x32_10(counter, seed_key(seed))[inverse, ids & 3]
+    return -np.log(-np.log((words.astype(np.float64) + 0.5) / 2.0**32))
+
+
 def ranked(z: np.ndarray) -> np.ndarray:
     """Token ids by descending z, ties to the lower id (stable sort)."""
     return np.argsort(-z, kind="stable")
+
+
+def top_ranked(z: np.ndarray, m: int) -> np.ndarray:
+    """The first ``m`` ids of :func:`ranked` without sorting the whole row.
+
+    Every id whose logit reaches the m-th largest value is a candidate (ties
+    included), so a stable sort of the candidates gives exactly ranked(z)[:m].
+    """
+    vocab = z.shape[0]
+    if m >= vocab:
+        return ranked(z)
+    threshold = np.partition(z, vocab - m)[vocab - m]  # the m-th largest value
+    candidates = np.flatnonzero(z >= threshold)  # ascending ids
+    return candidates[np.argsort(-z[candidates], kind="stable")][:m]
+
+
+def _nucleus(z: np.ndarray, k: int, top_p: float, temperature: float) -> np.ndarray:
+    """Smallest prefix of ranked(z)[:k] whose softmax(z/T) mass over those k reaches
+    top_p (at least one token).
+
+    w_i = exp(z_i/T - z_max/T); the normaliser sums w over the k tokens in ascending id
+    order. Grows a ranked window instead of sorting the whole vocabulary.
+    """
+    vocab = z.shape[0]
+    members = np.arange(vocab) if k >= vocab else np.sort(top_ranked(z, k))
+    scaled = z[members] / temperature
+    z_max = scaled.max()
+    total = np.exp(scaled - z_max).sum()
+    m = min(k, 256)
+    while True:
+        window = top_ranked(z, m)
+        cum = np.cumsum(np.exp(z[window] / temperature - z_max)) / total
+        if cum[-1] >= top_p or m >= k:
+            n = int(np.searchsorted(cum, top_p, side="left")) + 1
+            return window[: min(n, m)]
+        m = min(k, 4 * m)
 
 
 def allowed_set(z: np.ndarray, params: SamplingParams) -> np.ndarray:
     """A(z): sorted token ids allowed by top_k then top_p. z: (V,) float64."""
     vocab = z.shape[0]
     k = params.top_k if 0 < params.top_k < vocab else vocab
-    if k == vocab and params.top_p >= 1.0:
-        return np.flatnonzero(np.isfinite(z)) if not np.isfinite(z).all() else np.arange(vocab)
-    order = ranked(z)[:k]
+    if k == vocab and (params.top_p >= 1.0 or params.temperature == 0):
+        finite = np.isfinite(z)
+        return np.arange(vocab) if finite.all() else np.flatnonzero(finite)
     if params.top_p < 1.0 and params.temperature > 0:
-        logits = z[order] / params.temperature
-        probs = np.exp(logits - logits[0])
-        probs /= probs.sum()
-        cum = np.cumsum(probs)
-        n = int(np.searchsorted(cum, params.top_p, side="left")) + 1
-        order = order[: min(n, k)]
-    return np.sort(order)
+        return np.sort(_nucleus(z, k, params.top_p, params.temperature))
+    return np.sort(top_ranked(z, k))
 
 
 def choose(z: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
@@ -108,5 +150,5 @@ def choose(z: np.ndarray, seed: int, position: int, params: SamplingParams) -> i
     if params.temperature == 0:
         return int(np.argmax(z))  # argmax returns the first (lowest id) maximum
     allowed = allowed_set(z, params)
-    scores = z[allowed] / params.temperature + gumbel(seed, position, z.shape[0])[allowed]
+    scores = z[allowed] / params.temperature + gumbel_at(seed, position, allowed)
     return int(allowed[int(np.argmax(scores))])

@@ -1,0 +1,226 @@
+"""The reference engine: sampler spec v1 generation and replay by prefill.
+
+One engine serves two roles that must agree to the last token:
+
+* ``generate`` — what an honest server runs: incremental decoding with the KV cache,
+  each position's float32 logits row handed to ``ivp.protocol.sampler.choose``.
+* ``replay`` — what the recomputer runs: ONE forward pass over prompt + claimed
+  output gives the logits that predicted every output token (DESIGN.md,
+  "Verification"), far cheaper than generating again.
+
+Both run the same float32 model on the same kernels, so for an honest pair the
+spec's choice under the replayed logits equals every generated token (exact mode);
+the residual difference between decode and prefill logits is measured in tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from ivp.errors import ValidationError
+from ivp.protocol.messages import SamplingParams
+from ivp.protocol.sampler import choose
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+FinishReason = Literal["stop", "length"]
+# Rows x vocabulary of logits one replay_batch forward may hold (2^27 floats = 512 MiB).
+REPLAY_BUDGET = 1 << 27
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generation: the token ids (EOS included when it stopped), why, how long."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason
+    seconds: float
+
+
+def _as_ids(value: int | list[int] | None) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, list | tuple) else {int(value)}
+
+
+class ReferenceEngine:
+    """A float32 transformers causal LM behind sampler spec v1. Not thread-safe:
+    callers serialise use (the server holds one lock)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device  # inputs go where the weights are
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.eos_ids = self._eos_ids()
+        if not self.eos_ids:
+            raise ValidationError("the model names no EOS token (tokenizer and config)")
+        self.max_positions = int(
+            getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 1 << 30
+        )
+
+    def _eos_ids(self) -> frozenset[int]:
+        """EOS of the tokenizer, the config and the generation config (e.g. Gemma's
+        <eos> and <end_of_turn>): generation stops after any of them."""
+        ids = _as_ids(self.tokenizer.eos_token_id)
+        ids |= _as_ids(getattr(self.model.config.get_text_config(), "eos_token_id", None))
+        gen = getattr(self.model, "generation_config", None)
+        ids |= _as_ids(getattr(gen, "eos_token_id", None))
+        return frozenset(i for i in ids if 0 <= i < self.vocab_size)
+
+    # --- checks ---------------------------------------------------------------------------
+    def check_ids(self, ids: Sequence[int], what: str) -> None:
+        """Token ids must lie in the model's vocabulary (the embedding would fail)."""
+        bad = next((i for i in ids if not 0 <= int(i) < self.vocab_size), None)
+        if bad is not None:
+            raise ValidationError(f"{what}: token id {bad} outside the vocabulary "
+                                  f"(0..{self.vocab_size - 1})")
+
+    def _check_prompt(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
+        if not prompt_ids:
+            raise ValidationError("the prompt must hold at least one token")
+        self.check_ids(prompt_ids, "prompt")
+        if len(prompt_ids) + max_tokens > self.max_positions:
+            raise ValidationError(
+                f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} exceeds the "
+                f"model's context of {self.max_positions}"
+            )
+
+    def finish_reason(self, token_ids: Sequence[int]) -> FinishReason:
+        """'stop' when the output ends with EOS, else 'length'."""
+        return "stop" if token_ids and token_ids[-1] in self.eos_ids else "length"
+
+    # --- generation -------------------------------------------------------------------------
+    def generate_stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int
+    ) -> Iterator[int]:
+        """Token ids one at a time, exactly those ``generate`` returns.
+
+        The prompt is checked at the call (ValidationError before any token). Each step
+        enters inference mode itself (torch's grad mode is per thread), so the server
+        may resume this generator from a different worker thread each time.
+        """
+        self._check_prompt(prompt_ids, params.max_tokens)
+        return self._tokens(list(prompt_ids), params, seed)
+
+    def _tokens(self, prompt_ids: list[int], params: SamplingParams, seed: int
+                ) -> Iterator[int]:
+        row, cache = self._step(prompt_ids, None)
+        for t in range(params.max_tokens):
+            token = choose(row, seed, t, params)
+            yield token
+            if token in self.eos_ids or t + 1 == params.max_tokens:
+                return
+            row, cache = self._step([token], cache)
+
+    def _step(self, new_ids: list[int], cache: object | None) -> tuple[np.ndarray, object]:
+        """Feed ``new_ids`` after ``cache`` (None: a fresh prompt); the next logits row
+        (V,) float32 and the updated KV cache."""
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)  # (1, n)
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            return out.logits[0, -1].float().cpu().numpy(), out.cache  # (V,)
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> Generation:
+        """Generate under sampler spec v1 with ``seed`` (u64); EOS included if reached."""
+        start = time.perf_counter()
+        tokens = list(self.generate_stream(prompt_ids, params, seed))
+        return Generation(tokens, self.finish_reason(tokens), time.perf_counter() - start)
+
+    # --- replay -----------------------------------------------------------------------------
+    def replay(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> np.ndarray:
+        """(len(output_ids), V) float32: row t = logits at position len(prompt)+t-1,
+        the ones that predicted output token t. One forward pass, no cache."""
+        return self.replay_batch([(prompt_ids, output_ids)])[0]
+
+    def replay_batch(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[np.ndarray]:
+        """``replay`` for many pairs, batched (right padding + attention mask) in as few
+        forwards as the logits budget allows. Results in the order of ``pairs``."""
+        for prompt, output in pairs:
+            self._check_prompt(prompt, len(output))
+            self.check_ids(output, "output")
+        results: list[np.ndarray | None] = [None] * len(pairs)
+        for group in self._groups(pairs):
+            for index, logits in zip(group, self._replay_group([pairs[i] for i in group]),
+                                     strict=True):
+                results[index] = logits
+        return [r for r in results if r is not None]
+
+    def _groups(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[int]]:
+        """Indices of ``pairs`` split so each forward's kept logits fit REPLAY_BUDGET."""
+        groups: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for i, (prompt, output) in enumerate(pairs):
+            length = len(prompt) + len(output)
+            if current and (len(current) + 1) * max(longest, length) * self.vocab_size \
+                    > REPLAY_BUDGET:
+                groups.append(current)
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, length)
+        if current:
+            groups.append(current)
+        return groups
+
+    def _replay_group(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[np.ndarray]:
+        import torch
+
+        empty = [len(o) == 0 for _, o in pairs]
+        seqs = [list(p) + list(o) for p, o in pairs]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, L) right-padded
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, L) 1 = real token
+        for b, seq in enumerate(seqs):
+            ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[b, : len(seq)] = 1
+        # Keep only logits from the earliest position any pair needs (saves lm_head work).
+        first = min(len(p) - 1 for p, _ in pairs)
+        keep = width - first
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with torch.inference_mode():
+            if len(seqs) == 1:  # no padding: no mask, same kernels as an unbatched forward
+                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+            else:
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False,
+                                    logits_to_keep=keep).logits  # (B, keep, V)
+            logits = logits.float().cpu()
+        out = []
+        for b, (prompt, output) in enumerate(pairs):
+            start = len(prompt) - 1 - first
+            rows = logits[b, start : start + len(output)]  # (len(output), V)
+            out.append(np.zeros((0, self.vocab_size), np.float32) if empty[b]
+                       else rows.numpy().astype(np.float32, copy=True))
+        return out
+
+
+def decode_prefill_gap(engine: ReferenceEngine, prompt_ids: Sequence[int],
+                       params: SamplingParams, seed: int) -> float:
+    """max |logits_decode - logits_prefill| over one generation: the engine's own
+    nondeterminism between incremental decoding and replay (0 would be bit-exact)."""
+    rows: list[np.ndarray] = []
+    tokens: list[int] = []
+    row, cache = engine._step(list(prompt_ids), None)
+    for t in range(params.max_tokens):
+        rows.append(row.copy())
+        tokens.append(choose(row, seed, t, params))
+        if tokens[-1] in engine.eos_ids:
+            break
+        row, cache = engine._step([tokens[-1]], cache)
+    replayed = engine.replay(prompt_ids, tokens)
+    return float(np.max(np.abs(np.stack(rows) - replayed)))
+
+
+__all__ = ["Generation", "ReferenceEngine", "decode_prefill_gap"]
