@@ -1,0 +1,73 @@
+"""Alarms: the closed list of things the recomputer raises, and which may shut down.
+
+An alarm is a stored fact ("gateway g, boot b: audit sequence gap at 7"), kept until
+inspectors acknowledge it by quorum (admin instruction ``ack_alarm``). Some alarms are
+*authenticated*: they rest on data the gateway itself signed (a failed verdict, a
+sequence gap in signed records, a checkpoint saying more audits were made than
+arrived). Others rest on data anyone could send (a forged or unenrolled record, a
+malformed envelope, a byte-identical replay). Only authenticated kinds may trigger a
+shutdown: otherwise anyone on the network could shut an honest gateway down by
+sending garbage in its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# kind -> (authenticated, what it means)
+KINDS: dict[str, tuple[bool, str]] = {
+    "verify_fail": (True, "a recomputed audit record failed verification"),
+    "sequence_gap": (True, "a signed audit record skipped sequence numbers (withheld records)"),
+    "fork": (True, "two different signed records with the same audit sequence number"),
+    "chain_link": (True, "an audit record's chain head is not link(chain_prev, pair)"),
+    "pair_order": (True, "audited pairs of one boot are not in increasing pair order"),
+    "audit_withheld": (True, "a checkpoint claims audit records that never arrived"),
+    "audit_rate": (True, "audits per pairs served implausible for ε (binomial test)"),
+    "checkpoint_missing": (True, "a serving gateway sent no checkpoint for too long"),
+    "checkpoint_regress": (True, "a checkpoint counts less than an earlier one"),
+    "boot_churn": (True, "a gateway booted too often within the churn window"),
+    "boot_not_whitelisted": (True, "a BOOT names a manifest the whitelist does not hold"),
+    "boot_conflict": (True, "two different BOOT records with the same boot id"),
+    "epsilon_mismatch": (True, "a BOOT declares an ε other than the one inspectors set"),
+    "reboot_overdue": (True, "a boot outlived the inspectors' reboot schedule"),
+    "unknown_boot": (True, "a signed record names a boot the recomputer never saw"),
+    "forged": (False, "a record with a bad signature by an enrolled key id"),
+    "unenrolled": (False, "a record signed by no enrolled device key"),
+    "replay": (False, "an audit record already stored was sent again"),
+    "malformed": (False, "an uplinked envelope or record does not decode"),
+    "model_unavailable": (False, "the recomputer holds no whitelisted model for a boot"),
+    "verifier_error": (False, "an audit record crashed the verification worker (parked)"),
+    "shutdown_undelivered": (False, "a signed SHUTDOWN could not be delivered (retrying)"),
+    "sensor_forged": (False, "a sensor event with a bad or unknown signature"),
+    "sensor_gap": (False, "a sensor skipped event sequence numbers"),
+    "power_silent": (True, "power on but the gateway is silent"),
+    "traffic_power_off": (True, "gateway traffic while its power is reported off"),
+    "rf_burst": (True, "radio-frequency burst detected"),
+    "seal_broken": (True, "a tamper seal or camera reported a breach"),
+    "lone_entry": (True, "one person in the hall (two-person rule broken)"),
+    "badge_anomaly": (True, "badge out without badge in, or unknown badge"),
+}
+
+
+def authenticated(kind: str) -> bool:
+    return KINDS.get(kind, (False, ""))[0]
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One alarm before it is stored. ``dedupe``: fold into an open alarm of the same
+    (kind, gateway, boot) instead of adding a row."""
+
+    kind: str
+    gateway_id: str | None
+    boot_id: str | None
+    detail: str
+    time: float
+    dedupe: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown alarm kind {self.kind!r}")
+
+
+__all__ = ["KINDS", "Alarm", "authenticated"]

@@ -1,0 +1,229 @@
+"""The recomputer's HTTP interface (aiohttp): routes only, every decision in the service.
+
+Errors are mapped to HTTP statuses in one place (:func:`status_of`); every error
+answer is ``{"error": {"message", "type"}}`` (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ivp.errors import (
+    BrickedError,
+    ChainError,
+    DigestError,
+    ExpiredError,
+    IvpError,
+    MisuseError,
+    PeerDataError,
+    SignatureError,
+    StateError,
+    TransportError,
+    ValidationError,
+)
+from ivp.protocol.encoding import to_builtins
+from ivp.recomputer.metrics import CONTENT_TYPE
+from ivp.recomputer.routing import NoRouteError, RateLimitedError
+from ivp.recomputer.service import AdminRefusedError, Recomputer
+
+log = logging.getLogger("ivp.recomputer.http")
+KEY: web.AppKey[Recomputer] = web.AppKey("recomputer", Recomputer)
+MAX_BODY = 64 * 1024 * 1024
+
+# Most specific first.
+_STATUS: tuple[tuple[type[IvpError], int], ...] = (
+    (BrickedError, 403),
+    (AdminRefusedError, 403),
+    (NoRouteError, 503),
+    (RateLimitedError, 429),
+    (StateError, 409),
+    (MisuseError, 409),
+    (SignatureError, 403),
+    (ExpiredError, 403),
+    (ChainError, 409),
+    (DigestError, 400),
+    (ValidationError, 400),
+    (PeerDataError, 400),
+    (TransportError, 502),
+)
+
+
+def status_of(exc: IvpError) -> int:
+    return next((code for t, code in _STATUS if isinstance(exc, t)), 500)
+
+
+def error_body(exc: IvpError) -> dict[str, Any]:
+    cause = exc.cause if isinstance(exc, AdminRefusedError) else exc
+    body: dict[str, Any] = {"error": {"message": str(cause), "type": type(cause).__name__}}
+    if isinstance(exc, AdminRefusedError):
+        body.update(accepted=False, log_seq=exc.log_seq)
+    return body
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except IvpError as exc:
+        status = status_of(exc)
+        if status >= 500 and status != 503:
+            log.warning("%s %s: %s", request.method, request.path, exc)
+        return web.json_response(error_body(exc), status=status)
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.json_response(to_builtins(value), status=status)
+
+
+# --- INPUT ------------------------------------------------------------------------------------
+def client_key(request: web.Request) -> str:
+    """Who a request counts against for rate limits: its bearer credential if any, else
+    its address."""
+    auth = request.headers.get("Authorization")
+    if auth:
+        return "auth:" + hashlib.sha256(auth.encode()).hexdigest()[:16]
+    return "addr:" + (request.remote or "?")
+
+
+async def _input(request: web.Request, endpoint: str) -> web.StreamResponse:
+    rec = request.app[KEY]
+    rec.check_alive()
+    body = await request.read()
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        raise ValidationError("request body must be a JSON object") from None
+    if not isinstance(model, str) or not model:
+        raise ValidationError("'model' (the whitelisted model_id) is required")
+    client = client_key(request)
+    tried: set[str] = set()
+    while True:
+        route = rec.route(model, client, frozenset(tried))
+        rec.router.begin(route)
+        ok = False
+        try:
+            url = route.url.rstrip("/") + "/v1/" + endpoint
+            async with rec.session.post(
+                url, data=body, headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=rec.config.forward_timeout),
+            ) as resp:
+                rec.metrics.input_total.labels(model, str(resp.status)).inc()
+                ok = resp.status == 200
+                if resp.content_type == "text/event-stream":
+                    out = web.StreamResponse(status=resp.status,
+                                             headers={"Content-Type": "text/event-stream"})
+                    await out.prepare(request)
+                    async for chunk in resp.content.iter_any():
+                        await out.write(chunk)
+                    await out.write_eof()
+                    return out
+                data = await resp.read()
+                return web.Response(status=resp.status, body=data,
+                                    content_type=resp.content_type or "application/json")
+        except aiohttp.ClientConnectorError as exc:
+            # Nothing reached the gateway: safe to try another one.
+            rec.router.mark(route.gateway_id, False, f"connect failed: {exc}"[:200])
+            tried.add(route.gateway_id)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TransportError(f"gateway {route.gateway_id} failed: {exc}") from None
+        finally:
+            rec.served(route, ok)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _input(request, "completions")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _input(request, "chat/completions")
+
+
+# --- gateways and inspectors ---------------------------------------------------------------------
+async def uplink(request: web.Request) -> web.Response:
+    rec = request.app[KEY]
+    return _json(await rec.uplink(await request.read()))
+
+
+async def admin(request: web.Request) -> web.Response:
+    rec = request.app[KEY]
+    return _json(await rec.handle_admin(await request.read()))
+
+
+async def admin_log(request: web.Request) -> web.Response:
+    rec = request.app[KEY]
+    rec.check_alive()
+    return _json(await rec.admin_log())
+
+
+async def sensors(request: web.Request) -> web.Response:
+    rec = request.app[KEY]
+    return _json(await rec.sensor_events(await request.read()))
+
+
+async def tamper(request: web.Request) -> web.Response:
+    rec = request.app[KEY]
+    if not rec.config.tamper_endpoint:
+        raise web.HTTPNotFound()
+    rec.tamper()
+    return _json({"state": "bricked"})
+
+
+# --- views ----------------------------------------------------------------------------------------
+async def identity(request: web.Request) -> web.Response:
+    rec = request.app[KEY]
+    rec.check_alive()
+    return _json(rec.identity())
+
+
+async def status(request: web.Request) -> web.Response:
+    return _json(await request.app[KEY].status())
+
+
+async def verdicts(request: web.Request) -> web.Response:
+    rec = request.app[KEY]
+    return _json(await rec.verdicts(request.query.get("gateway_id")))
+
+
+async def alarms(request: web.Request) -> web.Response:
+    return _json(await request.app[KEY].alarms())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    rec = request.app[KEY]
+    rec.check_alive()
+    data = rec.metrics.render(rec.queue_depth(), [g.state for g in rec.ingest.gateways.values()])
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
+
+
+def make_app(rec: Recomputer) -> web.Application:
+    """The aiohttp application; starting it starts the recomputer, cleanup closes it."""
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    app[KEY] = rec
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/uplink", uplink)
+    app.router.add_post("/admin", admin)
+    app.router.add_get("/admin/log", admin_log)
+    app.router.add_post("/sensors", sensors)
+    app.router.add_post("/tamper", tamper)
+    app.router.add_get("/identity", identity)
+    app.router.add_get("/status", status)
+    app.router.add_get("/verdicts", verdicts)
+    app.router.add_get("/alarms", alarms)
+    app.router.add_get("/metrics", metrics)
+
+    async def on_startup(app: web.Application) -> None:
+        await app[KEY].start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await app[KEY].close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

@@ -1,0 +1,422 @@
+"""The recomputer's durable state: one SQLite file, written before anything is acknowledged.
+
+Tables: enrolments, gateways (state as the recomputer sees it), boots, checkpoints,
+audits (the durable proof-request queue: ``verified = 0`` rows are the queue),
+verdicts, alarms, the hash-chained admin log, used admin nonces, settings (whitelist,
+ε, reboot schedule) and sensor events.
+
+Durability: WAL journal with ``synchronous=FULL``, so a transaction that returned is
+on disk (an Ack is sent only after its transaction returned). Triggers make the
+admin log, the verdicts and the audit envelopes append-only: a bug (or a careless
+operator with the sqlite3 shell) cannot rewrite history through the normal API.
+
+The store does no checking of its own: the pure cores (``ingest``, ``admin``) decide,
+the store records. It is used from one thread at a time (the service runs every call
+on a single-thread executor).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ivp.protocol.encoding import to_builtins
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS enrolments(
+    device_id TEXT PRIMARY KEY, kind TEXT NOT NULL, public_key TEXT NOT NULL,
+    keyid TEXT NOT NULL UNIQUE, url TEXT NOT NULL DEFAULT '', time REAL NOT NULL,
+    admin_seq INTEGER);
+CREATE TABLE IF NOT EXISTS gateways(
+    gateway_id TEXT PRIMARY KEY, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    time REAL NOT NULL, shutdown_pending INTEGER NOT NULL DEFAULT 0,
+    shutdown_envelope BLOB);
+CREATE TABLE IF NOT EXISTS boots(
+    gateway_id TEXT NOT NULL, boot_id TEXT NOT NULL, model_id TEXT NOT NULL,
+    manifest_digest TEXT NOT NULL, epsilon REAL NOT NULL, time REAL NOT NULL,
+    url TEXT NOT NULL, received REAL NOT NULL, whitelisted INTEGER NOT NULL,
+    envelope BLOB NOT NULL, PRIMARY KEY(gateway_id, boot_id));
+CREATE TABLE IF NOT EXISTS checkpoints(
+    id INTEGER PRIMARY KEY, gateway_id TEXT NOT NULL, boot_id TEXT NOT NULL,
+    pairs_served INTEGER NOT NULL, audits INTEGER NOT NULL, chain_head TEXT NOT NULL,
+    time REAL NOT NULL, received REAL NOT NULL, envelope BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS checkpoints_boot ON checkpoints(gateway_id, boot_id, id);
+CREATE TABLE IF NOT EXISTS audits(
+    id INTEGER PRIMARY KEY, gateway_id TEXT NOT NULL, boot_id TEXT NOT NULL,
+    audit_seq INTEGER NOT NULL, pair_seq INTEGER NOT NULL, manifest_digest TEXT NOT NULL,
+    received REAL NOT NULL, envelope BLOB NOT NULL, payload BLOB NOT NULL,
+    verified INTEGER NOT NULL DEFAULT 0, UNIQUE(gateway_id, boot_id, audit_seq));
+CREATE INDEX IF NOT EXISTS audits_queue ON audits(verified, id);
+CREATE TABLE IF NOT EXISTS verdicts(
+    audit_id INTEGER PRIMARY KEY REFERENCES audits(id), gateway_id TEXT NOT NULL,
+    boot_id TEXT NOT NULL, audit_seq INTEGER NOT NULL, passed INTEGER NOT NULL,
+    verdict BLOB NOT NULL, time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS verdicts_gateway ON verdicts(gateway_id, audit_id);
+CREATE TABLE IF NOT EXISTS alarms(
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, gateway_id TEXT, boot_id TEXT,
+    detail TEXT NOT NULL, time REAL NOT NULL, last_time REAL NOT NULL,
+    count INTEGER NOT NULL DEFAULT 1, acked_admin_seq INTEGER);
+CREATE TABLE IF NOT EXISTS admin_log(
+    seq INTEGER PRIMARY KEY, entry BLOB NOT NULL, hash TEXT NOT NULL,
+    envelope BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS nonces(nonce TEXT PRIMARY KEY, admin_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS served(model_id TEXT PRIMARY KEY, last_served REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sensor_events(
+    id INTEGER PRIMARY KEY, sensor_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    kind TEXT NOT NULL, event TEXT NOT NULL, received REAL NOT NULL,
+    UNIQUE(sensor_id, seq));
+"""
+
+# History the API must never rewrite.
+_APPEND_ONLY = ("admin_log", "verdicts")
+_TRIGGERS = "\n".join(
+    f"""CREATE TRIGGER IF NOT EXISTS {t}_no_update BEFORE UPDATE ON {t}
+        BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END;
+        CREATE TRIGGER IF NOT EXISTS {t}_no_delete BEFORE DELETE ON {t}
+        BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END;"""
+    for t in _APPEND_ONLY
+) + """
+CREATE TRIGGER IF NOT EXISTS audits_no_rewrite BEFORE UPDATE OF envelope, payload,
+    gateway_id, boot_id, audit_seq ON audits
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audits_no_delete BEFORE DELETE ON audits
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class AlarmRow:
+    """An alarm as stored. Repeats of an open alarm (same kind, gateway, boot) bump
+    ``count`` instead of adding rows, so a flood of refused records stays readable."""
+
+    id: int
+    kind: str
+    gateway_id: str | None
+    boot_id: str | None
+    detail: str
+    time: float
+    last_time: float
+    count: int
+    acked_admin_seq: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "gateway_id": self.gateway_id,
+            "boot_id": self.boot_id, "detail": self.detail, "time": self.time,
+            "last_time": self.last_time, "count": self.count,
+            "acknowledged": self.acked_admin_seq is not None,
+            "acked_admin_seq": self.acked_admin_seq,
+        }
+
+
+@dataclass(frozen=True)
+class QueuedAudit:
+    """One unverified audit record: the unit of work for the worker pool."""
+
+    id: int
+    gateway_id: str
+    boot_id: str
+    audit_seq: int
+    manifest_digest: str
+    payload: bytes
+
+
+@dataclass
+class Snapshot:
+    """Everything the pure cores need to resume after a restart."""
+
+    enrolments: list[dict[str, Any]] = field(default_factory=list)
+    gateways: list[dict[str, Any]] = field(default_factory=list)
+    boots: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)  # latest per boot
+    audit_heads: list[dict[str, Any]] = field(default_factory=list)  # per boot
+    nonces: set[str] = field(default_factory=set)
+    admin_head: tuple[int, str] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    served: dict[str, float] = field(default_factory=dict)
+    sensor_heads: dict[str, int] = field(default_factory=dict)
+
+
+class Store:
+    """SQLite at ``path``; see the module docstring for the durability contract."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self.journal_mode = str(self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self.sync_mode = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[
+            int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+        ]
+        self._db.executescript(SCHEMA + _TRIGGERS)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One durable transaction (BEGIN IMMEDIATE … COMMIT, or ROLLBACK on error)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- snapshot -------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        db = self._db
+        snap = Snapshot()
+        snap.enrolments = [dict(r) for r in db.execute("SELECT * FROM enrolments")]
+        snap.gateways = [dict(r) for r in db.execute(
+            "SELECT gateway_id, state, reason, time, shutdown_pending FROM gateways")]
+        snap.boots = [dict(r) for r in db.execute(
+            "SELECT gateway_id, boot_id, model_id, manifest_digest, epsilon, time, url,"
+            " received, whitelisted FROM boots ORDER BY received, rowid")]
+        snap.checkpoints = [dict(r) for r in db.execute(
+            "SELECT c.gateway_id, c.boot_id, c.pairs_served, c.audits, c.chain_head, c.time,"
+            " c.received FROM checkpoints c JOIN (SELECT MAX(id) AS id FROM checkpoints"
+            " GROUP BY gateway_id, boot_id) m ON c.id = m.id")]
+        snap.audit_heads = [dict(r) for r in db.execute(
+            "SELECT gateway_id, boot_id, MAX(audit_seq) AS last_seq, MAX(pair_seq) AS"
+            " last_pair_seq, COUNT(*) AS n FROM audits GROUP BY gateway_id, boot_id")]
+        snap.nonces = {r[0] for r in db.execute("SELECT nonce FROM nonces")}
+        head = db.execute("SELECT seq, hash FROM admin_log ORDER BY seq DESC LIMIT 1").fetchone()
+        snap.admin_head = (int(head[0]), str(head[1])) if head else None
+        snap.settings = {r[0]: json.loads(r[1]) for r in db.execute("SELECT * FROM settings")}
+        snap.served = {r[0]: float(r[1]) for r in db.execute("SELECT * FROM served")}
+        snap.sensor_heads = {r[0]: int(r[1]) for r in db.execute(
+            "SELECT sensor_id, MAX(seq) FROM sensor_events GROUP BY sensor_id")}
+        return snap
+
+    def boot_envelope(self, gateway_id: str, boot_id: str) -> bytes:
+        row = self._db.execute("SELECT envelope FROM boots WHERE gateway_id = ? AND boot_id = ?",
+                               (gateway_id, boot_id)).fetchone()
+        return bytes(row[0])
+
+    # --- uplink -----------------------------------------------------------------------------
+    def write_uplink(self, effects: Sequence[Any], alarms: Sequence[Any]) -> list[int | None]:
+        """Record admitted envelopes and raised alarms in ONE durable transaction.
+
+        Returns, per effect, the audit row id (audits) or None. Effects are the
+        ``ingest`` effect objects; the store reads their fields only.
+        """
+        ids: list[int | None] = []
+        with self.transaction() as db:
+            for e in effects:
+                ids.append(self._write_effect(db, e))
+            for a in alarms:
+                self._add_alarm(db, a)
+        return ids
+
+    @staticmethod
+    def _write_effect(db: sqlite3.Connection, e: Any) -> int | None:
+        kind = e.kind
+        if kind == "boot":
+            b = e.record
+            db.execute(
+                "INSERT INTO boots VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (b.gateway_id, b.boot_id, b.model_id, b.manifest_digest, b.epsilon, b.time,
+                 e.url, e.received, int(e.whitelisted), e.envelope),
+            )
+            return None
+        if kind == "checkpoint":
+            c = e.record
+            db.execute(
+                "INSERT INTO checkpoints(gateway_id, boot_id, pairs_served, audits, chain_head,"
+                " time, received, envelope) VALUES (?,?,?,?,?,?,?,?)",
+                (c.gateway_id, c.boot_id, c.pairs_served, c.audits, c.chain_head, c.time,
+                 e.received, e.envelope),
+            )
+            return None
+        if kind == "audit":
+            r = e.record
+            cur = db.execute(
+                "INSERT INTO audits(gateway_id, boot_id, audit_seq, pair_seq, manifest_digest,"
+                " received, envelope, payload) VALUES (?,?,?,?,?,?,?,?)",
+                (r.gateway_id, r.boot_id, r.audit_seq, r.pair.tag.seq, e.manifest_digest,
+                 e.received, e.envelope, e.payload),
+            )
+            return int(cur.lastrowid or 0)
+        return None  # duplicates: nothing to write
+
+    # --- alarms -----------------------------------------------------------------------------
+    def add_alarms(self, alarms: Iterable[Any]) -> list[int]:
+        with self.transaction() as db:
+            return [self._add_alarm(db, a) for a in alarms]
+
+    @staticmethod
+    def _add_alarm(db: sqlite3.Connection, a: Any) -> int:
+        row = db.execute(
+            "SELECT id FROM alarms WHERE kind = ? AND gateway_id IS ? AND boot_id IS ?"
+            " AND acked_admin_seq IS NULL ORDER BY id DESC LIMIT 1",
+            (a.kind, a.gateway_id, a.boot_id),
+        ).fetchone() if a.dedupe else None
+        if row is not None:
+            db.execute("UPDATE alarms SET count = count + 1, last_time = ?, detail = ?"
+                       " WHERE id = ?", (a.time, a.detail, row[0]))
+            return int(row[0])
+        cur = db.execute(
+            "INSERT INTO alarms(kind, gateway_id, boot_id, detail, time, last_time)"
+            " VALUES (?,?,?,?,?,?)",
+            (a.kind, a.gateway_id, a.boot_id, a.detail, a.time, a.time),
+        )
+        return int(cur.lastrowid or 0)
+
+    def alarms(self, open_only: bool = False) -> list[AlarmRow]:
+        sql = "SELECT * FROM alarms" + (" WHERE acked_admin_seq IS NULL" if open_only else "")
+        return [AlarmRow(**dict(r)) for r in self._db.execute(sql + " ORDER BY id")]
+
+    def alarm(self, alarm_id: int) -> AlarmRow | None:
+        r = self._db.execute("SELECT * FROM alarms WHERE id = ?", (alarm_id,)).fetchone()
+        return AlarmRow(**dict(r)) if r else None
+
+    def open_alarm_keys(self) -> set[tuple[str, str | None, str | None]]:
+        return {(r[0], r[1], r[2]) for r in self._db.execute(
+            "SELECT kind, gateway_id, boot_id FROM alarms WHERE acked_admin_seq IS NULL")}
+
+    # --- queue and verdicts -----------------------------------------------------------------
+    def queued(self) -> list[QueuedAudit]:
+        """Every audit record without a verdict, oldest first (re-queued at start)."""
+        return [
+            QueuedAudit(r["id"], r["gateway_id"], r["boot_id"], r["audit_seq"],
+                        r["manifest_digest"], bytes(r["payload"]))
+            for r in self._db.execute(
+                "SELECT id, gateway_id, boot_id, audit_seq, manifest_digest, payload"
+                " FROM audits WHERE verified = 0 ORDER BY id")
+        ]
+
+    def write_verdicts(self, verdicts: Sequence[tuple[int, Any, bytes]],
+                       alarms: Sequence[Any] = ()) -> list[int]:
+        """Store verdicts (audit id, Verdict, canonical bytes) and mark them verified.
+
+        A verdict for an audit that already has one is skipped (exactly once, even if a
+        worker answered twice). Returns the audit ids newly given a verdict.
+        """
+        fresh: list[int] = []
+        with self.transaction() as db:
+            for audit_id, v, raw in verdicts:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO verdicts VALUES (?,?,?,?,?,?,?)",
+                    (audit_id, v.gateway_id, v.boot_id, v.audit_seq, int(v.passed), raw, v.time),
+                )
+                if cur.rowcount:
+                    db.execute("UPDATE audits SET verified = 1 WHERE id = ?", (audit_id,))
+                    fresh.append(audit_id)
+            for a in alarms:
+                self._add_alarm(db, a)
+        return fresh
+
+    def verdicts(self, gateway_id: str | None = None, limit: int = 10000) -> list[bytes]:
+        if gateway_id is None:
+            rows = self._db.execute("SELECT verdict FROM verdicts ORDER BY audit_id LIMIT ?",
+                                    (limit,))
+        else:
+            rows = self._db.execute("SELECT verdict FROM verdicts WHERE gateway_id = ?"
+                                    " ORDER BY audit_id LIMIT ?", (gateway_id, limit))
+        return [bytes(r[0]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        db = self._db
+        passed, failed = db.execute(
+            "SELECT COALESCE(SUM(passed), 0), COALESCE(SUM(1 - passed), 0) FROM verdicts"
+        ).fetchone()
+        return {
+            "audits": int(db.execute("SELECT COUNT(*) FROM audits").fetchone()[0]),
+            "queued": int(db.execute("SELECT COUNT(*) FROM audits WHERE verified = 0")
+                          .fetchone()[0]),
+            "passed": int(passed), "failed": int(failed),
+            "alarms": int(db.execute("SELECT COUNT(*) FROM alarms").fetchone()[0]),
+            "open_alarms": int(db.execute(
+                "SELECT COUNT(*) FROM alarms WHERE acked_admin_seq IS NULL").fetchone()[0]),
+        }
+
+    def verdict_counts_by_gateway(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self._db.execute(
+            "SELECT gateway_id, SUM(passed), SUM(1 - passed) FROM verdicts GROUP BY gateway_id"
+        ):
+            out[r[0]] = {"passed": int(r[1]), "failed": int(r[2])}
+        return out
+
+    # --- gateways ---------------------------------------------------------------------------
+    def set_gateway(self, gateway_id: str, state: str, reason: str, now: float,
+                    shutdown_pending: bool = False, shutdown_envelope: bytes | None = None,
+                    alarms: Sequence[Any] = ()) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO gateways VALUES (?,?,?,?,?,?) ON CONFLICT(gateway_id) DO UPDATE"
+                " SET state = excluded.state, reason = excluded.reason, time = excluded.time,"
+                " shutdown_pending = excluded.shutdown_pending,"
+                " shutdown_envelope = excluded.shutdown_envelope",
+                (gateway_id, state, reason, now, int(shutdown_pending), shutdown_envelope),
+            )
+            for a in alarms:
+                self._add_alarm(db, a)
+
+    def pending_shutdowns(self) -> list[tuple[str, bytes]]:
+        return [(r[0], bytes(r[1])) for r in self._db.execute(
+            "SELECT gateway_id, shutdown_envelope FROM gateways WHERE shutdown_pending = 1"
+            " AND shutdown_envelope IS NOT NULL")]
+
+    def shutdown_delivered(self, gateway_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE gateways SET shutdown_pending = 0 WHERE gateway_id = ?",
+                       (gateway_id,))
+
+    # --- admin ------------------------------------------------------------------------------
+    def append_admin(self, seq: int, entry: bytes, digest: str, envelope: bytes,
+                     nonce: str | None, effects: Sequence[tuple[str, tuple[Any, ...]]],
+                     alarms: Sequence[Any] = ()) -> None:
+        """Append one admin log entry, burn its nonce (if accepted) and apply its
+        effects (SQL statements built by ``service``), all in one transaction."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO admin_log VALUES (?,?,?,?)", (seq, entry, digest, envelope))
+            if nonce is not None:
+                db.execute("INSERT INTO nonces VALUES (?,?)", (nonce, seq))
+            for sql, args in effects:
+                db.execute(sql, args)
+            for a in alarms:
+                self._add_alarm(db, a)
+
+    def admin_log(self, since: int = 0) -> list[tuple[int, bytes, str]]:
+        return [(int(r[0]), bytes(r[1]), str(r[2])) for r in self._db.execute(
+            "SELECT seq, entry, hash FROM admin_log WHERE seq > ? ORDER BY seq", (since,))]
+
+    def admin_envelope(self, seq: int) -> bytes | None:
+        r = self._db.execute("SELECT envelope FROM admin_log WHERE seq = ?", (seq,)).fetchone()
+        return bytes(r[0]) if r else None
+
+    # --- settings and misc --------------------------------------------------------------------
+    def put_setting(self, key: str, value: Any) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                       (key, json.dumps(to_builtins(value), sort_keys=True)))
+
+    def put_served(self, served: dict[str, float]) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO served VALUES (?, ?)", list(served.items()))
+
+    def add_sensor_events(self, events: Sequence[tuple[str, int, str, str, float]],
+                          alarms: Sequence[Any] = ()) -> None:
+        """Store readings (sensor, seq, kind, envelope JSON, received) and their alarms."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO sensor_events(sensor_id, seq, kind, event, received)"
+                " VALUES (?,?,?,?,?)", list(events))
+            for a in alarms:
+                self._add_alarm(db, a)
+
+    def sensor_events(self) -> list[tuple[str, float]]:
+        return [(str(r[0]), float(r[1])) for r in self._db.execute(
+            "SELECT event, received FROM sensor_events ORDER BY id")]

@@ -1,0 +1,135 @@
+"""`ivp recomputer` and `ivp admin`: build, sign separately, send, read the log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from test_recomputer_support import Inspectors
+from typer.testing import CliRunner
+
+from ivp.cli import app
+from ivp.protocol.encoding import canonical
+from ivp.protocol.keys import SigningKey
+from ivp.recomputer.app import make_app
+from ivp.recomputer.service import Recomputer
+
+runner = CliRunner()
+
+pytest_plugins = ("test_recomputer_support",)
+
+
+@pytest.fixture
+def live(config: Any) -> Iterator[tuple[str, Recomputer]]:
+    """A recomputer served from a background thread on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rec = Recomputer(config)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def start() -> None:
+            holder["runner"] = web.AppRunner(make_app(rec))
+            await holder["runner"].setup()
+            await web.TCPSite(holder["runner"], "127.0.0.1", port).start()
+            ready.set()
+
+        loop.run_until_complete(start())
+        loop.run_forever()
+        loop.run_until_complete(holder["runner"].cleanup())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    yield f"http://127.0.0.1:{port}", rec
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(30)
+
+
+def keyfiles(tmp_path: Path, inspectors: Inspectors) -> dict[str, str]:
+    out = {}
+    for name, key in (("us", inspectors.us), ("cn", inspectors.cn)):
+        path = tmp_path / f"{name}.key"
+        key.save(path)
+        out[name] = str(path)
+    return out
+
+
+def test_print_identity(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["recomputer", "--state", str(tmp_path), "--print-identity"])
+    assert result.exit_code == 0, result.output
+    ident = json.loads(result.output)
+    assert len(ident["public_key"]) == 64 and len(ident["keyid"]) == 32
+    again = runner.invoke(app, ["recomputer", "--state", str(tmp_path), "--print-identity"])
+    assert json.loads(again.output) == ident  # the key lives in the device, stable
+
+
+def test_recomputer_refuses_to_start_on_an_under_signed_whitelist(tmp_path, inspectors,
+                                                                  tiny_manifest) -> None:
+    from ivp.protocol.messages import Whitelist
+    from ivp.whitelist import sign_whitelist
+
+    policy = tmp_path / "policy.json"
+    policy.write_bytes(canonical(inspectors.policy))
+    wl = tmp_path / "wl.json"
+    wl.write_bytes(sign_whitelist(Whitelist(version=1, expires=time.time() + 60,
+                                            manifests=[tiny_manifest]),
+                                  [inspectors.us]).to_bytes())
+    result = runner.invoke(app, ["recomputer", "--state", str(tmp_path / "rc"), "--policy",
+                                 str(policy), "--whitelist", str(wl), "--port", "0"])
+    assert result.exit_code == 2
+    assert "refuses to start: QuorumError" in result.output
+
+
+def test_admin_enrol_in_one_go(live, tmp_path, inspectors) -> None:
+    url, rec = live
+    keys = keyfiles(tmp_path, inspectors)
+    device = SigningKey.generate()
+    result = runner.invoke(app, [
+        "admin", "enrol", url, "--device-id", "gw-a", "--public-key", device.verify_key.hex,
+        "--url", "http://127.0.0.1:9", "--key", keys["us"], "--key", keys["cn"]])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["accepted"] is True
+    assert "gw-a" in rec.ingest.devices
+
+
+def test_admin_parties_sign_separately_then_send(live, tmp_path, inspectors) -> None:
+    url, rec = live
+    keys = keyfiles(tmp_path, inspectors)
+    request = tmp_path / "req.json"
+    result = runner.invoke(app, ["admin", "request", "set_epsilon", "--args",
+                                 '{"epsilon": 0.05}', "--out", str(request),
+                                 "--key", keys["us"]])
+    assert result.exit_code == 0, result.output
+    # One party alone is refused (exit 1, reason printed) ...
+    result = runner.invoke(app, ["admin", "send", url, str(request)])
+    assert result.exit_code == 1 and "no signature from party CN" in result.output
+    # ... the other party countersigns the same file, and the request goes through.
+    result = runner.invoke(app, ["admin", "sign", str(request), "--key", keys["cn"]])
+    assert result.exit_code == 0 and "2 signature(s)" in result.output
+    result = runner.invoke(app, ["admin", "send", url, str(request)])
+    assert result.exit_code == 0, result.output
+    assert rec.ingest.epsilon == 0.05
+    result = runner.invoke(app, ["admin", "log", url])
+    assert result.exit_code == 0, result.output
+    assert "chain ok: 2 entries" in result.output
+    assert "refused  set_epsilon" in result.output and "ACCEPTED set_epsilon" in result.output
+
+
+def test_admin_request_outside_the_list_is_refused_locally(tmp_path) -> None:
+    result = runner.invoke(app, ["admin", "request", "format_disk", "--out",
+                                 str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "not on the closed list" in result.output

@@ -1,0 +1,115 @@
+"""The verification worker: honest pairs pass by replay; each kind of cheat fails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from msgspec.structs import replace
+from test_recomputer_support import MODEL_ID, ScriptedGateway
+
+from ivp.protocol.encoding import canonical, decode
+from ivp.protocol.messages import AuditRecord, Manifest, PairRecord, Verdict, manifest_digest
+from ivp.recomputer.workers import ModelSource, Verifier, VerifyJob
+from ivp.whitelist import read_model_files
+
+pytest_plugins = ("test_recomputer_support",)
+
+
+@pytest.fixture(scope="module")
+def verifier(tiny_model_dir, tiny_manifest: Manifest) -> Verifier:
+    return Verifier([ModelSource(tiny_manifest, read_model_files(tiny_model_dir, tiny_manifest))])
+
+
+def job(gw: ScriptedGateway, pair: PairRecord, audit_id: int = 1) -> VerifyJob:
+    record = AuditRecord(gateway_id=gw.gateway_id, boot_id=gw.boot_id, audit_seq=audit_id,
+                         chain_prev="0" * 64, chain_head="0" * 64, pair=pair)
+    return VerifyJob(audit_id, manifest_digest(gw.manifest), canonical(record))
+
+
+def verdicts(verifier: Verifier, jobs: list[VerifyJob]) -> list[Verdict]:
+    out = verifier.verify(jobs)
+    assert all(o.verdict is not None for o in out), out
+    return [decode(o.verdict, Verdict) for o in out]  # type: ignore[arg-type]
+
+
+def test_honest_pairs_pass_in_one_batch(verifier: Verifier, gateway: ScriptedGateway) -> None:
+    pairs = [
+        gateway.pair("The quick brown fox", temperature=0.0, max_tokens=10),
+        gateway.pair("It was the best of times", temperature=1.0, max_tokens=10),
+        gateway.pair("Call me Ishmael", temperature=0.8, top_k=40, max_tokens=10),
+        gateway.pair("Hello, world!", temperature=0.7, top_p=0.9, max_tokens=10),
+    ]
+    got = verdicts(verifier, [job(gateway, p, i + 1) for i, p in enumerate(pairs)])
+    assert [v.passed for v in got] == [True] * 4, [v.reason for v in got]
+    assert [v.audit_seq for v in got] == [1, 2, 3, 4]
+    assert all(v.model_id == MODEL_ID and v.mode == "exact" and v.failures == 0 for v in got)
+
+
+def _changed_token(engine: Any, pair: PairRecord, position: int) -> PairRecord:
+    out = list(pair.output_token_ids)
+    eos = engine.eos_ids
+    out[position] = next(t for t in range(3, 600) if t != out[position] and t not in eos)
+    return replace(pair, output_token_ids=out,
+                   output_text=engine.tokenizer.decode(out, skip_special_tokens=True))
+
+
+def test_one_changed_token_fails(verifier: Verifier, gateway: ScriptedGateway,
+                                 tiny_engine: Any) -> None:
+    """Attack: the server emits a token the whitelisted model would not have chosen."""
+    pair = gateway.pair("The quick brown fox", temperature=1.0, max_tokens=8, seed=5)
+    bad = _changed_token(tiny_engine, pair, min(2, len(pair.output_token_ids) - 2))
+    bad = replace(bad, finish_reason=pair.finish_reason)
+    [v] = verdicts(verifier, [job(gateway, bad)])
+    assert not v.passed and v.failures >= 1
+    assert "not explained by the whitelisted model" in v.reason
+
+
+def test_text_not_matching_token_ids_fails(verifier: Verifier, gateway: ScriptedGateway) -> None:
+    """Attack: the server's own text reaches the client beside honest token ids."""
+    pair = gateway.pair(max_tokens=6)
+    [v] = verdicts(verifier, [job(gateway, replace(pair, output_text=pair.output_text + "!"))])
+    assert not v.passed and "output_text is not" in v.reason
+
+
+def test_pair_naming_another_model_fails(verifier: Verifier, gateway: ScriptedGateway) -> None:
+    """Attack: outputs of a substitute model filed under the booted one."""
+    pair = gateway.pair(max_tokens=6)
+    [v] = verdicts(verifier, [job(gateway, replace(pair, model_id="other-model"))])
+    assert not v.passed and "names model 'other-model'" in v.reason
+
+
+def test_truncated_output_claiming_stop_fails(verifier: Verifier, gateway: ScriptedGateway,
+                                              tiny_engine: Any) -> None:
+    """Attack: an honest output cut short (its length carries information)."""
+    pair = gateway.pair(max_tokens=8, temperature=0.0)
+    out = pair.output_token_ids[:3]
+    if out[-1] in tiny_engine.eos_ids:
+        out = out[:-1]
+    cut = replace(pair, output_token_ids=out, finish_reason="stop",
+                  output_text=tiny_engine.tokenizer.decode(out, skip_special_tokens=True))
+    [v] = verdicts(verifier, [job(gateway, cut)])
+    assert not v.passed and "does not end with EOS" in v.reason
+    cut = replace(cut, finish_reason="length")
+    [v] = verdicts(verifier, [job(gateway, cut)])
+    assert not v.passed and "finish_reason 'length'" in v.reason
+
+
+def test_tokens_after_eos_fail(verifier: Verifier, gateway: ScriptedGateway,
+                               tiny_engine: Any) -> None:
+    pair = gateway.pair(max_tokens=6, temperature=0.0)
+    eos = min(tiny_engine.eos_ids)
+    out = [pair.output_token_ids[0], eos, *pair.output_token_ids[1:4]]
+    bad = replace(pair, output_token_ids=out, finish_reason="length",
+                  params=replace(pair.params, max_tokens=len(out)),
+                  output_text=tiny_engine.tokenizer.decode(out, skip_special_tokens=True))
+    [v] = verdicts(verifier, [job(gateway, bad)])
+    assert not v.passed and "after EOS" in v.reason
+
+
+def test_unknown_manifest_is_unverifiable_not_failed(verifier: Verifier,
+                                                     gateway: ScriptedGateway) -> None:
+    pair = gateway.pair(max_tokens=4)
+    j = job(gateway, pair)
+    [o] = verifier.verify([VerifyJob(j.audit_id, "ab" * 32, j.payload)])
+    assert o.verdict is None and "no whitelisted model" in o.unverifiable
