@@ -129,7 +129,7 @@ class LoopbackDatacenter:
     epsilon: float = 0.2
     model: str = "tiny"
     attacks: dict[int, str] = field(default_factory=dict)
-    checkpoint_interval: float = 2.0
+    checkpoint_interval: float = 5.0
     workers: int = 1
     log: Callable[[str], None] = lambda message: None
 
@@ -193,6 +193,7 @@ class LoopbackDatacenter:
             "recomputer", "--state", str(rc_state), "--port", str(port), "--policy", policy,
             "--whitelist", str(self.whitelist_path),
             "--model", f"{self.model_id}={self.model_dir}", "--workers", str(self.workers),
+            "--checkpoint-period", str(self.checkpoint_interval),
         ])
 
         for i in range(self.gateways):

@@ -9,8 +9,10 @@ runs on construction and on decode alike.
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Any, Literal
 
+import msgspec
 from msgspec import Meta, Struct
 
 VERSION = 1
@@ -28,10 +30,40 @@ Probability = Annotated[float, Meta(gt=0.0, le=1.0)]
 FinishReason = Literal["stop", "length"]
 
 
+def _float_fields(cls: type) -> tuple[str, ...]:
+    """Names of a struct's float fields (Annotated or plain), computed once per class."""
+    cached = _FLOAT_FIELDS.get(cls)
+    if cached is None:
+        hints = typing.get_type_hints(cls)
+        cached = tuple(
+            name for name in cls.__struct_fields__  # type: ignore[attr-defined]
+            if (typing.get_args(hints[name])[:1] or (hints[name],))[0] is float
+        )
+        _FLOAT_FIELDS[cls] = cached
+    return cached
+
+
+_FLOAT_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _coerce_floats(msg: Struct) -> None:
+    """Store ints given for float fields as floats.
+
+    Construction does not convert types, but decoding does: without this a message
+    built with ``temperature=0`` would encode as ``0`` on one side and ``0.0`` after a
+    round trip, and every hash and signature over it would differ.
+    """
+    for name in _float_fields(type(msg)):
+        value = getattr(msg, name)
+        if type(value) is int:
+            msgspec.structs.force_setattr(msg, name, float(value))
+
+
 class _Msg(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     v: int = VERSION
 
     def __post_init__(self) -> None:
+        _coerce_floats(self)
         if self.v != VERSION:
             raise ValueError(f"unsupported message version {self.v} (this build speaks {VERSION})")
 
@@ -44,6 +76,9 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     top_k: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     max_tokens: Annotated[int, Meta(ge=1, le=65536)] = 16
+
+    def __post_init__(self) -> None:
+        _coerce_floats(self)
 
 
 class Tag(Struct, frozen=True, forbid_unknown_fields=True):
@@ -204,6 +239,9 @@ class NoiseBound(Struct, frozen=True, forbid_unknown_fields=True):
     delta: Annotated[float, Meta(ge=0.0)]
     method: str
     samples: Count = 0
+
+    def __post_init__(self) -> None:
+        _coerce_floats(self)
 
 
 class Manifest(_Msg, frozen=True):

@@ -13,6 +13,7 @@ from pathlib import Path
 import blake3
 
 from ivp.errors import DigestError, ValidationError
+from ivp.protocol.encoding import canonical, decode
 from ivp.protocol.messages import FileEntry, Manifest, NoiseBound
 
 _CONFIG = {"config.json", "generation_config.json", "model.safetensors.index.json"}
@@ -55,8 +56,9 @@ def make_manifest(
     """Build the manifest of ``model_dir``.
 
     Raises:
-        ValidationError: no config.json, no safetensors weights, or a pickle checkpoint
-            (``.bin``/``.pt``) that ivp refuses to boot.
+        ValidationError: no config.json (or not a JSON object), no safetensors weights,
+            a pickle checkpoint (``.bin``/``.pt``) that ivp refuses to boot, or a model
+            id or file name the manifest format does not allow.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -72,15 +74,25 @@ def make_manifest(
         entries.append(FileEntry(name=p.name, role=role, size=p.stat().st_size,  # type: ignore[arg-type]
                                  digest=file_digest(p, algo), algo=algo))  # type: ignore[arg-type]
     entries.sort(key=lambda e: (_ROLE_ORDER[e.role], e.name))
+    if not any(e.role == "weights" for e in entries):
+        raise ValidationError(f"{model_dir}: no .safetensors weights")
     import json
 
-    config = json.loads((model_dir / "config.json").read_text())
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"{model_dir}/config.json: not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValidationError(f"{model_dir}/config.json: not a JSON object")
     arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-    return Manifest(
-        model_id=model_id, architecture=arch, dtype=dtype, files=entries,
+    manifest = Manifest(
+        model_id=model_id, architecture=str(arch), dtype=dtype, files=entries,
         total_size=sum(e.size for e in entries), noise_bound=noise_bound,
     )
+    # Struct construction does not check field constraints (model id, file names):
+    # decoding the canonical bytes does, so a manifest we return always decodes.
+    return decode(canonical(manifest), Manifest)
 
 
 def read_model_files(model_dir: Path, manifest: Manifest) -> dict[str, bytes]:
