@@ -1,0 +1,221 @@
+"""The gateway's HTTP shell (aiohttp): routes → :class:`~ivp.gateway.core.Gateway`.
+
+Nothing here decides anything: each handler reads the request (bounded), calls the
+core, and writes the answer. Errors are ivp error types, mapped to HTTP statuses in
+one place (:data:`STATUS`) and answered as ``{"error": {"message", "type"}}``.
+
+Routes (docs/ARCHITECTURE.md, "Gateway"; docs/GATEWAY.md):
+
+=========================  =====================================================
+``POST /upload?model_id``  operator: the model's files in manifest order (raw)
+``POST /v1/completions``   INPUT (from the recomputer), OpenAI completion body
+``POST /v1/chat/completions``  INPUT, OpenAI chat body
+``POST /control``          a Shutdown envelope signed by the recomputer key
+``POST /whitelist``        a newer quorum-signed whitelist envelope
+``POST /tamper``           the emulated tamper mesh firing (demos, tests)
+``GET /status``            state and counters; ``GET /metrics`` Prometheus;
+``GET /alarms``            the gateway's own alarm log
+=========================  =====================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ivp.errors import (
+    BrickedError,
+    IvpError,
+    MisuseError,
+    PeerDataError,
+    SignatureError,
+    StateError,
+    TransportError,
+)
+from ivp.gateway.core import Gateway, Reply
+from ivp.gateway.errors import (
+    BodyTooLargeError,
+    ServerProtocolError,
+    ShutdownError,
+    UnknownModelError,
+    UploadRefusedError,
+)
+
+log = logging.getLogger("ivp.gateway")
+
+#: ivp error type → HTTP status; the first match wins (subclasses before roots).
+STATUS: tuple[tuple[type[IvpError], int], ...] = (
+    (BrickedError, 403),
+    (ShutdownError, 403),
+    (UnknownModelError, 404),
+    (BodyTooLargeError, 413),
+    (UploadRefusedError, 400),
+    (ServerProtocolError, 502),
+    (SignatureError, 403),
+    (StateError, 409),
+    (MisuseError, 409),
+    (PeerDataError, 400),
+    (TransportError, 502),
+    (IvpError, 500),
+)
+
+MAX_CONTROL_BODY = 64 << 10
+MAX_WHITELIST_BODY = 16 << 20
+UPLOAD_CHUNK = 1 << 20
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
+def error_body(exc: IvpError) -> tuple[int, dict[str, Any]]:
+    """HTTP status and JSON body for an ivp error."""
+    status = next(s for t, s in STATUS if isinstance(exc, t))
+    body: dict[str, Any] = {"error": {"message": str(exc), "type": type(exc).__name__}}
+    if isinstance(exc, UploadRefusedError):
+        body.update(state="power_kill", file=exc.file, reason=exc.reason)
+        if exc.reason == "server":
+            status = 502
+    elif isinstance(exc, BrickedError):
+        body["state"] = "bricked"
+    elif isinstance(exc, ShutdownError):
+        body["state"] = "shutdown"
+    return status, body
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except IvpError as exc:
+        status, body = error_body(exc)
+        return web.json_response(body, status=status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(
+            {"error": {"message": exc.reason, "type": "HTTPError"}}, status=exc.status)
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return web.json_response(
+            {"error": {"message": "internal gateway error", "type": "InternalError"}},
+            status=500)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused past ``limit`` bytes (blocks memory exhaustion).
+
+    Raises:
+        BodyTooLargeError: declared or actual size over ``limit``.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLargeError(f"request body of {request.content_length} bytes is over the "
+                                f"{limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _send(gateway: Gateway, request: web.Request, reply: Reply) -> web.StreamResponse:
+    """Write the reply, then run its after-release step (the sampling draw) regardless."""
+    headers = {"Cache-Control": "no-cache"} if reply.content_type == "text/event-stream" else {}
+    resp = web.Response(body=reply.body, status=reply.status, headers=headers,
+                        content_type=reply.content_type)
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError) as exc:  # client gone: the pair is logged anyway
+        log.info("client left before the response was written: %s", exc)
+    finally:
+        if reply.after_release is not None:
+            # a task of its own: the draw happens even if this handler is cancelled
+            draw = gateway.spawn(reply.after_release())
+            try:
+                await asyncio.shield(draw)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sampling draw failed")
+    return resp
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    """The aiohttp application of one gateway; starts and stops it with the app."""
+    app = web.Application(middlewares=[errors_middleware],
+                          client_max_size=gateway.config.max_body)
+    app[GATEWAY_KEY] = gateway
+
+    async def upload(request: web.Request) -> web.StreamResponse:
+        model_id = request.query.get("model_id")
+        if not model_id:
+            return web.json_response({"error": {
+                "message": "POST /upload needs ?model_id=<a whitelisted model>",
+                "type": "ValidationError"}}, status=400)
+        result = await gateway.upload(model_id, request.content.iter_chunked(UPLOAD_CHUNK))
+        return web.json_response(result)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await read_body(request, gateway.config.max_body)
+        return await _send(gateway, request, await gateway.complete("completions", body))
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await read_body(request, gateway.config.max_body)
+        return await _send(gateway, request, await gateway.complete("chat.completions", body))
+
+    async def control(request: web.Request) -> web.StreamResponse:
+        return web.json_response(await gateway.control(await read_body(request,
+                                                                       MAX_CONTROL_BODY)))
+
+    async def whitelist(request: web.Request) -> web.StreamResponse:
+        body = await read_body(request, MAX_WHITELIST_BODY)
+        return web.json_response(await gateway.install_whitelist(body))
+
+    async def tamper(_request: web.Request) -> web.StreamResponse:
+        return web.json_response(await gateway.tamper())
+
+    async def status(_request: web.Request) -> web.StreamResponse:
+        return web.json_response(await gateway.status())
+
+    async def alarms(_request: web.Request) -> web.StreamResponse:
+        return web.json_response(await gateway.alarms())
+
+    async def metrics(_request: web.Request) -> web.StreamResponse:
+        if not gateway.device.bricked:
+            with contextlib.suppress(IvpError):
+                await gateway.status()  # refreshes the spool-depth gauge
+        return web.Response(body=gateway.metrics.render(),
+                            headers={"Content-Type": gateway.metrics.content_type})
+
+    app.add_routes([
+        web.post("/upload", upload),
+        web.post("/v1/completions", completions),
+        web.post("/v1/chat/completions", chat),
+        web.post("/control", control),
+        web.post("/whitelist", whitelist),
+        web.post("/tamper", tamper),
+        web.get("/status", status),
+        web.get("/alarms", alarms),
+        web.get("/metrics", metrics),
+    ])
+
+    async def on_startup(_app: web.Application) -> None:
+        await gateway.start()
+
+    async def on_cleanup(_app: web.Application) -> None:
+        await gateway.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+__all__ = ["GATEWAY_KEY", "STATUS", "build_app", "error_body", "read_body"]

@@ -1,0 +1,214 @@
+"""`ivp gateway` (run a Secure Network Gateway) and `ivp upload` (the operator's boot)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_SERVER_CMD = f"{sys.executable} -m ivp.cli server --port {{port}}"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `gateway` and `upload` commands to the root CLI."""
+    app.command(name="gateway", no_args_is_help=True)(gateway)
+    app.command(name="upload", no_args_is_help=True)(upload)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"ivp gateway: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def gateway(
+    state: Annotated[Path, typer.Option(help="State directory: device/ (the emulated UID) "
+                                              "and log.sqlite (sealed pair log + spool).")],
+    gateway_id: Annotated[str | None, typer.Option(
+        help="This gateway's id (in every tag and record). Default: gw-<keyid prefix>.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8200,
+    url: Annotated[str | None, typer.Option(
+        help="URL the recomputer reaches this gateway at (sent in BOOT records). "
+             "Default: http://HOST:PORT.")] = None,
+    recomputer: Annotated[str | None, typer.Option(
+        help="Recomputer base URL; audit/BOOT/checkpoint envelopes go to <URL>/uplink. "
+             "Without it they stay in the durable spool.")] = None,
+    recomputer_key: Annotated[str | None, typer.Option(
+        help="The recomputer's Ed25519 public key (hex): the only key whose Shutdown "
+             "envelopes this gateway obeys.")] = None,
+    policy: Annotated[Path | None, typer.Option(
+        help="Quorum policy JSON (inspector keys) the whitelist must be signed under.")] = None,
+    whitelist: Annotated[Path | None, typer.Option(
+        help="Signed whitelist envelope (JSON). Refused → the gateway does not start.")] = None,
+    epsilon: Annotated[float, typer.Option(
+        help="Audit probability ε: each served pair is kept for audit with this "
+             "probability (TRNG draw after the response is released).")] = 0.2,
+    server_port: Annotated[int, typer.Option(
+        help="Loopback port of this gateway's server (0 = pick a free one).")] = 0,
+    server_cmd: Annotated[str, typer.Option(
+        help="Command that starts the server (the gateway holds its power: it starts it, "
+             "kills it on POWER_KILL and restarts it). {port} is replaced.")] = DEFAULT_SERVER_CMD,
+    checkpoint_interval: Annotated[float, typer.Option(
+        help="Seconds between signed checkpoints while serving (0 = off).")] = 10.0,
+    reboot_interval: Annotated[float, typer.Option(
+        help="Forced reboot period in seconds while serving: power flicker + memory wipe, "
+             "then a fresh upload is needed (0 = off).")] = 0.0,
+    release_grid_ms: Annotated[float, typer.Option(
+        help="Release responses only on a fixed time grid of this many ms (bounds the "
+             "timing side channel; 0 = release at once).")] = 0.0,
+    sync: Annotated[str, typer.Option(
+        help="SQLite synchronous mode of the pair log (FULL: fsync before every release).")
+    ] = "FULL",
+    print_identity: Annotated[bool, typer.Option(
+        "--print-identity", help="Print {gateway_id, public_key, keyid} as JSON and exit "
+                                 "(for enrolment by the inspectors).")] = False,
+) -> None:
+    """Secure Network Gateway (SNG) in front of one inference server.
+
+    Holds the server's power. UPLOAD mode: the operator streams the whitelisted
+    model through POST /upload; each file's digest is checked as it passes (a
+    mismatch power-kills the server at that file's end); at S good bytes the gateway
+    enters SERVING. SERVING: every request is validated, tokenised with the
+    whitelisted tokenizer, tagged, seeded from the TRNG, answered from token ids
+    only, committed to the sealed hash-chained log before release, then kept for
+    audit with probability ε. A Shutdown signed by the recomputer stops it for good;
+    POST /tamper (the emulated tamper mesh) bricks it. See docs/GATEWAY.md.
+    """
+    from ivp.device import SoftDevice
+    from ivp.errors import BrickedError, IvpError
+
+    device = SoftDevice(state / "device")
+    if print_identity:
+        try:
+            key = device.public_key
+        except BrickedError as exc:
+            _fail(str(exc))
+        gid = gateway_id or f"gw-{key.keyid[:12]}"
+        typer.echo(json.dumps({"gateway_id": gid, "public_key": key.hex, "keyid": key.keyid}))
+        return
+    if policy is None or whitelist is None:
+        _fail("--policy and --whitelist are required (the gateway boots only whitelisted "
+              "models)")
+    assert policy is not None and whitelist is not None
+    try:
+        built = _build(device, state, gateway_id, host, port, url, recomputer, recomputer_key,
+                       policy, whitelist, epsilon, server_port, server_cmd,
+                       checkpoint_interval, reboot_interval, release_grid_ms, sync)
+    except (IvpError, OSError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    from aiohttp import web
+
+    typer.echo(f"ivp gateway {built.config.gateway_id}: listening on http://{host}:{port} "
+               f"(server on 127.0.0.1:{built.server_port})", err=True)
+    web.run_app(built.app, host=host, port=port, print=None, access_log=None)
+
+
+class _Built:
+    def __init__(self, app: object, config: object, server_port: int) -> None:
+        self.app, self.config, self.server_port = app, config, server_port
+
+
+def _build(device: object, state: Path, gateway_id: str | None, host: str, port: int,
+           url: str | None, recomputer: str | None, recomputer_key: str | None,
+           policy: Path, whitelist: Path, epsilon: float, server_port: int, server_cmd: str,
+           checkpoint_interval: float, reboot_interval: float, release_grid_ms: float,
+           sync: str) -> _Built:
+    import socket
+
+    from ivp.gateway.app import build_app
+    from ivp.gateway.core import Gateway, GatewayConfig
+    from ivp.gateway.log import PairLog
+    from ivp.gateway.power import ProcessPower, server_command
+    from ivp.gateway.uplink import HttpUplink
+    from ivp.gateway.upstream import HttpUpstream
+    from ivp.protocol.encoding import decode
+    from ivp.protocol.keys import VerifyKey
+    from ivp.protocol.quorum import QuorumPolicy
+    from ivp.whitelist import TrustedWhitelist
+
+    trusted = TrustedWhitelist(decode(policy.read_bytes(), QuorumPolicy))
+    trusted.update(whitelist.read_bytes())  # refused → IvpError → no start
+    bricked = device.bricked  # type: ignore[attr-defined]
+    if gateway_id is None:
+        if bricked:
+            raise ValueError("bricked device: pass --gateway-id")
+        gateway_id = f"gw-{device.public_key.keyid[:12]}"  # type: ignore[attr-defined]
+    if server_port == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            server_port = int(s.getsockname()[1])
+    config = GatewayConfig(
+        gateway_id=gateway_id, epsilon=epsilon, url=url or f"http://{host}:{port}",
+        checkpoint_interval=checkpoint_interval, reboot_interval=reboot_interval,
+        release_grid=release_grid_ms / 1000.0,
+    )
+    state.mkdir(parents=True, exist_ok=True)
+    log = PairLog(state / "log.sqlite", device, synchronous=sync)  # type: ignore[arg-type]
+    power = ProcessPower(server_command(server_cmd, server_port),
+                         log_path=state / "server.log")
+    core = Gateway(
+        config, device, log, trusted,  # type: ignore[arg-type]
+        HttpUpstream(f"http://127.0.0.1:{server_port}"), power,
+        uplink=HttpUplink(recomputer) if recomputer else None,
+        recomputer_key=VerifyKey.from_hex(recomputer_key) if recomputer_key else None,
+    )
+    return _Built(build_app(core), config, server_port)
+
+
+def upload(
+    gateway_url: Annotated[str, typer.Argument(help="The gateway, e.g. http://127.0.0.1:8200")],
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (config, tokenizer, "
+                                                   "safetensors shards).")],
+    model_id: Annotated[str, typer.Option(help="The model's id on the whitelist.")],
+) -> None:
+    """Operator: stream a model's files (manifest order) through a gateway to its server.
+
+    The gateway checks each file against the whitelisted manifest as it passes and
+    answers {"state": "serving", "boot_id"} or, on a mismatch, power-kills the server
+    and answers 400 {"state": "power_kill", "error", "file"}. Exit status 0 only when
+    the gateway is SERVING.
+    """
+    import asyncio
+
+    import aiohttp
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from ivp.errors import IvpError
+    from ivp.gateway.upload import upload_model, upload_order
+
+    console = Console(stderr=True)
+    try:
+        order = upload_order(model_dir, model_id)
+    except (IvpError, OSError) as exc:
+        console.print(f"[red]ivp upload:[/red] {exc}")
+        raise typer.Exit(2) from None
+    total = sum(size for _, size in order)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(f"upload {model_id}", total=total)
+        try:
+            result = asyncio.run(upload_model(gateway_url, model_dir, model_id, files=order,
+                                              progress=lambda n: bar.advance(task, n)))
+        except (OSError, aiohttp.ClientError) as exc:
+            console.print(f"[red]ivp upload:[/red] gateway unreachable: {exc}")
+            raise typer.Exit(2) from None
+    typer.echo(json.dumps(result, sort_keys=True))
+    if result.get("state") == "serving":
+        console.print(f"[green]SERVING[/green] {model_id} boot {result.get('boot_id')}")
+    else:
+        message = result.get("error", {})
+        if isinstance(message, dict):
+            message = message.get("message", "")
+        console.print(f"[red]{str(result.get('state', 'refused')).upper()}[/red] {message}")
+        raise typer.Exit(1)

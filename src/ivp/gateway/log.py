@@ -1,0 +1,346 @@
+"""The rolling I/O log and the audit spool: SQLite on the operator's disk, sealed.
+
+The note's gateway NVMe holds "whitelist hashes + rolling I/O buffer". The operator
+holds that disk, so:
+
+* every pair and every spooled envelope is **sealed** (AES-256-GCM under a key the
+  device derives from its UID, ``device.seal``), with associated data naming its
+  place (boot, position), so the operator can neither read the traffic nor move a
+  record to another place unseen; after a tamper the key is gone and nothing here can
+  be read by anyone;
+* every pair is **hash-chained** (``protocol.chain``) per boot; the chain head lives
+  in ``boots`` and goes out in checkpoints and audit records, so a deleted, changed or
+  reordered pair breaks what the recomputer holds;
+* commits are **durable** (WAL, ``synchronous=FULL``): :meth:`PairLog.append` returns
+  only after the pairs are on disk, and the gateway releases a response only after
+  that (several concurrent pairs may share one commit: group commit);
+* the sampling decision (:meth:`PairLog.decide`) turns a pair into a signed, numbered
+  audit record in the spool *in the same transaction* that deletes the pair, so a
+  crash can never lose a kept pair, skip an audit number or number one twice;
+* the spool is store-and-forward: rows leave only when the recomputer acknowledged
+  them (or refused them, which is alarmed).
+
+:class:`PairLog` is synchronous and not thread-safe: the gateway drives it from one
+worker thread. It signs nothing itself: callers pass a ``sign`` function (the device
+key stays in the device).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ivp.device import Device
+from ivp.errors import ChainError, PeerDataError, StateError
+from ivp.protocol.chain import link
+from ivp.protocol.encoding import canonical, decode
+from ivp.protocol.messages import AuditRecord, Checkpoint, PairRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS boots (
+    boot_id TEXT PRIMARY KEY, model_id TEXT NOT NULL, started REAL NOT NULL,
+    genesis TEXT NOT NULL, head TEXT NOT NULL, pairs INTEGER NOT NULL DEFAULT 0,
+    audits INTEGER NOT NULL DEFAULT 0, closed INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS pairs (
+    boot_id TEXT NOT NULL, pos INTEGER NOT NULL, prev TEXT NOT NULL, head TEXT NOT NULL,
+    sealed BLOB NOT NULL, PRIMARY KEY (boot_id, pos));
+CREATE TABLE IF NOT EXISTS spool (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, boot_id TEXT NOT NULL,
+    n INTEGER NOT NULL, created REAL NOT NULL, sealed BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS alarms (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, kind TEXT NOT NULL,
+    message TEXT NOT NULL);
+"""
+
+_PAIR = "gateway/log/pair"
+_SPOOL = "gateway/log/spool"
+_META = "gateway/log/meta"
+
+
+@dataclass(frozen=True)
+class Link:
+    """Where a pair sits in its boot's chain."""
+
+    boot_id: str
+    pos: int  # 1-based chain position
+    prev: str
+    head: str
+
+
+@dataclass(frozen=True)
+class BootCounters:
+    boot_id: str
+    model_id: str
+    head: str
+    pairs: int
+    audits: int
+    closed: bool
+
+
+@dataclass(frozen=True)
+class SpoolItem:
+    id: int
+    kind: str
+    boot_id: str
+    n: int
+    envelope: bytes
+
+
+class PairLog:
+    """SQLite store of the hash-chained pair log, the audit spool and the alarms.
+
+    Args:
+        path: the database file (created if absent).
+        device: seals and unseals every record; once it is bricked nothing opens.
+        synchronous: SQLite ``synchronous`` mode; FULL (the default) fsyncs the WAL on
+            every commit, so a committed pair survives power loss.
+    """
+
+    def __init__(self, path: Path, device: Device, *, synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in {"FULL", "EXTRA", "NORMAL", "OFF"}:
+            raise ValueError(f"bad synchronous mode {synchronous!r}")
+        self.path = Path(path)
+        self.device = device
+        self.synchronous = synchronous.upper()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- transactions -------------------------------------------------------------------
+    def _txn(self) -> _Txn:
+        return _Txn(self._db)
+
+    # --- meta (sealed key/value: persisted gateway state) -------------------------------
+    def get_meta(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return None
+        return self.device.unseal(_META, row[0], key.encode())
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        sealed = self.device.seal(_META, value, key.encode())
+        with self._txn():
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                             (key, sealed))
+
+    # --- boots --------------------------------------------------------------------------
+    def begin_boot(self, boot_id: str, model_id: str, genesis: str, boot_envelope: bytes,
+                   now: float | None = None) -> None:
+        """Open a boot's chain and spool its signed BOOT record, in one transaction."""
+        now = time.time() if now is None else now
+        with self._txn():
+            self._db.execute(
+                "INSERT INTO boots(boot_id, model_id, started, genesis, head) "
+                "VALUES (?, ?, ?, ?, ?)", (boot_id, model_id, now, genesis, genesis))
+            self._spool("BOOT", boot_id, 0, boot_envelope, now)
+
+    def counters(self, boot_id: str) -> BootCounters:
+        row = self._db.execute(
+            "SELECT model_id, head, pairs, audits, closed FROM boots WHERE boot_id=?",
+            (boot_id,)).fetchone()
+        if row is None:
+            raise StateError(f"no boot {boot_id!r} in the log")
+        return BootCounters(boot_id, row[0], row[1], row[2], row[3], bool(row[4]))
+
+    def open_boots(self) -> list[str]:
+        rows = self._db.execute("SELECT boot_id FROM boots WHERE closed=0 ORDER BY started")
+        return [r[0] for r in rows]
+
+    def close_boot(self, boot_id: str) -> None:
+        with self._txn():
+            self._db.execute("UPDATE boots SET closed=1 WHERE boot_id=?", (boot_id,))
+
+    def totals(self) -> tuple[int, int]:
+        """(pairs served, audit records made) over every boot in the log."""
+        row = self._db.execute("SELECT COALESCE(SUM(pairs),0), COALESCE(SUM(audits),0) "
+                               "FROM boots").fetchone()
+        return int(row[0]), int(row[1])
+
+    # --- pairs --------------------------------------------------------------------------
+    def append(self, boot_id: str, pairs: list[PairRecord]) -> list[Link]:
+        """Chain and store ``pairs`` (in order) durably, in one commit.
+
+        Raises:
+            StateError: the boot is unknown or closed (a pair of a dead boot is dropped).
+        """
+        with self._txn():
+            row = self._db.execute("SELECT head, pairs, closed FROM boots WHERE boot_id=?",
+                                   (boot_id,)).fetchone()
+            if row is None or row[2]:
+                raise StateError(f"boot {boot_id!r} is not open: pair dropped")
+            head, count = row[0], row[1]
+            links = []
+            for pair in pairs:
+                if pair.tag.boot_id != boot_id:
+                    raise StateError("pair tagged for another boot")
+                prev, head, count = head, link(head, pair), count + 1
+                sealed = self.device.seal(_PAIR, canonical(pair), f"{boot_id}/{count}".encode())
+                self._db.execute(
+                    "INSERT INTO pairs(boot_id, pos, prev, head, sealed) VALUES (?,?,?,?,?)",
+                    (boot_id, count, prev, head, sealed))
+                links.append(Link(boot_id, count, prev, head))
+            self._db.execute("UPDATE boots SET head=?, pairs=? WHERE boot_id=?",
+                             (head, count, boot_id))
+        return links
+
+    def read_pair(self, boot_id: str, pos: int) -> tuple[Link, PairRecord] | None:
+        """A logged (undecided) pair, unsealed and checked against its chain link.
+
+        Raises:
+            PeerDataError: the sealed bytes were altered or moved (AES-GCM tag).
+            ChainError: the pair does not hash to its recorded link.
+        """
+        row = self._db.execute("SELECT prev, head, sealed FROM pairs WHERE boot_id=? AND pos=?",
+                               (boot_id, pos)).fetchone()
+        if row is None:
+            return None
+        raw = self.device.unseal(_PAIR, row[2], f"{boot_id}/{pos}".encode())
+        pair = decode(raw, PairRecord)
+        if link(row[0], pair) != row[1]:
+            raise ChainError(f"pair {boot_id}/{pos} does not match its chain link")
+        return Link(boot_id, pos, row[0], row[1]), pair
+
+    def undecided(self) -> list[tuple[str, int]]:
+        """Pairs still waiting for their sampling draw (after a crash): (boot_id, pos),
+        by boot, then in tag order (the order the draws would have had)."""
+        rows = self._db.execute(
+            "SELECT p.boot_id, p.pos FROM pairs p JOIN boots b ON b.boot_id = p.boot_id "
+            "ORDER BY b.started, p.pos").fetchall()
+        boots = list(dict.fromkeys(r[0] for r in rows))
+        keyed = []
+        for boot_id, pos in rows:
+            try:
+                found = self.read_pair(boot_id, pos)
+                seq = found[1].tag.seq if found else -1
+            except PeerDataError:
+                seq = -1  # unreadable: decide() will alarm
+            keyed.append(((boots.index(boot_id), seq, pos), (boot_id, pos)))
+        return [item for _, item in sorted(keyed)]
+
+    def pair_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0])
+
+    def decide(self, boot_id: str, pos: int, keep: bool,
+               sign: Callable[[AuditRecord], bytes], gateway_id: str,
+               now: float | None = None) -> AuditRecord | None:
+        """Apply the sampling draw to one logged pair, atomically.
+
+        ``keep``: the pair becomes audit record ``audits + 1`` of its boot, signed by
+        ``sign`` and spooled; either way the pair leaves the rolling log (the chain head
+        stays). Idempotent: a pair already decided is a no-op returning None.
+        """
+        now = time.time() if now is None else now
+        with self._txn():
+            found = self.read_pair(boot_id, pos)
+            if found is None:
+                return None
+            where, pair = found
+            record = None
+            if keep:
+                audits = self._db.execute("SELECT audits FROM boots WHERE boot_id=?",
+                                          (boot_id,)).fetchone()[0]
+                record = AuditRecord(gateway_id=gateway_id, boot_id=boot_id,
+                                     audit_seq=audits + 1, chain_prev=where.prev,
+                                     chain_head=where.head, pair=pair)
+                self._db.execute("UPDATE boots SET audits=? WHERE boot_id=?",
+                                 (audits + 1, boot_id))
+                self._spool("AUDIT", boot_id, audits + 1, sign(record), now)
+            self._db.execute("DELETE FROM pairs WHERE boot_id=? AND pos=?", (boot_id, pos))
+        return record
+
+    # --- checkpoints --------------------------------------------------------------------
+    def checkpoint(self, boot_id: str, gateway_id: str, sign: Callable[[Checkpoint], bytes],
+                   now: float | None = None) -> Checkpoint:
+        """Spool a signed checkpoint of ``boot_id``'s counters (one consistent snapshot)."""
+        now = time.time() if now is None else now
+        with self._txn():
+            c = self.counters(boot_id)
+            cp = Checkpoint(gateway_id=gateway_id, boot_id=boot_id, pairs_served=c.pairs,
+                            chain_head=c.head, audits=c.audits, time=now)
+            self._spool("CHECKPOINT", boot_id, c.pairs, sign(cp), now)
+        return cp
+
+    # --- spool --------------------------------------------------------------------------
+    def _spool(self, kind: str, boot_id: str, n: int, envelope: bytes, now: float) -> None:
+        cur = self._db.execute(
+            "INSERT INTO spool(kind, boot_id, n, created, sealed) VALUES (?,?,?,?,x'')",
+            (kind, boot_id, n, now))
+        sid = cur.lastrowid
+        sealed = self.device.seal(_SPOOL, envelope, f"{sid}/{kind}/{boot_id}/{n}".encode())
+        self._db.execute("UPDATE spool SET sealed=? WHERE id=?", (sealed, sid))
+
+    def spool_batch(self, limit: int = 64) -> list[SpoolItem]:
+        """The oldest unacknowledged envelopes, in the order they were made."""
+        rows = self._db.execute(
+            "SELECT id, kind, boot_id, n, sealed FROM spool ORDER BY id LIMIT ?", (limit,))
+        out = []
+        for sid, kind, boot_id, n, sealed in rows.fetchall():
+            env = self.device.unseal(_SPOOL, sealed, f"{sid}/{kind}/{boot_id}/{n}".encode())
+            out.append(SpoolItem(sid, kind, boot_id, n, env))
+        return out
+
+    def spool_depth(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+
+    def spool_done(self, acked: list[int], refused: list[tuple[int, str]]) -> None:
+        """Drop acknowledged rows; drop refused rows and keep an alarm for each."""
+        now = time.time()
+        with self._txn():
+            for sid in acked:
+                self._db.execute("DELETE FROM spool WHERE id=?", (sid,))
+            for sid, why in refused:
+                row = self._db.execute("SELECT kind, boot_id, n FROM spool WHERE id=?",
+                                       (sid,)).fetchone()
+                self._db.execute("DELETE FROM spool WHERE id=?", (sid,))
+                if row is not None:
+                    self._alarm("uplink_refused", f"recomputer refused {row[0]} {row[1]}/{row[2]}: "
+                                f"{why}", now)
+
+    # --- alarms -------------------------------------------------------------------------
+    def _alarm(self, kind: str, message: str, now: float) -> None:
+        self._db.execute("INSERT INTO alarms(time, kind, message) VALUES (?,?,?)",
+                         (now, kind, message[:2000]))
+
+    def alarm(self, kind: str, message: str) -> None:
+        with self._txn():
+            self._alarm(kind, message, time.time())
+
+    def alarms(self, limit: int = 50) -> list[dict[str, object]]:
+        rows = self._db.execute(
+            "SELECT id, time, kind, message FROM alarms ORDER BY id DESC LIMIT ?", (limit,))
+        return [{"id": r[0], "time": r[1], "kind": r[2], "message": r[3]} for r in rows]
+
+    def alarm_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM alarms").fetchone()[0])
+
+
+class _Txn:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on error); nests as a no-op."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._outer = False
+
+    def __enter__(self) -> None:
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._outer = True
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if not self._outer:
+            return
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+
+
+__all__ = ["BootCounters", "Link", "PairLog", "SpoolItem"]

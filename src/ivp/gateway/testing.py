@@ -1,0 +1,216 @@
+"""In-memory peers for driving a :class:`~ivp.gateway.core.Gateway` without processes.
+
+Like httpx's MockTransport: :class:`FakeServer` plays the server's HTTP (and its RAM),
+:class:`FakePower` its power supply, :class:`FakeRecomputer` the uplink's far end.
+Each can be told to misbehave the way an attacker or a fault would, so tests state
+one attack each. Used by the gateway's tests and available to other parts' tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ivp.errors import PeerDataError, TransportError, ValidationError
+from ivp.protocol.encoding import decode
+from ivp.protocol.envelope import AUDIT, BOOT, CHECKPOINT, Envelope, open_signed
+from ivp.protocol.keys import VerifyKey
+from ivp.protocol.messages import AuditRecord, BootRecord, Checkpoint, Manifest
+
+Answer = Callable[[dict[str, Any]], tuple[int, bytes]]
+
+
+@dataclass
+class FakeServer:
+    """A server's HTTP surface and volatile memory.
+
+    It generates deterministic token ids from (seed, prompt) — not a model, but a pure
+    function like the real one — and echoes the tag. ``answer`` overrides the
+    completion answer (to play a cheating or broken server).
+    """
+
+    eos: int = 2
+    vocab: int = 640
+    powered: bool = False
+    state: str = "empty"
+    manifest: Manifest | None = None
+    received: bytearray = field(default_factory=bytearray)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    answer: Answer | None = None
+    junk_text: str = "SERVER-FORMATTED-TEXT"
+    persist_state: bool = False  # a server that keeps its RAM across power cycles (attack)
+    stop_reading_at: int | None = None  # stop consuming the weight stream after N bytes
+
+    # --- power (driven by FakePower) ------------------------------------------------------
+    def power(self, on: bool) -> None:
+        self.powered = on
+        if not self.persist_state:
+            self.state, self.manifest = "empty", None
+            self.received = bytearray()
+
+    # --- Upstream ---------------------------------------------------------------------------
+    async def reset(self) -> None:
+        return None
+
+    def _check_power(self, path: str) -> None:
+        if not self.powered:
+            raise TransportError(f"server unreachable ({path}): connection refused")
+
+    async def get(self, path: str, *, timeout: float = 10.0) -> tuple[int, bytes]:
+        self._check_power(path)
+        if path == "/health":
+            return 200, json.dumps({"state": self.state, "model_id": None}).encode()
+        return 404, b"{}"
+
+    async def post(self, path: str, body: bytes | AsyncIterable[bytes], *,
+                   timeout: float = 600.0) -> tuple[int, bytes]:
+        self._check_power(path)
+        if path == "/boot/manifest":
+            assert isinstance(body, bytes)
+            self.manifest = decode(body, Manifest)
+            self.state, self.received = "loading", bytearray()
+            return 200, b'{"state":"loading"}'
+        if path == "/boot/stream":
+            assert not isinstance(body, bytes)
+            async for chunk in body:  # type: ignore[union-attr]
+                self._check_power(path)
+                if self.stop_reading_at is not None and len(self.received) >= \
+                        self.stop_reading_at:
+                    return 400, b'{"error":{"message":"stopped","type":"ValidationError"}}'
+                self.received += chunk
+            assert self.manifest is not None
+            if len(self.received) != self.manifest.total_size:
+                return 400, b'{"error":{"message":"byte count","type":"ValidationError"}}'
+            self.state = "ready"
+            return 200, b'{"state":"ready"}'
+        if path == "/v1/completions":
+            assert isinstance(body, bytes)
+            request = json.loads(body)
+            self.requests.append(request)
+            if self.state != "ready":
+                return 503, b'{"error":{"message":"not booted","type":"StateError"}}'
+            if self.answer is not None:
+                return self.answer(request)
+            return 200, self.honest(request)
+        return 404, b"{}"
+
+    def tokens(self, request: dict[str, Any]) -> tuple[list[int], str]:
+        """A pure function of (seed, prompt, max_tokens): stops at EOS when drawn."""
+        seed, prompt, n = request["seed"], request["prompt"], request["max_tokens"]
+        out: list[int] = []
+        x = (seed ^ sum(prompt) * 2654435761) & 0xFFFFFFFF
+        for _ in range(n):
+            x = (x * 1103515245 + 12345) & 0xFFFFFFFF
+            tok = 3 + x % (self.vocab - 3)
+            if x % 11 == 0:
+                out.append(self.eos)
+                return out, "stop"
+            out.append(tok)
+        return out, "length"
+
+    def honest(self, request: dict[str, Any]) -> bytes:
+        ids, finish = self.tokens(request)
+        if request.get("stream"):
+            events = []
+            for tok in ids:
+                events.append({"choices": [{"index": 0, "token_ids": [tok], "text": "x",
+                                            "finish_reason": None}],
+                               "ivp_tag": request["ivp_tag"]})
+            events.append({"choices": [{"index": 0, "token_ids": [], "text": "",
+                                        "finish_reason": finish}],
+                           "ivp_tag": request["ivp_tag"]})
+            return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + \
+                b"data: [DONE]\n\n"
+        return json.dumps({
+            "id": "cmpl-x", "object": "text_completion", "model": request["model"],
+            "choices": [{"index": 0, "text": self.junk_text, "token_ids": ids,
+                         "finish_reason": finish, "logprobs": None}],
+            "ivp_tag": request["ivp_tag"], "seed": request["seed"],
+            "extra": "a field the gateway must not pass on",
+        }).encode()
+
+
+@dataclass
+class FakePower:
+    """The server's power supply. ``crash()`` plays an unexpected power loss."""
+
+    server: FakeServer
+    cycles: int = 0
+    on_count: int = 0
+    _callback: Callable[[str], None] | None = None
+
+    @property
+    def is_on(self) -> bool:
+        return self.server.powered
+
+    async def power_on(self) -> None:
+        if not self.server.powered:
+            self.on_count += 1
+            self.server.power(True)
+
+    async def power_off(self) -> None:
+        if self.server.powered:
+            self.cycles += 1
+        self.server.power(False)
+
+    def on_power_loss(self, callback: Callable[[str], None]) -> None:
+        self._callback = callback
+
+    def crash(self) -> None:
+        self.server.power(False)
+        if self._callback is not None:
+            self._callback("server process exited unexpectedly (status -9)")
+
+
+@dataclass
+class FakeRecomputer:
+    """The recomputer's /uplink: checks each envelope's signature, keeps what it stores.
+
+    ``mode``: "ok" (ack everything valid), "down" (transport failure), "garbage"
+    (answers bytes that are not an Ack), "short" (an Ack with too few results),
+    "refuse" (refuses everything).
+    """
+
+    gateway_key: VerifyKey | None = None
+    mode: str = "ok"
+    boots: list[BootRecord] = field(default_factory=list)
+    audits: list[AuditRecord] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    posts: int = 0
+
+    async def post(self, body: bytes) -> bytes:
+        self.posts += 1
+        if self.mode == "down":
+            raise TransportError("recomputer unreachable: connection refused")
+        if self.mode == "garbage":
+            return b'{"accepted": [1, 2, 3]}'
+        envelopes = json.loads(body)["envelopes"]
+        if self.mode == "short":
+            return json.dumps({"results": [{"ok": True}] * (len(envelopes) - 1)}).encode()
+        results = []
+        for raw in envelopes:
+            if self.mode == "refuse":
+                results.append({"ok": False, "error": "refused by test"})
+                continue
+            try:
+                self._store(Envelope.from_bytes(json.dumps(raw).encode()))
+            except PeerDataError as exc:
+                results.append({"ok": False, "error": str(exc)})
+                continue
+            results.append({"ok": True, "error": ""})
+        return json.dumps({"results": results}).encode()
+
+    def _store(self, env: Envelope) -> None:
+        types = {AUDIT: (AuditRecord, self.audits), BOOT: (BootRecord, self.boots),
+                 CHECKPOINT: (Checkpoint, self.checkpoints)}
+        if env.payloadType not in types:
+            raise ValidationError(f"unknown payload type {env.payloadType}")
+        kind, store = types[env.payloadType]
+        payload = open_signed(env, env.payloadType, self.gateway_key) if self.gateway_key \
+            else env.payload_bytes()
+        store.append(decode(payload, kind))  # type: ignore[arg-type]
+
+
+__all__ = ["FakePower", "FakeRecomputer", "FakeServer"]

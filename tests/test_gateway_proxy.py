@@ -1,0 +1,181 @@
+"""The serving proxy's pure parts: strict requests, paired answers, re-serialisation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ivp.errors import ValidationError
+from ivp.gateway import proxy
+from ivp.gateway.errors import ServerProtocolError
+from ivp.protocol.messages import SamplingParams, Tag
+
+TAG = Tag(gateway_id="gw", boot_id="b" * 32, seq=3)
+PARAMS = SamplingParams(max_tokens=4)
+LIMITS = proxy.ModelLimits(vocab_size=100, max_positions=64)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("logit_bias", {"5": 10}), ("presence_penalty", 0.5), ("frequency_penalty", -1),
+    ("repetition_penalty", 1.2), ("n", 2), ("best_of", 3), ("stop", ["\n"]), ("stop", "x"),
+    ("logprobs", 5), ("top_logprobs", 2), ("echo", True), ("suffix", "end"), ("seed", 42),
+    ("seed", 0), ("min_p", 0.1), ("tools", [{}]), ("response_format", {"type": "json"}),
+])
+def test_parameters_outside_sampler_spec_are_refused_by_name(field: str, value: object) -> None:
+    """Attack: steer sampling with controls the verifier cannot replay (or pick a seed)."""
+    body = json.dumps({"model": "m", "prompt": "hi", field: value}).encode()
+    with pytest.raises(ValidationError, match=f"unsupported parameter '{field}'"):
+        proxy.parse_request("completions", body)
+
+
+@pytest.mark.parametrize("neutral", [
+    {"n": 1}, {"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"stop": None},
+    {"stop": []}, {"logprobs": None}, {"echo": False}, {"seed": None}, {"logit_bias": {}},
+    {"best_of": 1},
+])
+def test_neutral_values_of_refused_parameters_are_accepted(neutral: dict) -> None:
+    body = json.dumps({"model": "m", "prompt": "hi", **neutral}).encode()
+    assert proxy.parse_request("completions", body).params == SamplingParams()
+
+
+def test_unknown_fields_are_refused_naming_them() -> None:
+    with pytest.raises(ValidationError, match="unknown parameter 'mirostat'"):
+        proxy.parse_request("completions", b'{"model": "m", "prompt": "x", "mirostat": 2}')
+    with pytest.raises(ValidationError, match="unknown parameter 'prompt'"):
+        proxy.parse_request("chat.completions", b'{"model": "m", "prompt": "x"}')
+
+
+def test_completion_and_chat_bodies_parse() -> None:
+    r = proxy.parse_request("completions", b'{"model": "m", "prompt": [1, 2], "max_tokens": 5, '
+                                           b'"temperature": 0, "top_k": 3, "top_p": 0.5}')
+    assert r.prompt == [1, 2] and r.params == SamplingParams(temperature=0.0, top_k=3,
+                                                             top_p=0.5, max_tokens=5)
+    assert r.input_text == "[1, 2]"
+    c = proxy.parse_request("chat.completions", json.dumps({
+        "model": "m", "messages": [{"role": "user", "content": "hé"}],
+        "max_completion_tokens": 7, "stream": True}).encode())
+    assert c.params.max_tokens == 7 and c.stream
+    assert json.loads(c.input_text) == [{"content": "hé", "role": "user"}]
+
+
+def test_batched_prompts_are_refused() -> None:
+    with pytest.raises(ValidationError, match="one input per request"):
+        proxy.parse_request("completions", b'{"model": "m", "prompt": ["a", "b"]}')
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=300),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                 lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c,
+                                                                     max_size=6),
+                 max_leaves=12).map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"model": st.text(max_size=5)}, optional={
+        "prompt": st.one_of(st.text(max_size=5), st.lists(st.integers(-5, 2**40), max_size=3)),
+        "max_tokens": st.one_of(st.integers(-3, 10**6), st.floats(), st.none()),
+        "temperature": st.one_of(st.floats(allow_nan=True), st.integers()),
+        "top_k": st.integers(-3, 2**40), "top_p": st.floats(), "stream": st.integers(0, 2),
+        "n": st.integers(0, 3), "seed": st.integers(),
+    }).map(lambda d: json.dumps(d).encode()),
+), st.sampled_from(["completions", "chat.completions"]))
+def test_malformed_bodies_get_validation_errors_only(body: bytes, endpoint: str) -> None:
+    """Any bytes: either a valid request or a ValidationError, never another exception."""
+    try:
+        r = proxy.parse_request(endpoint, body)  # type: ignore[arg-type]
+    except ValidationError:
+        return
+    assert r.params.max_tokens >= 1 and 0 <= r.params.temperature <= 100
+
+
+def _srv(ids: list[int], finish: str = "length", tag: Tag = TAG, **extra: object) -> bytes:
+    return json.dumps({"choices": [{"token_ids": ids, "finish_reason": finish, "text": "junk"}],
+                       "ivp_tag": {"gateway_id": tag.gateway_id, "boot_id": tag.boot_id,
+                                   "seq": tag.seq}, **extra}).encode()
+
+
+def test_server_answer_yields_only_token_ids_and_finish_reason() -> None:
+    out = proxy.parse_server_response(_srv([5, 6, 7, 8], extra="x"), TAG, PARAMS, LIMITS)
+    assert out == proxy.ServerOutput([5, 6, 7, 8], "length")
+    out = proxy.parse_server_response(_srv([5, 2], "stop"), TAG, PARAMS, LIMITS)
+    assert out.token_ids == [5, 2]
+
+
+@pytest.mark.parametrize("raw", [
+    _srv([5, 6, 7, 8], tag=Tag(gateway_id="gw", boot_id="b" * 32, seq=4)),  # unpaired
+    _srv([5, 6, 7, 8], tag=Tag(gateway_id="gw2", boot_id="b" * 32, seq=3)),
+    _srv([5, 6]),  # 'length' before max_tokens
+    _srv([5, 6, 7, 8, 9]),  # more than max_tokens
+    _srv([], "stop"),  # stop without EOS
+    _srv([5, 6, 7, 100]),  # outside the vocabulary
+    b'{"choices": [], "ivp_tag": null}', b"<html>", b"",
+])
+def test_server_answers_outside_the_protocol_are_refused(raw: bytes) -> None:
+    with pytest.raises(ServerProtocolError):
+        proxy.parse_server_response(raw, TAG, PARAMS, LIMITS)
+
+
+def _sse(*chunks: dict, done: bool = True) -> bytes:
+    out = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+TAGD = {"gateway_id": "gw", "boot_id": "b" * 32, "seq": 3}
+
+
+def test_server_stream_is_reassembled() -> None:
+    raw = _sse({"choices": [{"token_ids": [5, 6]}], "ivp_tag": TAGD},
+               {"choices": [{"token_ids": [7], "finish_reason": "stop"}], "ivp_tag": TAGD})
+    assert proxy.parse_server_stream(raw, TAG, PARAMS, LIMITS) == proxy.ServerOutput([5, 6, 7],
+                                                                                     "stop")
+
+
+@pytest.mark.parametrize("raw", [
+    _sse({"choices": [{"token_ids": [5], "finish_reason": "stop"}]}),  # untagged
+    _sse({"choices": [{"token_ids": [5], "finish_reason": "stop"}],
+          "ivp_tag": {**TAGD, "seq": 9}}),
+    _sse({"choices": [{"token_ids": [5], "finish_reason": "stop"}], "ivp_tag": TAGD},
+         done=False),
+    _sse({"choices": [{"token_ids": [5], "finish_reason": "stop"}], "ivp_tag": TAGD},
+         {"choices": [{"token_ids": [6]}], "ivp_tag": TAGD}),  # tokens after finish
+    b"event: x\ndata: {}\n\n",
+])
+def test_server_streams_outside_the_protocol_are_refused(raw: bytes) -> None:
+    with pytest.raises(ServerProtocolError):
+        proxy.parse_server_stream(raw, TAG, PARAMS, LIMITS)
+
+
+def test_client_objects_carry_the_tag_and_token_ids() -> None:
+    body = json.loads(proxy.client_response("completions", model_id="m", tag=TAG, prompt_len=3,
+                                            token_ids=[5, 6], text="ab", finish_reason="length",
+                                            created=1))
+    assert body["choices"][0] == {"index": 0, "text": "ab", "token_ids": [5, 6],
+                                  "finish_reason": "length", "logprobs": None}
+    assert body["ivp"]["tag"] == TAGD and body["usage"]["total_tokens"] == 5
+    chat = json.loads(proxy.client_response("chat.completions", model_id="m", tag=TAG,
+                                            prompt_len=3, token_ids=[5], text="a",
+                                            finish_reason="stop", created=1))
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "a"}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 255), max_size=12))
+def test_stream_deltas_concatenate_to_the_full_decoding(ids: list[int]) -> None:
+    """Byte tokens that split multi-byte characters: deltas still add up exactly."""
+    def decode(t: list[int]) -> str:
+        return bytes(t).decode("utf-8", errors="replace")
+
+    deltas = proxy.text_deltas(ids, decode)
+    assert len(deltas) == len(ids)
+    assert "".join(deltas) == decode(ids)
+
+
+def test_prompt_limits() -> None:
+    r = proxy.parse_request("completions", b'{"model": "m", "prompt": [1, 100]}')
+    with pytest.raises(ValidationError, match="outside the vocabulary"):
+        proxy.tokenize(r, None, LIMITS)  # type: ignore[arg-type]
+    r = proxy.parse_request("completions", b'{"model": "m", "prompt": [1], "max_tokens": 64}')
+    with pytest.raises(ValidationError, match="context"):
+        proxy.tokenize(r, None, LIMITS)  # type: ignore[arg-type]
