@@ -584,8 +584,10 @@ def test_newer_whitelist_survives_restart_with_an_older_file(
     """Attack: rollback to an older whitelist by restarting with an old file."""
     async def body() -> None:
         rig = await started(make_rig(tmp_path, tiny_model_dir))
+        await rig.upload()
         v2 = rig.model.signed_whitelist(2, manifests=[])  # v2 drops the model
         assert (await rig.gw.install_whitelist(v2))["version"] == 2
+        assert rig.gw.state is State.UPLOAD  # revoked while served: forced reboot
         with pytest.raises(Exception, match="rollback"):
             await rig.gw.install_whitelist(rig.model.signed_whitelist(1))
         await rig.gw.close()

@@ -260,11 +260,15 @@ def test_kill_9_during_traffic_loses_no_released_pair(
         for _ in range(2):
             gw.start()
             assert _upload_cli(gw.url, tiny_model_dir)["state"] == "serving"
-            stop_at = time.monotonic() + rng.uniform(0.4, 1.2)
+            # kill at a random moment once a random number of answers went out
+            target = len(received) + rng.randint(3, 9)
+            jitter = rng.uniform(0.0, 0.05)
 
-            async def traffic(stop_at: float) -> None:
+            async def traffic(target: int, jitter: float) -> None:
+                dead = False
+
                 async def worker(s: aiohttp.ClientSession, i: int) -> None:
-                    while time.monotonic() < stop_at + 5:
+                    while not dead:
                         body = {"model": MODEL_ID, "prompt": f"request {i}", "max_tokens": 4}
                         try:
                             async with s.post(gw.url + "/v1/completions", json=body) as r:
@@ -277,13 +281,16 @@ def test_kill_9_during_traffic_loses_no_released_pair(
                             return  # the gateway died under us
 
                 async with aiohttp.ClientSession() as s:
-                    killer = asyncio.create_task(asyncio.sleep(stop_at - time.monotonic()))
                     workers = [asyncio.create_task(worker(s, i)) for i in range(6)]
-                    await killer
+                    deadline = time.monotonic() + 30
+                    while len(received) < target and time.monotonic() < deadline:
+                        await asyncio.sleep(0.005)
+                    await asyncio.sleep(jitter)
                     gw.kill9()
+                    dead = True
                     await asyncio.gather(*workers)
 
-            asyncio.run(traffic(stop_at))
+            asyncio.run(traffic(target, jitter))
         gw.start()  # recovery: undecided pairs drawn, open boots closed, spool drained
         deadline = time.monotonic() + 30
         while gw.status()["spool_depth"] and time.monotonic() < deadline:
@@ -292,7 +299,7 @@ def test_kill_9_during_traffic_loses_no_released_pair(
     finally:
         gw.stop()
     assert receiver.refused == []
-    assert len(received) >= 5
+    assert len(received) >= 6
     audited = {(a.boot_id, a.pair.tag.seq): a for a in receiver.audits}
     missing = set(received) - set(audited)
     assert not missing, f"{len(missing)} released pair(s) lost"

@@ -94,6 +94,9 @@ async def errors_middleware(
         return await handler(request)
     except IvpError as exc:
         status, body = error_body(exc)
+        if request.path.startswith("/v1/"):
+            endpoint = "chat.completions" if "chat" in request.path else "completions"
+            request.app[GATEWAY_KEY].metrics.requests.labels(endpoint, str(status)).inc()
         return web.json_response(body, status=status)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -108,7 +108,7 @@ def gateway(
 
 
 class _Built:
-    def __init__(self, app: object, config: object, server_port: int) -> None:
+    def __init__(self, app: Any, config: Any, server_port: int) -> None:
         self.app, self.config, self.server_port = app, config, server_port
 
 

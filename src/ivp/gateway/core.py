@@ -41,14 +41,15 @@ from ivp.device import Device
 from ivp.errors import (
     BrickedError,
     IvpError,
+    PeerDataError,
     SignatureError,
     StateError,
     TransportError,
-    ValidationError,
 )
 from ivp.gateway import boot as bootmod
 from ivp.gateway import proxy
 from ivp.gateway.errors import (
+    BodyTooLargeError,
     ServerProtocolError,
     ShutdownError,
     UnknownModelError,
@@ -203,7 +204,7 @@ class Gateway:
         self._commit_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ivp-gateway-log")
         self._tasks: list[asyncio.Task[Any]] = []
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self._ended: list[_Boot] = []  # recent boots whose draws may still be pending
         self._threshold = min(int(config.epsilon * 2**64), 2**64)
         self.shutdown_reason = ""
@@ -267,9 +268,9 @@ class Gateway:
             self._set_state(State.BRICKED)
             return
         await self._recover()
-        stored = await self._db(self.log.get_meta, _META_SHUTDOWN)
-        if stored is not None:
-            self.shutdown_reason = decode(stored, Shutdown).reason
+        reason = await self._stored_shutdown()
+        if reason is not None:
+            self.shutdown_reason = reason
             self._set_state(State.SHUTDOWN)
         else:
             await self._restore_whitelist()
@@ -292,13 +293,26 @@ class Gateway:
             await self._db(self.log.checkpoint, boot_id, self.gateway_id, self._sign_checkpoint)
             await self._db(self.log.close_boot, boot_id)
 
+    async def _stored_shutdown(self) -> str | None:
+        """The persisted shutdown's reason; fails closed on a record that does not open."""
+        try:
+            stored = await self._db(self.log.get_meta, _META_SHUTDOWN)
+            return None if stored is None else decode(stored, Shutdown).reason
+        except PeerDataError as exc:
+            await self.alarm("log_corrupt", f"shutdown record does not open: {exc}")
+            return "a shutdown record that does not open (tampered log)"
+
     async def _restore_whitelist(self) -> None:
         """Install the newest whitelist this gateway ever accepted.
 
         Blocks rollback by restart: an operator restarting the gateway with an older
         whitelist file (one that allowed more) still gets the newer stored version.
         """
-        stored = await self._db(self.log.get_meta, _META_WHITELIST)
+        try:
+            stored = await self._db(self.log.get_meta, _META_WHITELIST)
+        except PeerDataError as exc:
+            await self.alarm("log_corrupt", f"stored whitelist does not open: {exc}")
+            stored = None
         if stored is not None:
             with contextlib.suppress(IvpError):
                 self.whitelist.update(stored)  # only if newer than the file and unexpired
@@ -316,6 +330,9 @@ class Gateway:
                                                else 10)
             for task in pending:  # draws whose release never came: left to recovery
                 task.cancel()
+            for task in pending:
+                with contextlib.suppress(BaseException):
+                    await task
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -632,7 +649,8 @@ class Gateway:
         t0 = time.monotonic()
         boot = self._require_serving()
         if len(body) > self.config.max_body:
-            raise ValidationError("request body too large")
+            raise BodyTooLargeError(f"request body is over the {self.config.max_body}-byte "
+                                    "limit")
         request = proxy.parse_request(endpoint, body)
         if request.model != boot.manifest.model_id:
             raise UnknownModelError(
@@ -778,7 +796,7 @@ class Gateway:
                 out[i] = lk
         return out
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, Any] | Awaitable[Any]) -> asyncio.Future[Any]:
         """Run ``coro`` in the background, keeping a reference until it is done."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -932,6 +950,12 @@ class Gateway:
         self._check_alive()
         whitelist = self.whitelist.update(body)
         await self._db(self.log.set_meta, _META_WHITELIST, body)
+        boot = self._boot
+        if boot is not None and whitelist.manifest(boot.manifest.model_id) is None:
+            # the inspectors revoked the model being served: stop serving it now
+            await self.alarm("model_revoked", f"{boot.manifest.model_id} left the whitelist "
+                             f"(version {whitelist.version}): forced reboot")
+            await self.forced_reboot("model removed from the whitelist")
         return {"version": whitelist.version,
                 "models": [m.model_id for m in whitelist.manifests]}
 
@@ -989,7 +1013,9 @@ class Gateway:
         return out
 
     async def alarms(self) -> list[dict[str, object]]:
-        self._check_alive()
+        """The gateway's own alarm log (readable after a shutdown, not after a brick)."""
+        if self._state is State.BRICKED or self.device.bricked:
+            self._check_alive()
         return await self._db(self.log.alarms)
 
 
@@ -1028,7 +1054,7 @@ def _json_field(body: bytes, key: str) -> Any:
 
 
 def _tokenizer_size(tokenizer: proxy.Tokenizer) -> int:
-    inner = getattr(tokenizer, "_tok", tokenizer)
+    inner: Any = getattr(tokenizer, "_tok", tokenizer)
     try:
         return len(inner)
     except TypeError:

@@ -227,7 +227,11 @@ class ModelLimits:
             config = json.loads(config_json) if config_json else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             config = {}
-        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        if not isinstance(config, dict):
+            config = {}
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            text = {}
         vocab = config.get("vocab_size") or text.get("vocab_size") or fallback_vocab
         pos = config.get("max_position_embeddings") or text.get("max_position_embeddings")
         return cls(int(vocab), int(pos) if pos else None)

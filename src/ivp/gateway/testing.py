@@ -210,7 +210,7 @@ class FakeRecomputer:
         kind, store = types[env.payloadType]
         payload = open_signed(env, env.payloadType, self.gateway_key) if self.gateway_key \
             else env.payload_bytes()
-        store.append(decode(payload, kind))  # type: ignore[arg-type]
+        store.append(decode(payload, kind))  # type: ignore[attr-defined,arg-type]
 
 
 __all__ = ["FakePower", "FakeRecomputer", "FakeServer"]
