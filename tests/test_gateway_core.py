@@ -278,6 +278,10 @@ def test_server_output_outside_the_protocol_is_dropped_and_alarmed(
         assert rig.log.pair_count() == 0
         [alarm] = rig.log.alarms()
         assert alarm["kind"] == "unpaired_output"
+        # the alarm leaves the gateway (GET /alarms, the uplink): none of the answer in it
+        assert "SECRET" not in alarm["message"] and "10000" not in alarm["message"]
+        await flush(rig)
+        assert [a.message for a in rig.recomputer.alarms] == [alarm["message"]]
         await rig.gw.close()
     run(body())
 
@@ -621,6 +625,7 @@ def test_server_chatter_during_upload_is_dropped_and_alarmed(
         assert "SECRET" not in json.dumps(result)
         kinds = [a["kind"] for a in rig.log.alarms()]
         assert kinds.count("server_outside_protocol") == 2
+        assert "SECRET" not in json.dumps(rig.log.alarms())  # alarms leave the gateway
         await rig.gw.close()
     run(body())
 

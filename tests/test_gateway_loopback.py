@@ -25,9 +25,9 @@ from test_gateway_rig import MODEL_ID, tiny
 from ivp.errors import PeerDataError
 from ivp.protocol import chain
 from ivp.protocol.encoding import canonical, decode
-from ivp.protocol.envelope import AUDIT, BOOT, CHECKPOINT, Envelope, open_signed
+from ivp.protocol.envelope import ALARM, AUDIT, BOOT, CHECKPOINT, Envelope, open_signed
 from ivp.protocol.keys import VerifyKey
-from ivp.protocol.messages import AuditRecord, BootRecord, Checkpoint
+from ivp.protocol.messages import AuditRecord, BootRecord, Checkpoint, GatewayAlarm
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,7 @@ class Receiver:
         self.audits: list[AuditRecord] = []
         self.boots: list[BootRecord] = []
         self.checkpoints: list[Checkpoint] = []
+        self.alarms: list[GatewayAlarm] = []
         self.refused: list[str] = []
         self.duplicates = 0
         self.stored: dict[tuple[str, int], bytes] = {}
@@ -83,6 +84,8 @@ class Receiver:
             self.boots.append(decode(payload, BootRecord))
         elif env.payloadType == CHECKPOINT:
             self.checkpoints.append(decode(payload, Checkpoint))
+        elif env.payloadType == ALARM:
+            self.alarms.append(decode(payload, GatewayAlarm))
         elif env.payloadType == AUDIT:
             rec = decode(payload, AuditRecord)
             if self.stored.get((rec.boot_id, rec.audit_seq)) == payload:
@@ -241,6 +244,7 @@ def test_real_gateway_boots_a_real_server_and_serves(
         while len(receiver.audits) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert receiver.refused == []
+        assert [a.kind for a in receiver.alarms] == ["power_kill"]  # the bad upload above
         assert [a.audit_seq for a in receiver.audits] == [1, 2, 3]
         assert receiver.audits[0].pair.output_token_ids == plain["choices"][0]["token_ids"]
         assert [b.boot_id for b in receiver.boots] == [good["boot_id"]]
@@ -308,6 +312,8 @@ def test_kill_9_during_traffic_loses_no_released_pair(
     for boot in receiver.boots:
         records = [a for a in receiver.audits if a.boot_id == boot.boot_id]
         assert sorted(a.audit_seq for a in records) == list(range(1, len(records) + 1))
+        # ε = 1: every chain position of the boot is in exactly one record
+        assert sorted(a.chain_pos for a in records) == list(range(1, len(records) + 1))
         by_prev = {a.chain_prev: a for a in records}
         head = chain.genesis("gw-loop", boot.boot_id)
         for _ in records:

@@ -275,3 +275,162 @@ def _boot_record(gw: ScriptedGateway) -> Any:
                       model_id=gw.manifest.model_id,
                       manifest_digest=manifest_digest(gw.manifest), epsilon=gw.epsilon,
                       time=NOW, url=gw.url)
+
+
+# --- chain positions: checkpoints and audit records agree -----------------------------------
+def _at(gw: ScriptedGateway, pair: Any, pos: int, prev: str) -> dict:
+    """Audit record number ``gw.audit_seq + 1`` holding ``pair`` at chain position ``pos``."""
+    from ivp.protocol.chain import link
+    from ivp.protocol.messages import AuditRecord
+
+    gw.audit_seq += 1
+    return gw.sign(env.AUDIT, AuditRecord(
+        gateway_id=gw.gateway_id, boot_id=gw.boot_id, audit_seq=gw.audit_seq,
+        chain_prev=prev, chain_head=link(prev, pair), pair=pair, chain_pos=pos))
+
+
+def test_honest_records_may_hold_chain_positions_out_of_order(booted) -> None:
+    """Responses overtake: pair 1 commits first (position 1), pair 0 second (position 2);
+    audit records follow tag order, so their positions go down — and are accepted."""
+    from ivp.protocol.chain import genesis, link
+
+    ing, gw = booted
+    p0, p1 = gw.pair(), gw.pair()
+    g = genesis(gw.gateway_id, gw.boot_id)
+    h1 = link(g, p1)
+    h2 = link(h1, p0)
+    assert admit(ing, _at(gw, p0, 2, h1)).ok
+    assert admit(ing, _at(gw, p1, 1, g)).ok
+    out = admit(ing, gw.sign(env.CHECKPOINT, _checkpoint(gw, 2, 2, h2)))
+    assert out.ok and kinds(out) == []
+
+
+def test_two_heads_at_one_chain_position_are_a_fork(booted) -> None:
+    """Attack: records cut from two different histories of one boot (e.g. a doctored
+    log re-chained after a cheating pair was removed)."""
+    from ivp.protocol.chain import genesis
+
+    ing, gw = booted
+    g = genesis(gw.gateway_id, gw.boot_id)
+    assert admit(ing, _at(gw, gw.pair(), 1, g)).ok
+    out = admit(ing, _at(gw, gw.pair(), 1, g))  # another pair at the same position
+    assert isinstance(out.error, ChainError)
+    assert str(out.error).startswith("audit record 2 at chain position 1: names ")
+    assert "(a fork)" in str(out.error) and kinds(out) == ["chain_fork"]
+    assert seq_of(ing, gw) == 2
+
+
+def test_first_pair_must_chain_from_the_boots_genesis(booted) -> None:
+    ing, gw = booted
+    out = admit(ing, _at(gw, gw.pair(), 1, "ab" * 32))
+    assert isinstance(out.error, ChainError) and "as genesis" in str(out.error)
+    assert kinds(out) == ["chain_fork"]
+    assert seq_of(ing, gw) == 1
+
+
+def test_checkpoint_naming_another_head_is_a_fork(booted) -> None:
+    ing, gw = booted
+    assert admit(ing, gw.audit()).ok  # position 1
+    out = admit(ing, gw.sign(env.CHECKPOINT, _checkpoint(gw, 1, 1, "cd" * 32)))
+    assert isinstance(out.error, ChainError)
+    assert str(out.error).startswith("checkpoint at 1 pairs: names cdcdcdcd")
+    assert kinds(out) == ["chain_fork"]
+    assert ing.boots[(gw.gateway_id, gw.boot_id)].checkpoint is None
+
+
+def _three(gw: ScriptedGateway) -> tuple[Any, Any, str, str]:
+    """Pairs at chain positions 1, 2, 3 (the second not audited): (p1, p3, genesis, h2)."""
+    from ivp.protocol.chain import genesis, link
+
+    p1, p2, p3 = gw.pair(), gw.pair(), gw.pair()
+    g = genesis(gw.gateway_id, gw.boot_id)
+    return p1, p3, g, link(link(g, p1), p2)
+
+
+def test_checkpoint_counting_an_audit_beyond_its_pairs_is_refused(booted) -> None:
+    """Attack: a checkpoint that under-counts pairs served (to make the audit rate look
+    plausible) while an audit record it counts sits further down the chain."""
+    ing, gw = booted
+    p1, p3, g, h2 = _three(gw)
+    assert admit(ing, _at(gw, p1, 1, g)).ok
+    assert admit(ing, _at(gw, p3, 3, h2)).ok
+    out = admit(ing, gw.sign(env.CHECKPOINT, _checkpoint(gw, 2, 2, h2)))
+    assert isinstance(out.error, ChainError)
+    assert str(out.error) == ("checkpoint counts 2 pairs and 2 audit records, but audit "
+                              "record 2 holds the pair at chain position 3")
+    assert kinds(out) == ["chain_ahead"]
+    assert ing.boots[(gw.gateway_id, gw.boot_id)].checkpoint is None
+
+
+def test_audit_arriving_after_its_checkpoint_must_lie_within_it(booted) -> None:
+    ing, gw = booted
+    p1, p3, g, h2 = _three(gw)
+    assert admit(ing, _at(gw, p1, 1, g)).ok
+    cp = gw.sign(env.CHECKPOINT, _checkpoint(gw, 2, 2, h2))  # record 2 still on its way
+    assert admit(ing, cp).ok
+    out = admit(ing, _at(gw, p3, 3, h2))
+    assert isinstance(out.error, ChainError) and kinds(out) == ["chain_ahead"]
+    assert str(out.error) == ("audit record 2 holds the pair at chain position 3, but the "
+                              "checkpoint counting it counts 2 pairs")
+    assert seq_of(ing, gw) == 2
+
+
+def _checkpoint(gw: ScriptedGateway, pairs: int, audits: int, head: str | None) -> Any:
+    from ivp.protocol.messages import Checkpoint
+
+    return Checkpoint(gateway_id=gw.gateway_id, boot_id=gw.boot_id, pairs_served=pairs,
+                      audits=audits, chain_head=head or gw.head, time=NOW)
+
+
+# --- the gateways' own alarms ---------------------------------------------------------------
+def _alarm(gw: ScriptedGateway, seq: int, kind: str = "unpaired_output",
+           key: SigningKey | None = None) -> dict:
+    from ivp.protocol.messages import GatewayAlarm
+
+    return gw.sign(env.ALARM, GatewayAlarm(gateway_id=gw.gateway_id, seq=seq, kind=kind,
+                                           message="server output dropped", time=NOW,
+                                           boot_id=gw.boot_id), key=key)
+
+
+def test_gateway_alarm_is_stored_under_its_gateway_kind(booted) -> None:
+    ing, gw = booted
+    out = admit(ing, _alarm(gw, 1))
+    assert out.ok and out.effect is not None and out.effect.kind == "alarm"
+    [alarm] = out.alarms
+    assert (alarm.kind, alarm.gateway_id, alarm.boot_id) == \
+        ("gateway:unpaired_output", gw.gateway_id, gw.boot_id)
+    assert alarm.detail == "server output dropped (gateway alarm 1)"
+    from ivp.recomputer.alarms import authenticated
+    assert authenticated(alarm.kind)
+    assert ing.cursor(gw.gateway_id, None).next_alarm_seq == 2
+
+
+def test_withheld_gateway_alarm_shows_as_a_gap_and_the_next_is_kept(booted) -> None:
+    """Attack: the operator drops the gateway's alarm about its exfiltration attempt."""
+    ing, gw = booted
+    assert admit(ing, _alarm(gw, 1)).ok
+    out = admit(ing, _alarm(gw, 3, "power_kill"))
+    assert out.ok and kinds(out) == ["gateway_alarm_gap", "gateway:power_kill"]
+    assert "1 alarm(s) withheld" in out.alarms[0].detail
+
+
+def test_replayed_or_unsigned_gateway_alarm_is_refused(booted) -> None:
+    ing, gw = booted
+    assert admit(ing, _alarm(gw, 1)).ok
+    out = admit(ing, _alarm(gw, 1))
+    assert isinstance(out.error, ChainError) and kinds(out) == ["replay"]
+    assert str(out.error) == "gateway alarm 1 replayed (already stored; next expected 2)"
+    out = admit(ing, _alarm(gw, 2, key=SigningKey.generate()))
+    assert isinstance(out.error, SignatureError) and kinds(out) == ["unenrolled"]
+    assert ing.cursor(gw.gateway_id, None).next_alarm_seq == 2
+
+
+def test_cursor_reports_what_is_stored(booted) -> None:
+    ing, gw = booted
+    assert admit(ing, gw.audit()).ok
+    assert admit(ing, gw.checkpoint()).ok
+    c = ing.cursor(gw.gateway_id, gw.boot_id)
+    assert (c.boot_known, c.next_audit_seq, c.next_alarm_seq) == (True, 2, 1)
+    assert c.checkpoint is not None and c.checkpoint.pairs_served == 1
+    other = ing.cursor(gw.gateway_id, "boot-unknown")
+    assert (other.boot_known, other.next_audit_seq, other.checkpoint) == (False, 1, None)

@@ -469,3 +469,37 @@ def test_silenced_gateway_alarms_from_the_ticker_and_policy_shuts_it(config, ins
             assert fake.controls and rec.ingest.gateways["gw-a"].state == "shutdown"
         await fake.close()
     run(main())
+
+
+def test_uplink_cursor_and_gateway_alarms_survive_a_restart(config, inspectors,
+                                                            gateway) -> None:
+    """GET /uplink/cursor reports what is stored; the alarm and audit numbering (what
+    the cursor and the replay check rest on) survive a restart."""
+    from ivp.protocol.messages import GatewayAlarm
+
+    alarm = gateway.sign(env.ALARM, GatewayAlarm(
+        gateway_id=gateway.gateway_id, seq=1, kind="power_kill", message="digest", time=1.0))
+
+    async def main() -> None:
+        async with serving(config) as (rec, client):
+            await enrol(rec, inspectors, gateway)
+            r = await client.post("/uplink", data=body(gateway.boot(), gateway.audit(), alarm))
+            assert [x["ok"] for x in (await r.json())["results"]] == [True] * 3
+            r = await client.get(f"/uplink/cursor?gateway_id=gw-a&boot_id={gateway.boot_id}")
+            assert r.status == 200
+            cur = await r.json()
+            assert (cur["boot_known"], cur["next_audit_seq"], cur["next_alarm_seq"]) == \
+                (True, 2, 2)
+            r = await client.get("/uplink/cursor")
+            assert r.status == 400 and "gateway_id" in (await r.json())["error"]["message"]
+            r = await client.get("/uplink/cursor?gateway_id=bad%20id")
+            assert r.status == 400
+            [stored] = await (await client.get("/alarms")).json()
+            assert stored["kind"] == "gateway:power_kill"
+        async with serving(config) as (rec, client):
+            cur = (await rec.cursor("gw-a", gateway.boot_id))
+            assert (cur.next_audit_seq, cur.next_alarm_seq) == (2, 2)
+            r = await client.post("/uplink", data=body(alarm))
+            assert (await r.json())["results"][0]["error"].startswith("ChainError: gateway "
+                                                                      "alarm 1 replayed")
+    run(main())

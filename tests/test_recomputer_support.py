@@ -85,6 +85,7 @@ class ScriptedGateway:
     boot_id: str = "boot-1"
     pair_seq: int = 0
     audit_seq: int = 0
+    pos: int = 0  # pairs linked into the chain (only audited ones, here)
     head: str = ""
 
     def __post_init__(self) -> None:
@@ -95,7 +96,7 @@ class ScriptedGateway:
 
     def boot(self, boot_id: str | None = None, **changes: Any) -> dict:
         if boot_id is not None:
-            self.boot_id, self.pair_seq, self.audit_seq = boot_id, 0, 0
+            self.boot_id, self.pair_seq, self.audit_seq, self.pos = boot_id, 0, 0, 0
             self.head = genesis(self.gateway_id, boot_id)
         fields = dict(gateway_id=self.gateway_id, boot_id=self.boot_id,
                       model_id=self.manifest.model_id,
@@ -107,7 +108,7 @@ class ScriptedGateway:
     def checkpoint(self, pairs_served: int | None = None, audits: int | None = None) -> dict:
         return self.sign(env.CHECKPOINT, Checkpoint(
             gateway_id=self.gateway_id, boot_id=self.boot_id,
-            pairs_served=self.pair_seq if pairs_served is None else pairs_served,
+            pairs_served=self.pos if pairs_served is None else pairs_served,
             audits=self.audit_seq if audits is None else audits, chain_head=self.head,
             time=time.time()))
 
@@ -137,9 +138,10 @@ class ScriptedGateway:
         prev = self.head
         self.head = link(prev, pair)
         self.audit_seq += 1
+        self.pos += 1
         return self.sign(env.AUDIT, AuditRecord(
             gateway_id=self.gateway_id, boot_id=self.boot_id, audit_seq=self.audit_seq,
-            chain_prev=prev, chain_head=self.head, pair=pair))
+            chain_prev=prev, chain_head=self.head, pair=pair, chain_pos=self.pos))
 
 
 def body(*envelopes: dict) -> bytes:

@@ -56,5 +56,18 @@ class StateError(MisuseError):
     """Illegal state transition, e.g. inference before SERVING or upload after brick."""
 
 
+class ShutdownError(StateError):
+    """The recomputer shut this gateway down: it refuses all traffic until re-admitted
+    (gateway HTTP 403)."""
+
+
+class NoRouteError(StateError):
+    """No healthy gateway serves the requested model (recomputer HTTP 503)."""
+
+
+class RateLimitedError(MisuseError):
+    """A client exceeded its request rate (recomputer HTTP 429)."""
+
+
 class BrickedError(StateError):
     """The device was tampered with; it is bricked for good and does nothing."""

@@ -1,4 +1,8 @@
-"""`ivp demo`: the whole verification loop on loopback, honest traffic then a cheat."""
+"""`ivp demo`: the whole verification loop on loopback, honest traffic then an attack.
+
+The attack phase plays one scenario of the red-team suite (``ivp.attacks``, the same
+code as ``ivp attack run NAME``); the default is *rogue-model-persists*.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,22 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-ATTACKS = ("rogue-model-persists",)
+if TYPE_CHECKING:
+    from ivp.attacks.base import Result, Scenario
+    from ivp.attacks.runner import AttackSession
+
+
+def _names() -> tuple[str, ...]:
+    from ivp.attacks.registry import ORDER
+
+    return ORDER
 
 
 def register(app: typer.Typer) -> None:
@@ -29,53 +40,58 @@ def demo(
                                   help="Audit sampling probability ε of every gateway."),
     honest: int = typer.Option(100, min=1, help="Honest requests before the attack."),
     attack: str = typer.Option("rogue-model-persists",
-                               help="Attack to run after the honest phase: "
-                               + ", ".join(ATTACKS) + "."),
+                               help="Attack to run after the honest phase (any scenario of "
+                               "`ivp attack list`): " + ", ".join(_names()) + "."),
     cap: int = typer.Option(300, min=1, help="Most requests sent during the attack phase."),
-    max_tokens: int = typer.Option(24, min=1, help="max_tokens of every request."),
+    max_tokens: int = typer.Option(24, min=1, help="max_tokens of every honest request."),
     concurrency: int = typer.Option(4, min=1, help="Concurrent client requests."),
     run_dir: Path | None = typer.Option(None, help="Keep keys, state and logs here "
                                         "(default: a temporary directory, removed after)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object as "
                                  "the last line of stdout."),
 ) -> None:
-    """Run a datacenter on 127.0.0.1 — a recomputer, two gateways, two reference servers
-    as separate processes — send honest traffic, then let one server cheat and show the
-    recomputer catch it by audit.
+    """Run a datacenter on 127.0.0.1 — a recomputer, an honest gateway and (for attacks
+    on a server or a gateway) a second gateway, each powering a reference server, as
+    separate processes — send honest traffic, then play the attack and show what the
+    live system noticed.
 
-    Exit status 0 only if no honest audit failed and the attack was caught.
+    Exit status 0 only if no honest audit failed and the attack was detected.
     """
-    if attack not in ATTACKS:
-        raise typer.BadParameter(f"unknown attack {attack!r}; one of {', '.join(ATTACKS)}")
-    from ivp.demo.datacenter import LoopbackDatacenter
+    from ivp.attacks.registry import SCENARIOS
+    from ivp.attacks.runner import AttackSession, Settings
 
+    if attack not in SCENARIOS:
+        raise typer.BadParameter(f"unknown attack {attack!r}; one of {', '.join(SCENARIOS)}")
+    scenario = SCENARIOS[attack]
     err = Console(stderr=True)
     root = run_dir or Path(tempfile.mkdtemp(prefix="ivp-demo-"))
 
     def say(message: str) -> None:
         err.print(f"[dim]·[/dim] {message}")
 
-    dc = LoopbackDatacenter(root, gateways=2, epsilon=epsilon, model=model,
-                            attacks={1: attack}, log=say)
+    settings = Settings(model=model, epsilon=epsilon, cap=cap, say=say)
+    session = AttackSession(root, settings, tamper_endpoint=scenario.needs == "datacenter")
     try:
-        with dc:
-            summary = run_scenario(dc, honest=honest, cap=cap, max_tokens=max_tokens,
-                                   concurrency=concurrency, attack=attack, say=say)
+        with session:
+            summary = run_scenario(session, scenario, honest=honest, max_tokens=max_tokens,
+                                   concurrency=concurrency, say=say)
     finally:
         if run_dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    caught = summary["attack"]["failed"] >= 1 and summary["attack"]["alarms"] >= 1
-    ok = summary["honest"]["failed"] == 0 and caught
+    ok = summary["honest"]["failed"] == 0 and summary["attack"]["detected"]
     print_summary(summary, ok, Console(file=sys.stderr if as_json else sys.stdout))
     if as_json:
         print(json.dumps(summary))
     raise typer.Exit(0 if ok else 1)
 
 
-def run_scenario(dc: Any, *, honest: int, cap: int, max_tokens: int, concurrency: int,
-                 attack: str, say: Any) -> dict[str, Any]:
+def run_scenario(session: AttackSession, scenario: Scenario, *, honest: int, max_tokens: int,
+                 concurrency: int, say: Any) -> dict[str, Any]:
+    """Honest phase over every serving gateway, then the scenario; the summary."""
     from ivp.demo.datacenter import verdict_counts
 
+    dc = session.dc
+    victim = session.provision(scenario) if scenario.needs == "gateway" else None
     say(f"honest phase: {honest} requests through the recomputer (ε = {dc.epsilon})")
     answers = dc.send(honest, concurrency=concurrency, max_tokens=max_tokens)
     bad = [a for a in answers if a["status"] != 200]
@@ -86,32 +102,50 @@ def run_scenario(dc: Any, *, honest: int, cap: int, max_tokens: int, concurrency
     alarms_before = len(dc.alarms())
     seen = {(v["gateway_id"], v["boot_id"], v["audit_seq"]) for v in honest_verdicts}
 
-    say(f"attack phase: {attack} on {dc.handles[1].gateway_id}'s server "
-        f"(the cheat lives only in that server process)")
-    dc.trigger_attack(1)
-    t0 = time.monotonic()
-    answers = dc.send(cap, concurrency=concurrency, max_tokens=max_tokens,
-                      stop_when=lambda: len(dc.alarms()) > alarms_before)
-    seconds = time.monotonic() - t0
+    target = dc.handles[victim].gateway_id if victim is not None else "the datacenter"
+    say(f"attack phase: {scenario.name} on {target}")
+    result = session.run(scenario, victim, retire=False)  # keep the victim to report on it
+    attack = _attack_summary(session, scenario, result, victim, seen, alarms_before)
+    return {"honest": {"requests": honest, **verdict_counts(honest_verdicts)},
+            "attack": attack}
+
+
+def _attack_summary(session: AttackSession, scenario: Scenario, result: Result,
+                    victim: int | None, seen: set[tuple[str, str, int]],
+                    alarms_before: int) -> dict[str, Any]:
+    """The attack half of ``ivp demo --json`` (what the live system shows now)."""
+    from ivp.demo.datacenter import verdict_counts
+
+    dc = session.dc
+    counts, alarms, recomputer = {"audited": 0, "failed": 0}, 0, "up"
     try:
-        dc.drain(timeout=120)
-    except RuntimeError as exc:
-        say(f"[yellow]{exc}[/yellow]")
-    attack_verdicts = [v for v in dc.verdicts()
-                       if (v["gateway_id"], v["boot_id"], v["audit_seq"]) not in seen]
-    counts = verdict_counts(attack_verdicts)
+        dc.drain(timeout=60)
+    except (RuntimeError, OSError) as exc:
+        recomputer = "bricked" if "403" in str(exc) else "up"
+    try:
+        fresh = [v for v in dc.verdicts()
+                 if (v["gateway_id"], v["boot_id"], v["audit_seq"]) not in seen]
+        counts = verdict_counts(fresh)
+        alarms = len(dc.alarms()) - alarms_before
+    except OSError:  # a bricked recomputer answers nothing
+        recomputer = "bricked"
+    state = session.context(victim).gateway_status(victim if victim is not None
+                                                    else session.honest).get("state")
+    summary = result.summary()
     return {
-        "honest": {"requests": honest, **verdict_counts(honest_verdicts)},
-        "attack": {
-            "name": attack,
-            "requests": len(answers),
-            "audited": counts["audited"],
-            "failed": counts["failed"],
-            "alarms": len(dc.alarms()) - alarms_before,
-            "gateway_state": dc.gateway_status(1).get("state", "unknown"),
-            "seconds": round(seconds, 2),
-        },
+        "name": scenario.name, "requests": result.requests_sent,
+        "audited": counts["audited"], "failed": counts["failed"], "alarms": alarms,
+        "gateway_state": state or "unknown", "seconds": summary["seconds_to_detect"],
+        "detected": summary["detected"],
+        "requests_before_detection": summary["requests_before_detection"],
+        "defence": summary["defence"], "evidence": summary["evidence"],
+        "recomputer_state": recomputer, "details": _plain(result.details),
     }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with anything JSON cannot hold turned into text."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def print_summary(summary: dict[str, Any], ok: bool, console: Console) -> None:
@@ -125,6 +159,8 @@ def print_summary(summary: dict[str, Any], ok: bool, console: Console) -> None:
                   str(a["audited"] - a["failed"]), str(a["failed"]), str(a["alarms"]),
                   a["gateway_state"])
     console.print(table)
-    verdict = ("[green]PASS[/green]: honest traffic verified, the cheat was caught and the "
-               "gateway shut down" if ok else "[red]FAIL[/red]: see the table above")
+    for line in a["evidence"]:
+        console.print(f"  [dim]{line[:200]}[/dim]")
+    verdict = (f"[green]PASS[/green]: honest traffic verified; {a['name']} was detected "
+               f"({a['defence']})" if ok else "[red]FAIL[/red]: see the table above")
     console.print(verdict)

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,11 +87,13 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    stopped: bool = False  # stopped on purpose (not a crash)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def stop(self) -> None:
+        self.stopped = True
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -102,6 +105,13 @@ class Process:
 
 @dataclass
 class GatewayHandle:
+    """One gateway of the datacenter (and the server it powers).
+
+    ``uplink_url``: where the gateway sends its audit/BOOT/checkpoint envelopes (None:
+    straight to the recomputer; the attack suite puts an operator-controlled tap there).
+    ``reboot_interval``: the gateway's forced reboot period in seconds (0: off).
+    """
+
     gateway_id: str
     url: str
     state_dir: Path
@@ -109,6 +119,8 @@ class GatewayHandle:
     process: Process | None = None
     attack: str | None = None
     trigger: Path | None = None
+    uplink_url: str | None = None
+    reboot_interval: float = 0.0
 
 
 @dataclass
@@ -122,6 +134,12 @@ class LoopbackDatacenter:
         model: "tiny" (random-weight test model) or "gemma-3-270m".
         attacks: gateway index -> server attack name (the cheat lives only in that
             server process and stays dormant until :meth:`trigger_attack`).
+        recomputer_args: extra arguments of ``ivp recomputer`` (e.g.
+            ``--allow-tamper-endpoint``).
+        recomputer_launcher: how the recomputer process is started, before its
+            ``recomputer`` sub-command (default ``-m ivp.cli``; the attack suite's own
+            tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
+        model_dir: an already built model directory to use instead of building one.
     """
 
     root: Path
@@ -132,6 +150,9 @@ class LoopbackDatacenter:
     checkpoint_interval: float = 5.0
     workers: int = 1
     log: Callable[[str], None] = lambda message: None
+    recomputer_args: list[str] = field(default_factory=list)
+    recomputer_launcher: tuple[str, ...] = ("-m", "ivp.cli")
+    model_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -140,9 +161,13 @@ class LoopbackDatacenter:
         self.model_id = "tiny-llama" if self.model == "tiny" else self.model
         self.recomputer_url = ""
         self.recomputer_key = ""
+        self._lock = threading.Lock()  # add_gateway may run in several threads
+        self._named = 0
 
     # --- set-up ---------------------------------------------------------------------------
     def prepare_model(self) -> Path:
+        if self.model_dir is not None:
+            return Path(self.model_dir)
         if self.model == "tiny":
             from ivp.engine.tiny import build_tiny_model
 
@@ -154,12 +179,13 @@ class LoopbackDatacenter:
             return prepare_gemma(cache / "gemma-3-270m")
         raise ValueError(f"unknown model {self.model!r} (tiny or gemma-3-270m)")
 
-    def _spawn(self, name: str, args: list[str]) -> Process:
+    def _spawn(self, name: str, args: list[str],
+               launcher: Sequence[str] = ("-m", "ivp.cli")) -> Process:
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         popen = subprocess.Popen(
-            [sys.executable, "-m", "ivp.cli", *args],
+            [sys.executable, *launcher, *args],
             stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
             start_new_session=True,
         )
@@ -182,34 +208,31 @@ class LoopbackDatacenter:
                               manifests=[self.manifest])
         self.whitelist_path = self.root / "whitelist.json"
         self.whitelist_path.write_bytes(sign_whitelist(whitelist, self.inspectors.keys).to_bytes())
-        policy = str(self.root / "inspectors" / "policy.json")
+        self.policy_path = str(self.root / "inspectors" / "policy.json")
 
         self.log("starting the recomputer")
         rc_state = self.root / "recomputer"
         self.recomputer_key = self._identity(["recomputer", "--state", str(rc_state)])["public_key"]
         port = free_port()
         self.recomputer_url = f"http://127.0.0.1:{port}"
-        self._spawn("recomputer", [
-            "recomputer", "--state", str(rc_state), "--port", str(port), "--policy", policy,
-            "--whitelist", str(self.whitelist_path),
+        self._recomputer_args = [
+            "recomputer", "--state", str(rc_state), "--port", str(port),
+            "--policy", self.policy_path, "--whitelist", str(self.whitelist_path),
             "--model", f"{self.model_id}={self.model_dir}", "--workers", str(self.workers),
-            "--checkpoint-period", str(self.checkpoint_interval),
-        ])
+            "--checkpoint-period", str(self.checkpoint_interval), *self.recomputer_args,
+        ]
+        self.recomputer = self._spawn("recomputer", self._recomputer_args,
+                                      self.recomputer_launcher)
 
         for i in range(self.gateways):
-            gid = f"gw-{chr(ord('a') + i)}"
-            state = self.root / gid
-            ident = self._identity(["gateway", "--state", str(state), "--gateway-id", gid])
-            handle = GatewayHandle(gid, f"http://127.0.0.1:{free_port()}", state,
-                                   ident["public_key"], attack=self.attacks.get(i))
-            self.handles.append(handle)
+            self.handles.append(self._new_handle(attack=self.attacks.get(i)))
         self.wait_http(self.recomputer_url + "/status", "recomputer")
         self.log("enrolling the gateways (quorum of US + CN inspectors)")
         for h in self.handles:
             self.enrol(h)
         self.log("starting gateways and servers")
         for h in self.handles:
-            self.start_gateway(h, policy)
+            self.start_gateway(h, self.policy_path)
         for h in self.handles:
             self.wait_http(h.url + "/status", h.gateway_id)
         self.log("uploading the whitelisted weights through every gateway")
@@ -219,6 +242,18 @@ class LoopbackDatacenter:
                 raise RuntimeError(f"{h.gateway_id}: upload failed: {result}")
         self.wait_routable()
 
+    def _new_handle(self, attack: str | None = None, uplink_url: str | None = None,
+                    reboot_interval: float = 0.0) -> GatewayHandle:
+        """A new gateway identity (gw-a, gw-b, ...): its device key is made inside it."""
+        with self._lock:
+            i, self._named = self._named, self._named + 1
+        gid = f"gw-{chr(ord('a') + i)}" if i < 26 else f"gw-{i}"
+        state = self.root / gid
+        ident = self._identity(["gateway", "--state", str(state), "--gateway-id", gid])
+        return GatewayHandle(gid, f"http://127.0.0.1:{free_port()}", state,
+                             ident["public_key"], attack=attack, uplink_url=uplink_url,
+                             reboot_interval=reboot_interval)
+
     def start_gateway(self, h: GatewayHandle, policy: str) -> None:
         server_cmd = f"{sys.executable} -m ivp.cli server --port {{port}}"
         if h.attack:
@@ -227,12 +262,76 @@ class LoopbackDatacenter:
         port = h.url.rsplit(":", 1)[1]
         h.process = self._spawn(h.gateway_id, [
             "gateway", "--state", str(h.state_dir), "--gateway-id", h.gateway_id,
-            "--port", port, "--recomputer", self.recomputer_url,
+            "--port", port, "--recomputer", h.uplink_url or self.recomputer_url,
             "--recomputer-key", self.recomputer_key, "--policy", policy,
             "--whitelist", str(self.whitelist_path), "--epsilon", str(self.epsilon),
             "--server-port", str(free_port()), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
+            "--reboot-interval", str(h.reboot_interval),
         ])
+
+    def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,
+                    upload: bool = True, reboot_interval: float = 0.0) -> int:
+        """Enrol, start and (by default) boot one more gateway after :meth:`start`.
+
+        Args:
+            attack: server attack name (dormant until :meth:`trigger_attack`).
+            uplink_url: where its uplink goes (default: the recomputer).
+            upload: upload the whitelisted weights and wait until the recomputer routes
+                to it; False leaves it powered in UPLOAD mode.
+            reboot_interval: its forced reboot period in seconds (0: off).
+
+        Returns:
+            The new gateway's index in :attr:`handles`. Safe to call from several
+            threads at once.
+        """
+        h = self._new_handle(attack, uplink_url, reboot_interval)
+        with self._lock:
+            self.handles.append(h)
+            index = len(self.handles) - 1
+        self.enrol(h)
+        self.start_gateway(h, self.policy_path)
+        self.wait_http(h.url + "/status", h.gateway_id)
+        if upload:
+            self.boot(index)
+        return index
+
+    def boot(self, index: int) -> dict[str, Any]:
+        """Upload the whitelisted weights through gateway ``index`` and wait until the
+        recomputer routes to it; the gateway's answer.
+
+        Raises:
+            RuntimeError: the gateway did not reach SERVING.
+        """
+        result = self.upload(self.handles[index])
+        if result.get("state") != "serving":
+            raise RuntimeError(f"{self.handles[index].gateway_id}: upload failed: {result}")
+        self.wait_routable([index])
+        return result
+
+    def stop_gateway(self, index: int) -> None:
+        """Stop one gateway process (its server goes with it)."""
+        h = self.handles[index]
+        if h.process is not None:
+            h.process.stop()
+
+    def restart_recomputer(self, wait: bool = True, timeout: float = 60.0) -> Process:
+        """Stop the recomputer and start it again on the same state and port.
+
+        With ``wait``, waits until it answers HTTP again, or returns as soon as the new
+        process has exited (a bricked recomputer refuses to start).
+        """
+        self.recomputer.stop()
+        self.recomputer = self._spawn("recomputer", self._recomputer_args,
+                                      self.recomputer_launcher)
+        deadline = time.monotonic() + timeout
+        while wait and time.monotonic() < deadline and self.recomputer.alive():
+            try:
+                self.get(self.recomputer_url + "/identity")
+                break
+            except OSError:
+                time.sleep(0.2)
+        return self.recomputer
 
     def enrol(self, h: GatewayHandle) -> dict[str, Any]:
         body = self.inspectors.admin_envelope("enrol_device", {
@@ -244,10 +343,28 @@ class LoopbackDatacenter:
             raise RuntimeError(f"enrolment of {h.gateway_id} refused: {answer}")
         return answer
 
-    def upload(self, h: GatewayHandle) -> dict[str, Any]:
+    def enrol_device(self, device_id: str, public_key: str, kind: str,
+                     url: str = "") -> tuple[int, Any]:
+        """Send an ``enrol_device`` admin request signed by both inspector parties."""
+        args = {"device_id": device_id, "public_key": public_key, "kind": kind}
+        if url:
+            args["url"] = url
+        body = self.inspectors.admin_envelope("enrol_device", args)
+        return self.post(self.recomputer_url + "/admin", body)
+
+    def upload(self, h: GatewayHandle, model_dir: Path | None = None,
+               model_id: str | None = None) -> dict[str, Any]:
+        """The operator's boot: stream ``model_dir`` (default: the whitelisted model)
+        through gateway ``h``; the gateway's JSON answer plus ``http_status``."""
         from ivp.gateway.upload import upload_model
 
-        return asyncio.run(upload_model(h.url, self.model_dir, self.model_id))
+        return asyncio.run(upload_model(h.url, model_dir or self.model_dir,
+                                        model_id or self.model_id))
+
+    def post_sensors(self, envelopes: Sequence[dict[str, Any]]) -> tuple[int, Any]:
+        """POST signed sensor readings to the recomputer's ``/sensors``."""
+        body = json.dumps({"envelopes": list(envelopes)}).encode()
+        return self.post(self.recomputer_url + "/sensors", body)
 
     def wait_http(self, url: str, what: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -257,18 +374,22 @@ class LoopbackDatacenter:
                 return
             except OSError:
                 for p in self.procs:
-                    if not p.alive():
+                    if not p.alive() and not p.stopped:
                         raise RuntimeError(f"{p.name} exited; see {p.log}") from None
                 time.sleep(0.2)
         raise RuntimeError(f"{what} did not come up at {url} within {timeout:.0f} s")
 
-    def wait_routable(self, timeout: float = 60.0) -> None:
-        """Wait until the recomputer has every gateway's BOOT record (it can route)."""
+    def wait_routable(self, indices: Sequence[int] | None = None,
+                      timeout: float = 60.0) -> None:
+        """Wait until the recomputer has the BOOT record of every gateway in ``indices``
+        (default: all), i.e. it can route to them."""
+        handles = self.handles if indices is None else [self.handles[i] for i in indices]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             serving = self.recomputer_status().get("gateways", {})
             if all(serving.get(h.gateway_id, {}).get("state") == "serving"
-                   for h in self.handles):
+                   and serving.get(h.gateway_id, {}).get("healthy", True)
+                   for h in handles):
                 return
             time.sleep(0.2)
         raise RuntimeError("recomputer never saw every gateway's BOOT record")

@@ -27,11 +27,14 @@ from ivp.protocol.messages import SamplingParams
 from ivp.protocol.sampler import choose
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 FinishReason = Literal["stop", "length"]
 # Rows x vocabulary of logits one replay_batch forward may hold (2^27 floats = 512 MiB).
 REPLAY_BUDGET = 1 << 27
+# Padded input tokens (batch x longest) one replay_batch forward may take.
+REPLAY_TOKENS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -144,31 +147,37 @@ class ReferenceEngine:
     def replay_batch(
         self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
     ) -> list[np.ndarray]:
-        """``replay`` for many pairs, batched (right padding + attention mask) in as few
-        forwards as the logits budget allows. Results in the order of ``pairs``."""
+        """``replay`` for many pairs, batched: pairs of similar length share a forward
+        (right padding), as few forwards as the logits budget allows, and the output
+        head runs only on the rows a pair needs. Results in the order of ``pairs``."""
         for prompt, output in pairs:
             self._check_prompt(prompt, len(output))
             self.check_ids(output, "output")
-        results: list[np.ndarray | None] = [None] * len(pairs)
+        results: list[np.ndarray] = [np.zeros((0, self.vocab_size), np.float32)] * len(pairs)
         for group in self._groups(pairs):
             for index, logits in zip(group, self._replay_group([pairs[i] for i in group]),
                                      strict=True):
                 results[index] = logits
-        return [r for r in results if r is not None]
+        return results
 
     def _groups(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[int]]:
-        """Indices of ``pairs`` split so each forward's kept logits fit REPLAY_BUDGET."""
+        """Indices of the pairs with an output, by length (little padding per forward),
+        split so each forward's logits (rows x vocabulary) fit REPLAY_BUDGET and its
+        padded input REPLAY_TOKENS."""
+        order = sorted((i for i, (_, o) in enumerate(pairs) if len(o)),
+                       key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         groups: list[list[int]] = []
         current: list[int] = []
-        longest = 0
-        for i, (prompt, output) in enumerate(pairs):
-            length = len(prompt) + len(output)
-            if current and (len(current) + 1) * max(longest, length) * self.vocab_size \
-                    > REPLAY_BUDGET:
+        rows = width = 0
+        for i in order:
+            prompt, output = pairs[i]
+            length = len(prompt) + len(output) - 1  # the last token predicts nothing checked
+            if current and ((rows + len(output)) * self.vocab_size > REPLAY_BUDGET
+                            or (len(current) + 1) * max(width, length) > REPLAY_TOKENS):
                 groups.append(current)
-                current, longest = [], 0
+                current, rows, width = [], 0, 0
             current.append(i)
-            longest = max(longest, length)
+            rows, width = rows + len(output), max(width, length)
         if current:
             groups.append(current)
         return groups
@@ -176,34 +185,58 @@ class ReferenceEngine:
     def _replay_group(
         self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
     ) -> list[np.ndarray]:
+        """One forward over pairs that each have at least one output token.
+
+        The input is prompt + output[:-1]: the last output token's own logits predict
+        nothing that is checked. Right padding needs no attention mask: attention is
+        causal, so no real token sees the padding after it.
+        """
         import torch
 
-        empty = [len(o) == 0 for _, o in pairs]
-        seqs = [list(p) + list(o) for p, o in pairs]
+        seqs = [list(p) + list(o[:-1]) for p, o in pairs]
         width = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, L) right-padded
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, L) 1 = real token
         for b, seq in enumerate(seqs):
             ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[b, : len(seq)] = 1
-        # Keep only logits from the earliest position any pair needs (saves lm_head work).
-        first = min(len(p) - 1 for p, _ in pairs)
-        keep = width - first
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids = ids.to(self.device)
+        spans = [(len(p) - 1, len(o)) for p, o in pairs]  # first needed row, rows
         with torch.inference_mode():
-            if len(seqs) == 1:  # no padding: no mask, same kernels as an unbatched forward
-                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
-            else:
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False,
-                                    logits_to_keep=keep).logits  # (B, keep, V)
-            logits = logits.float().cpu()
-        out = []
-        for b, (prompt, output) in enumerate(pairs):
-            start = len(prompt) - 1 - first
-            rows = logits[b, start : start + len(output)]  # (len(output), V)
-            out.append(np.zeros((0, self.vocab_size), np.float32) if empty[b]
-                       else rows.numpy().astype(np.float32, copy=True))
-        return out
+            if _head_only(self.model):
+                hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
+                rows = torch.cat([hidden[b, s : s + n] for b, (s, n) in enumerate(spans)])
+                logits = _head(self.model, rows).float().cpu().numpy()  # (sum n, V)
+                out, at = [], 0
+                for _, n in spans:
+                    out.append(logits[at : at + n])
+                    at += n
+                return out
+            first = min(s for s, _ in spans)  # generic path: keep from the earliest row
+            full = self.model(input_ids=ids, use_cache=False,
+                              logits_to_keep=width - first).logits.float().cpu()
+            return [full[b, s - first : s - first + n].numpy()
+                    for b, (s, n) in enumerate(spans)]
+
+
+#: Causal LMs whose logits are exactly ``lm_head(decoder(ids))`` (then soft-capped when
+#: the config says so): replay runs the head on the rows it needs only.
+_HEAD_ONLY = frozenset({"LlamaForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM",
+                        "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+
+
+def _head_only(model: PreTrainedModel) -> bool:
+    return type(model).__name__ in _HEAD_ONLY and hasattr(model, "lm_head") \
+        and hasattr(model, "model")
+
+
+def _head(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's output head on (N, H) hidden states: (N, V) logits."""
+    import torch
+
+    logits: torch.Tensor = model.lm_head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def decode_prefill_gap(engine: ReferenceEngine, prompt_ids: Sequence[int],

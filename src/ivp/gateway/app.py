@@ -10,7 +10,8 @@ Routes (docs/ARCHITECTURE.md, "Gateway"; docs/GATEWAY.md):
 ``POST /upload?model_id``  operator: the model's files in manifest order (raw)
 ``POST /v1/completions``   INPUT (from the recomputer), OpenAI completion body
 ``POST /v1/chat/completions``  INPUT, OpenAI chat body
-``POST /control``          a Shutdown envelope signed by the recomputer key
+``POST /control``          a Shutdown or Readmit envelope signed by the recomputer key
+``POST /admin``            an inspectors' quorum-signed admin request (relayed)
 ``POST /whitelist``        a newer quorum-signed whitelist envelope
 ``POST /tamper``           the emulated tamper mesh firing (demos, tests)
 ``GET /status``            state and counters; ``GET /metrics`` Prometheus;
@@ -140,15 +141,16 @@ async def _send(gateway: Gateway, request: web.Request, reply: Reply) -> web.Str
         log.info("client left before the response was written: %s", exc)
     finally:
         if reply.after_release is not None:
-            # a task of its own: the draw happens even if this handler is cancelled
-            draw = gateway.spawn(reply.after_release())
-            try:
-                await asyncio.shield(draw)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("sampling draw failed")
+            # a task of its own: the draw happens even if this handler is cancelled, and
+            # the connection's next request need not wait for the draw's commit (it is
+            # queued in tag order at once and shares the next group commit)
+            gateway.spawn(reply.after_release()).add_done_callback(_log_draw_failure)
     return resp
+
+
+def _log_draw_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("sampling draw failed", exc_info=task.exception())
 
 
 def build_app(gateway: Gateway) -> web.Application:
@@ -178,6 +180,10 @@ def build_app(gateway: Gateway) -> web.Application:
         return web.json_response(await gateway.control(await read_body(request,
                                                                        MAX_CONTROL_BODY)))
 
+    async def admin(request: web.Request) -> web.StreamResponse:
+        body = await read_body(request, MAX_WHITELIST_BODY)  # may carry a whitelist
+        return web.json_response(await gateway.admin(body))
+
     async def whitelist(request: web.Request) -> web.StreamResponse:
         body = await read_body(request, MAX_WHITELIST_BODY)
         return web.json_response(await gateway.install_whitelist(body))
@@ -203,6 +209,7 @@ def build_app(gateway: Gateway) -> web.Application:
         web.post("/v1/completions", completions),
         web.post("/v1/chat/completions", chat),
         web.post("/control", control),
+        web.post("/admin", admin),
         web.post("/whitelist", whitelist),
         web.post("/tamper", tamper),
         web.get("/status", status),

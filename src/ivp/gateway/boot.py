@@ -48,8 +48,13 @@ class _Hasher(Protocol):
 
 
 def _hasher(entry: FileEntry) -> _Hasher:
+    """The file's digest in progress. Weight shards hash with BLAKE3 on every core
+    (``max_threads=AUTO``: the same digest, its tree split over threads that release
+    the GIL), so the check keeps up with the link rather than with one core."""
     if entry.algo == "sha256":
         return hashlib.sha256()
+    if entry.role == "weights":
+        return blake3.blake3(max_threads=blake3.blake3.AUTO)
     return blake3.blake3()
 
 
@@ -163,7 +168,9 @@ class UploadMode:
                     "extra bytes after the last file refused")))
                 return events
             take = min(len(view), entry.size - self._pos)
-            part = bytes(view[:take])
+            # the whole chunk inside one file (the common case): no copy
+            part = chunk if take == len(chunk) and isinstance(chunk, bytes) \
+                else bytes(view[:take])
             view = view[take:]
             if take:
                 assert self._hash is not None

@@ -37,15 +37,17 @@ def gateway(
         help="Recomputer base URL; audit/BOOT/checkpoint envelopes go to <URL>/uplink. "
              "Without it they stay in the durable spool.")] = None,
     recomputer_key: Annotated[str | None, typer.Option(
-        help="The recomputer's Ed25519 public key (hex): the only key whose Shutdown "
-             "envelopes this gateway obeys.")] = None,
+        help="The recomputer's Ed25519 public key (hex): the only key whose Shutdown and "
+             "Readmit envelopes this gateway obeys.")] = None,
     policy: Annotated[Path | None, typer.Option(
         help="Quorum policy JSON (inspector keys) the whitelist must be signed under.")] = None,
     whitelist: Annotated[Path | None, typer.Option(
         help="Signed whitelist envelope (JSON). Refused → the gateway does not start.")] = None,
     epsilon: Annotated[float, typer.Option(
         help="Audit probability ε: each served pair is kept for audit with this "
-             "probability (TRNG draw after the response is released).")] = 0.2,
+             "probability (TRNG draw after the response is released). An ε the "
+             "inspectors set (set_epsilon, relayed to POST /admin) overrides it, also "
+             "across restarts.")] = 0.2,
     server_port: Annotated[int, typer.Option(
         help="Loopback port of this gateway's server (0 = pick a free one).")] = 0,
     server_cmd: Annotated[str, typer.Option(
@@ -55,7 +57,8 @@ def gateway(
         help="Seconds between signed checkpoints while serving (0 = off).")] = 10.0,
     reboot_interval: Annotated[float, typer.Option(
         help="Forced reboot period in seconds while serving: power flicker + memory wipe, "
-             "then a fresh upload is needed (0 = off).")] = 0.0,
+             "then a fresh upload is needed (0 = off). A schedule the inspectors set "
+             "(reboot_schedule) overrides it.")] = 0.0,
     release_grid_ms: Annotated[float, typer.Option(
         help="Release responses only on a fixed time grid of this many ms (bounds the "
              "timing side channel; 0 = release at once).")] = 0.0,
@@ -74,8 +77,9 @@ def gateway(
     enters SERVING. SERVING: every request is validated, tokenised with the
     whitelisted tokenizer, tagged, seeded from the TRNG, answered from token ids
     only, committed to the sealed hash-chained log before release, then kept for
-    audit with probability ε. A Shutdown signed by the recomputer stops it for good;
-    POST /tamper (the emulated tamper mesh) bricks it. See docs/GATEWAY.md.
+    audit with probability ε. A Shutdown signed by the recomputer stops it until a
+    Readmit (after the inspectors' quorum) lifts it; POST /tamper (the emulated tamper
+    mesh) bricks it for good. See docs/GATEWAY.md.
     """
     from ivp.device import SoftDevice
     from ivp.errors import BrickedError, IvpError

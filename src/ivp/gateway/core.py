@@ -15,6 +15,7 @@ States (lowercase on the wire)::
       │                                          │           counter zeroed)
       └──────────────────────────────────────────┘
     any ──signed Shutdown from the recomputer──▶ SHUTDOWN  (persisted; all traffic 403)
+    SHUTDOWN ──signed Readmit naming that Shutdown──▶ UPLOAD (server power-cycled)
     any ──tamper──▶ BRICKED                                (for good; all traffic 403)
 
 Every request in SERVING: validate → tokenise (whitelisted tokenizer) → tag + TRNG
@@ -22,6 +23,11 @@ seed → server → check tag, re-serialise from token ids → commit the pair d
 (group commit) → release → TRNG draw: keep with probability ε as a signed audit
 record, else delete the pair. The draw happens after release, so the server cannot
 know which outputs will be checked.
+
+Every local alarm except those about the uplink itself is also signed and spooled as
+a numbered ``GatewayAlarm`` for the recomputer. The inspectors' ε, reboot schedule and
+whitelist reach the gateway as their own quorum-signed admin requests, relayed by the
+recomputer (``admin``; the checks are in ``control``).
 """
 
 from __future__ import annotations
@@ -45,9 +51,10 @@ from ivp.errors import (
     SignatureError,
     StateError,
     TransportError,
+    ValidationError,
 )
 from ivp.gateway import boot as bootmod
-from ivp.gateway import proxy
+from ivp.gateway import control, proxy
 from ivp.gateway.errors import (
     BodyTooLargeError,
     ServerProtocolError,
@@ -58,20 +65,26 @@ from ivp.gateway.errors import (
 from ivp.gateway.log import Link, PairLog
 from ivp.gateway.metrics import GatewayMetrics
 from ivp.gateway.power import PowerSwitch
-from ivp.gateway.uplink import Uplink, UplinkTransport
+from ivp.gateway.uplink import Uplink, UplinkTransport, already_stored
 from ivp.gateway.upstream import Upstream
 from ivp.protocol import chain
 from ivp.protocol.encoding import canonical, decode
-from ivp.protocol.envelope import AUDIT, BOOT, CHECKPOINT, SHUTDOWN, Envelope, open_signed, sign
+from ivp.protocol.envelope import ALARM, AUDIT, BOOT, CHECKPOINT, READMIT, WHITELIST, Envelope, sign
 from ivp.protocol.keys import VerifyKey
 from ivp.protocol.messages import (
     AuditRecord,
     BootRecord,
     Checkpoint,
+    EpsilonArgs,
+    GatewayAlarm,
     Manifest,
     PairRecord,
+    RebootArgs,
     Shutdown,
     Tag,
+    UplinkCursor,
+    Whitelist,
+    WhitelistArgs,
     manifest_digest,
 )
 from ivp.whitelist import TrustedWhitelist
@@ -80,6 +93,11 @@ T = TypeVar("T")
 
 _META_SHUTDOWN = "shutdown"
 _META_WHITELIST = "whitelist"
+_META_SETTINGS = "settings"
+#: Alarms about the uplink itself stay local: the recomputer already alarms every record
+#: it refuses, and an alarm about a failing uplink could only travel over that uplink
+#: (and would feed itself: a refused alarm would raise another).
+LOCAL_ONLY_ALARMS = frozenset({"uplink_refused", "uplink_garbage_ack"})
 
 
 class State(enum.Enum):
@@ -106,6 +124,9 @@ class GatewayConfig:
         server_timeout: seconds one inference may take on the server.
         boot_timeout: seconds a freshly powered server may take to answer /health.
         max_body: largest client request body in bytes.
+        upload_queue: weight chunks buffered between the operator and the server.
+        draw_linger: seconds a sampling draw may wait for the next request's commit to
+            share its fsync (draws come after release: no response waits for this).
     """
 
     gateway_id: str
@@ -118,6 +139,7 @@ class GatewayConfig:
     boot_timeout: float = 120.0
     max_body: int = 1 << 20
     upload_queue: int = 8
+    draw_linger: float = 0.02
 
     def __post_init__(self) -> None:
         if not 0.0 < self.epsilon <= 1.0:
@@ -145,6 +167,7 @@ class _Boot:
     tokenizer: proxy.Tokenizer
     limits: proxy.ModelLimits
     started: float
+    epsilon: float = 1.0  # the ε its BOOT record declared: every draw of this boot uses it
     next_seq: int = 0
     pairs: int = 0
     audits: int = 0
@@ -155,6 +178,20 @@ class _Boot:
     unresolved: set[int] = field(default_factory=set)
     order: asyncio.Condition = field(default_factory=asyncio.Condition)
     releases: dict[int, asyncio.Event] = field(default_factory=dict)
+
+
+@dataclass
+class _Write:
+    """One queued write of the group commit: an ``append`` (a pair, before release), a
+    ``decide`` (a sampling draw, after release) or a ``barrier`` (flush up to here)."""
+
+    kind: str
+    boot_id: str
+    pair: PairRecord | None = None
+    pos: int = 0
+    keep: bool = False
+    future: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 def load_whitelisted_tokenizer(files: dict[str, bytes]) -> proxy.Tokenizer:
@@ -199,7 +236,9 @@ class Gateway:
         self._machine: bootmod.UploadMode | None = None
         self._uploading = False
         self._server_fresh = False  # powered on by us, nothing sent to it since
-        self._pending: list[tuple[str, PairRecord, asyncio.Future[Link]]] = []
+        self._writes: list[_Write] = []  # the group commit's queue (appends and draws)
+        self._append_waiting = asyncio.Event()
+        self._urgent = False  # someone waits for the queue: no lingering
         self._committing = False
         self._commit_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ivp-gateway-log")
@@ -207,10 +246,16 @@ class Gateway:
         self._background: set[asyncio.Future[Any]] = set()
         self._ended: list[_Boot] = []  # recent boots whose draws may still be pending
         self._threshold = min(int(config.epsilon * 2**64), 2**64)
+        self._thresholds: dict[str, int] = {}  # boot_id -> from the ε its BOOT declared
+        self._settings = control.Settings()  # the inspectors' (persisted; over the CLI's)
+        self._operating = False  # power-loss watch and checkpoint/reboot loops started
+        self._settings_lock = asyncio.Lock()  # one settings change at a time (no lost update)
         self.shutdown_reason = ""
         self.uplink: Uplink | None = None
         if uplink is not None:
-            self.uplink = Uplink(uplink, self._spool_fetch, self._spool_done, self.alarm)
+            reconcile = self._reconcile if hasattr(uplink, "cursor") else None
+            self.uplink = Uplink(uplink, self._spool_fetch, self._spool_done, self.alarm,
+                                 reconcile=reconcile)
 
     # --- state ----------------------------------------------------------------------------
     @property
@@ -240,10 +285,25 @@ class Gateway:
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     async def alarm(self, kind: str, message: str) -> None:
-        """Keep a local alarm (persisted in the log; counted in /metrics)."""
+        """Keep a local alarm (persisted in the log; counted in /metrics) and, unless it
+        is about the uplink itself, spool it signed for the recomputer.
+
+        Blocks an operator keeping the gateway's alarms (upload exfiltration, unpaired
+        output, power kills, …) from the inspectors: they travel signed and numbered
+        without gaps, so a withheld one shows as a gap at the recomputer.
+        """
         self.metrics.alarms.labels(kind).inc()
-        with contextlib.suppress(IvpError):
-            await self._db(self.log.alarm, kind, message)
+        boot_id = self._boot.boot_id if self._boot is not None else ""
+        signer = None if kind in LOCAL_ONLY_ALARMS else functools.partial(
+            self._sign_alarm, kind, message, boot_id or None)
+        try:
+            await self._db(self.log.alarm, kind, message, signer, boot_id)
+        except IvpError:  # e.g. the alarm counter does not open: keep it locally at least
+            with contextlib.suppress(IvpError):
+                await self._db(self.log.alarm, kind, message)
+            return
+        if signer is not None:
+            self._wake_uplink()
 
     # --- signing --------------------------------------------------------------------------
     def _sign(self, payload_type: str, message: object) -> bytes:
@@ -254,6 +314,12 @@ class Gateway:
 
     def _sign_checkpoint(self, cp: Checkpoint) -> bytes:
         return self._sign(CHECKPOINT, cp)
+
+    def _sign_alarm(self, kind: str, message: str, boot_id: str | None, seq: int,
+                    now: float) -> bytes:
+        return self._sign(ALARM, GatewayAlarm(gateway_id=self.gateway_id, seq=seq, kind=kind,
+                                              message=message[:2000], time=now,
+                                              boot_id=boot_id))
 
     # --- life cycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -267,6 +333,7 @@ class Gateway:
         if self.device.bricked:
             self._set_state(State.BRICKED)
             return
+        await self._restore_settings()
         await self._recover()
         reason = await self._stored_shutdown()
         if reason is not None:
@@ -278,17 +345,28 @@ class Gateway:
             self.uplink.start()
         if self._state is State.SHUTDOWN:
             return
-        self.power.on_power_loss(self._on_power_loss)
+        self._operate()
         try:
             await self._power_cycle()
         except IvpError as exc:
             await self.alarm("server_power", f"server did not come up at gateway start: {exc}")
+
+    def _operate(self) -> None:
+        """Watch the server's power and run the checkpoint and reboot loops (once)."""
+        if self._operating:
+            return
+        self._operating = True
+        self.power.on_power_loss(self._on_power_loss)
         self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="ivp-checkpoints"))
         self._tasks.append(asyncio.create_task(self._reboot_loop(), name="ivp-reboots"))
 
     async def _recover(self) -> None:
-        for boot_id, pos in await self._db(self.log.undecided):
-            await self._decide(boot_id, pos)
+        for boot_id, eps in (await self._db(self.log.undecided_epsilons)).items():
+            self._thresholds.setdefault(boot_id, _threshold(eps))  # the ε its BOOT declared
+        drawn = [self._draw(boot_id, pos) for boot_id, pos in await self._db(self.log.undecided)]
+        self._urgent = True
+        for op in drawn:
+            await self._drawn(op)
         for boot_id in await self._db(self.log.open_boots):
             await self._db(self.log.checkpoint, boot_id, self.gateway_id, self._sign_checkpoint)
             await self._db(self.log.close_boot, boot_id)
@@ -301,6 +379,20 @@ class Gateway:
         except PeerDataError as exc:
             await self.alarm("log_corrupt", f"shutdown record does not open: {exc}")
             return "a shutdown record that does not open (tampered log)"
+
+    async def _restore_settings(self) -> None:
+        """The inspectors' settings this gateway last accepted (over the CLI flags).
+
+        Blocks undoing an inspectors' instruction by restarting with other flags.
+        """
+        try:
+            stored = await self._db(self.log.get_meta, _META_SETTINGS)
+            if stored is not None:
+                self._settings = decode(stored, control.Settings)
+        except PeerDataError as exc:
+            await self.alarm("log_corrupt", f"stored settings do not open: {exc}")
+        if self._settings.reboot_interval is not None:
+            self.config.reboot_interval = self._settings.reboot_interval
 
     async def _restore_whitelist(self) -> None:
         """Install the newest whitelist this gateway ever accepted.
@@ -323,6 +415,8 @@ class Gateway:
 
     async def close(self) -> None:
         """Stop background work and power the server off (the gateway is going away)."""
+        self._urgent = True  # queued draws commit now, without lingering
+        self._append_waiting.set()
         boots = [b for b in (self._boot, *self._ended) if b is not None]
         waiting = [e for b in boots for e in b.releases.values() if not e.is_set()]
         if self._background:
@@ -341,10 +435,16 @@ class Gateway:
         self._tasks.clear()
         if self.uplink is not None:
             await self.uplink.stop()
+            close_transport = getattr(self.uplink.transport, "close", None)
+            if close_transport is not None:
+                with contextlib.suppress(Exception):
+                    await close_transport()
         with contextlib.suppress(Exception):
             await self.power.power_off()
         with contextlib.suppress(Exception):
             await self.upstream.reset()
+        with contextlib.suppress(Exception):
+            await self._flush()  # what was queued (draws of cancelled waits) is written
         self._executor.shutdown(wait=True)
         self.log.close()
 
@@ -528,8 +628,9 @@ class Gateway:
             raise
         await self._boot_answer(body, "ready")
         if status != 200 or _json_field(body, "state") != "ready":
+            # no byte of the answer goes into the alarm: alarms leave the gateway
             await self.alarm("server_boot", f"server did not boot from good weights: HTTP "
-                             f"{status} {body[:200]!r}")
+                             f"{status}")
             raise await self._power_kill(bootmod.PowerKill(
                 "server", "", f"server did not become ready (HTTP {status})",
                 machine.counter), None)
@@ -537,7 +638,12 @@ class Gateway:
 
     async def _boot_answer(self, body: bytes, expected: str) -> None:
         """During UPLOAD the server may say only its state: anything more is dropped here
-        (it never leaves the gateway) and alarmed."""
+        (it never leaves the gateway) and alarmed.
+
+        The alarm names what happened, never what the server said: alarms are served by
+        ``GET /alarms`` and uplinked to the recomputer, so a byte of the answer in the
+        alarm text would be a channel out of the server (upload exfiltration).
+        """
         try:
             obj = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -546,8 +652,8 @@ class Gateway:
             if isinstance(obj, dict) and "error" in obj and set(obj) == {"error"}:
                 return  # an error answer; the caller power-kills on the status
             await self.alarm("server_outside_protocol",
-                             f"server traffic outside the protocol during UPLOAD (dropped): "
-                             f"{body[:200]!r}")
+                             f"server answered its {expected!r} step outside the protocol "
+                             "during UPLOAD (answer dropped unread)")
 
     async def _forward(self, queue: asyncio.Queue[bytes | None], server: asyncio.Task[Any],
                        data: bytes | None) -> None:
@@ -606,19 +712,23 @@ class Gateway:
         limits = proxy.ModelLimits.from_config(files.get("config.json"), vocab)
         boot_id = self.device.random(16).hex()  # TRNG: unpredictable, never reused
         now = time.time()
+        # the inspectors' ε (relayed set_epsilon) from this boot on; the BOOT declares it
+        epsilon = self._settings.epsilon_for(manifest.model_id, self.config.epsilon)
         record = BootRecord(gateway_id=self.gateway_id, boot_id=boot_id,
                             model_id=manifest.model_id,
                             manifest_digest=manifest_digest(manifest),
-                            epsilon=self.config.epsilon, time=now, url=self.config.url)
+                            epsilon=epsilon, time=now, url=self.config.url)
+        self._thresholds[boot_id] = _threshold(epsilon)
         await self._db(self.log.begin_boot, boot_id, manifest.model_id,
-                       chain.genesis(self.gateway_id, boot_id), self._sign(BOOT, record), now)
+                       chain.genesis(self.gateway_id, boot_id), self._sign(BOOT, record), now,
+                       epsilon)
         try:
             self._check_alive()  # a shutdown or tamper during the upload wins
         except StateError:
             with contextlib.suppress(IvpError):
                 await self._db(self.log.close_boot, boot_id)
             raise
-        self._boot = _Boot(boot_id, manifest, tokenizer, limits, now)
+        self._boot = _Boot(boot_id, manifest, tokenizer, limits, now, epsilon)
         self._set_state(State.SERVING)
         self.metrics.uploads.labels("serving").inc()
         self._wake_uplink()
@@ -730,10 +840,13 @@ class Gateway:
                 raise ServerProtocolError(f"server answered HTTP {status}: {raw[:300]!r}")
             parse = proxy.parse_server_stream if request.stream else proxy.parse_server_response
             return parse(raw, tag, request.params, boot.limits), elapsed
-        except ServerProtocolError as exc:
-            # the detail stays in the alarm log: a server-chosen error text reaching the
-            # client would be a channel out of the server
-            await self.alarm("unpaired_output", f"{tag.boot_id}/{tag.seq}: {exc}")
+        except ServerProtocolError:
+            # Neither the client nor the alarm gets any of the answer (not even the parse
+            # error, which quotes it): the alarm log is served by GET /alarms and the
+            # alarm is uplinked, so server-chosen text there would be a channel out.
+            what = "an HTTP 200 answer" if status == 200 else "an HTTP error answer"
+            await self.alarm("unpaired_output", f"{tag.boot_id}/{tag.seq}: {what} outside the "
+                             "protocol (no open tag, or not token ids): dropped unread")
             raise ServerProtocolError(
                 "the server's output was outside the protocol and was dropped; an alarm was "
                 "raised") from None
@@ -745,56 +858,108 @@ class Gateway:
             await asyncio.sleep(grid - (now % grid))
 
     # --- group commit ---------------------------------------------------------------------
+    # Appends (a pair must be durable before its response is released) and sampling draws
+    # (after release) share one write queue, written in arrival order by one loop: every
+    # transaction holds all that waited, so concurrent requests and the draws of earlier
+    # ones cost one fsync together (group commit). Draws keep tag order because they are
+    # queued in tag order and the queue is written first in, first out.
     async def _commit(self, boot_id: str, pair: PairRecord) -> Link:
         """Append ``pair`` durably; concurrent callers share one commit (group commit)."""
-        future: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
-        self._pending.append((boot_id, pair, future))
+        future = self._enqueue(_Write("append", boot_id, pair=pair))
+        self._append_waiting.set()
+        return await future  # type: ignore[no-any-return]
+
+    def _enqueue(self, op: _Write) -> asyncio.Future[Any]:
+        self._writes.append(op)
         if not self._committing:
             self._committing = True
             self._commit_task = asyncio.create_task(self._commit_loop())
-        return await future
+        return op.future
+
+    async def _flush(self) -> None:
+        """Wait until every write queued so far is committed (no lingering)."""
+        if not self._writes and not self._committing:
+            return
+        self._urgent = True
+        self._append_waiting.set()
+        with contextlib.suppress(Exception):
+            await self._enqueue(_Write("barrier", ""))
+
+    async def _linger(self) -> None:
+        """Only draws wait: give the next request's append a moment to share their fsync
+        (a draw happens after release, so this delays no response)."""
+        linger = self.config.draw_linger
+        if linger <= 0 or self._urgent or any(w.kind != "decide" for w in self._writes):
+            return
+        self._append_waiting.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._append_waiting.wait(), linger)
 
     async def _commit_loop(self) -> None:
+        batch: list[_Write] = []
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
+            while self._writes:
+                await self._linger()
+                batch, self._writes = self._writes, []
+                self._urgent = False
+                appends = sum(1 for w in batch if w.kind == "append")
                 t = time.monotonic()
-                results = await self._db(self._append_batch, [(b, p) for b, p, _ in batch])
-                self.metrics.commit_seconds.observe(time.monotonic() - t)
-                self.metrics.commit_batch.observe(len(batch))
-                for (_, _, future), result in zip(batch, results, strict=True):
-                    if future.done():
+                results = await self._db(self._write_batch, batch)
+                if appends:
+                    self.metrics.commit_seconds.observe(time.monotonic() - t)
+                    self.metrics.commit_batch.observe(appends)
+                for op, result in zip(batch, results, strict=True):
+                    if op.future.done():
                         continue
                     if isinstance(result, BaseException):
-                        future.set_exception(result)
+                        op.future.set_exception(result)
                     else:
-                        self.metrics.pairs.inc()
-                        future.set_result(result)
-        except BaseException as exc:  # the device bricked, the disk failed, ...
-            for _, _, future in self._pending:
-                if not future.done():
-                    future.set_exception(exc)
-            self._pending = []
+                        if op.kind == "append":
+                            self.metrics.pairs.inc()
+                        op.future.set_result(result)
+                batch = []
+        except BaseException as exc:  # the disk failed, the loop was cancelled, ...
+            for op in batch + self._writes:
+                if not op.future.done():
+                    op.future.set_exception(exc)
+            self._writes = []
             raise
         finally:
             self._committing = False
 
-    def _append_batch(self, batch: list[tuple[str, PairRecord]]) -> list[Link | BaseException]:
-        """Runs on the log thread: one commit per boot present in the batch."""
-        out: list[Link | BaseException] = [StateError("not committed")] * len(batch)
-        by_boot: dict[str, list[int]] = {}
-        for i, (boot_id, _) in enumerate(batch):
-            by_boot.setdefault(boot_id, []).append(i)
-        for boot_id, idx in by_boot.items():
-            try:
-                links = self.log.append(boot_id, [batch[i][1] for i in idx])
-            except IvpError as exc:
-                for i in idx:
-                    out[i] = exc
-                continue
-            for i, lk in zip(idx, links, strict=True):
-                out[i] = lk
+    def _write_batch(self, batch: list[_Write]) -> list[object]:
+        """Runs on the log thread: the whole batch in ONE durable commit. Consecutive
+        appends of one boot are one step; each step is a savepoint, so a refused step (a
+        closed boot, a row that does not open) leaves no trace and undoes no other."""
+        out: list[object] = [None] * len(batch)
+        with self.log.transaction():
+            i = 0
+            while i < len(batch):
+                op, j = batch[i], i + 1
+                if op.kind == "append":
+                    while j < len(batch) and batch[j].kind == "append" and \
+                            batch[j].boot_id == op.boot_id:
+                        j += 1
+                    pairs = [w.pair for w in batch[i:j] if w.pair is not None]
+                    self._step(out, range(i, j), self.log.append, op.boot_id, pairs)
+                elif op.kind == "decide":
+                    self._step(out, range(i, j), _one(self.log.decide), op.boot_id, op.pos,
+                               op.keep, self._sign_audit, self.gateway_id)
+                i = j
         return out
+
+    def _step(self, out: list[object], idx: range, fn: Callable[..., list[Any]],
+              *args: Any) -> None:
+        """Run one savepointed step; its results (or its error) fill ``out[idx]``."""
+        try:
+            with self.log.step():
+                results = fn(*args)
+        except IvpError as exc:
+            for k in idx:
+                out[k] = exc
+            return
+        for k, r in zip(idx, results, strict=True):
+            out[k] = r
 
     def spawn(self, coro: Coroutine[Any, Any, Any] | Awaitable[Any]) -> asyncio.Future[Any]:
         """Run ``coro`` in the background, keeping a reference until it is done."""
@@ -806,21 +971,23 @@ class Gateway:
     async def _draw_in_order(self, boot: _Boot, seq: int, committing: asyncio.Future[Link],
                              release: asyncio.Event) -> None:
         """After the pair committed and its response was released (or will never be),
-        draw for it — in tag order within the boot."""
+        draw for it — in tag order within the boot (draws are queued in that order)."""
         try:
             where = await committing
         except BaseException:
             await self._resolve(boot, seq)
             return
         await release.wait()
+        drawn = None
         async with boot.order:
             await boot.order.wait_for(lambda: min(boot.unresolved, default=seq) >= seq)
             try:
-                await self._decide(where.boot_id, where.pos)
+                drawn = self._draw(where.boot_id, where.pos)
             finally:
                 boot.unresolved.discard(seq)
                 boot.releases.pop(seq, None)
                 boot.order.notify_all()
+        await self._drawn(drawn)
 
     async def _resolve(self, boot: _Boot, seq: int) -> None:
         """``seq`` will have no pair (the request failed): later draws need not wait."""
@@ -832,21 +999,35 @@ class Gateway:
     # --- sampling -------------------------------------------------------------------------
     async def _decide(self, boot_id: str, pos: int) -> None:
         """The TRNG draw, after release: keep as an audit record with probability ε."""
+        await self._drawn(self._draw(boot_id, pos))
+
+    def _draw(self, boot_id: str, pos: int) -> _Write | None:
+        """Draw now (TRNG) and queue the decision; None when the device is bricked."""
         try:
-            keep = self.device.random_u64() < self._threshold
-            record = await self._db(self.log.decide, boot_id, pos, keep, self._sign_audit,
-                                    self.gateway_id)
+            keep = self.device.random_u64() < self._thresholds.get(boot_id, self._threshold)
+        except BrickedError:
+            return None
+        op = _Write("decide", boot_id, pos=pos, keep=keep)
+        self._enqueue(op)
+        return op
+
+    async def _drawn(self, op: _Write | None) -> None:
+        """Wait for a queued draw to be committed; count it, wake the uplink."""
+        if op is None:
+            return
+        try:
+            record = await op.future
         except BrickedError:
             return
         except IvpError as exc:  # a sealed row that does not open or chain: tampered disk
-            await self.alarm("log_corrupt", f"pair {boot_id}/{pos}: {exc}")
+            await self.alarm("log_corrupt", f"pair {op.boot_id}/{op.pos}: {exc}")
             return
         if record is not None:
             self.metrics.audits.inc()
-            if self._boot is not None and self._boot.boot_id == boot_id:
+            if self._boot is not None and self._boot.boot_id == op.boot_id:
                 self._boot.audits = record.audit_seq
             self._wake_uplink()
-        elif not keep:
+        elif not op.keep:
             self.metrics.deleted.inc()
 
     # --- checkpoints, reboots -------------------------------------------------------------
@@ -870,14 +1051,18 @@ class Gateway:
                 await self.checkpoint()
 
     async def _reboot_loop(self) -> None:
-        """Forced reboot on the inspectors' schedule: power flicker + wipe + fresh upload."""
-        interval = self.config.reboot_interval
-        if interval <= 0:
-            return
+        """Forced reboot on the inspectors' schedule: power flicker + wipe + fresh upload.
+
+        The interval is read on every turn: a relayed ``reboot_schedule`` applies at once
+        (a boot already older than the new interval is rebooted within a second).
+        """
         while True:
-            await asyncio.sleep(1.0 if self._boot is None else interval / 20)
+            interval = self.config.reboot_interval
+            await asyncio.sleep(1.0 if self._boot is None or interval <= 0
+                                else min(1.0, interval / 20))
             boot = self._boot
-            if boot is None or self._state is not State.SERVING or self._uploading:
+            if boot is None or self._state is not State.SERVING or self._uploading or \
+                    interval <= 0:
                 continue
             if time.time() - boot.started >= interval:
                 await self.forced_reboot("scheduled reboot")
@@ -895,25 +1080,27 @@ class Gateway:
 
     # --- control --------------------------------------------------------------------------
     async def control(self, body: bytes) -> dict[str, Any]:
-        """Obey a Shutdown envelope signed by the recomputer key.
+        """Obey a Shutdown or a Readmit envelope signed by the recomputer key.
 
         Raises:
             BrickedError: bricked.
-            ValidationError: not an envelope, wrong payload type, bad Shutdown.
+            ValidationError: not an envelope, another payload type, a malformed message.
             SignatureError: not signed by the configured recomputer key, or for another
                 gateway (blocks an operator or a peer gateway shutting this one down, or
                 un-shutting it: state does not change).
+            ChainError: a Readmit naming another Shutdown than the one in force (blocks
+                replaying an old Readmit to lift a later shutdown).
         """
         if self._state is State.BRICKED or self.device.bricked:
             self._check_alive()
         if self.recomputer_key is None:
             raise SignatureError("no recomputer key configured: control messages refused")
         envelope = Envelope.from_bytes(body)
-        payload = open_signed(envelope, SHUTDOWN, self.recomputer_key)
-        message = decode(payload, Shutdown)
-        if message.gateway_id != self.gateway_id:
-            raise SignatureError(f"shutdown is for gateway {message.gateway_id!r}, not "
-                                 f"{self.gateway_id!r}")
+        if envelope.payloadType == READMIT:
+            async with self._settings_lock:
+                return await self._readmit(envelope, self.recomputer_key)
+        message, payload = control.open_shutdown(envelope, self.recomputer_key,
+                                                 self.gateway_id, self._settings)
         if self._state is State.SHUTDOWN:
             return {"state": State.SHUTDOWN.value, "reason": self.shutdown_reason}
         await self._db(self.log.set_meta, _META_SHUTDOWN, payload)  # persisted first
@@ -924,6 +1111,105 @@ class Gateway:
         with contextlib.suppress(Exception):
             await self.power.power_off()
         return {"state": State.SHUTDOWN.value, "reason": message.reason}
+
+    async def _readmit(self, envelope: Envelope, key: VerifyKey) -> dict[str, Any]:
+        """Re-admission (after the inspectors' quorum ``readmit_gateway``): lift the
+        shutdown, power-cycle the server, back to UPLOAD. The recomputer routes to this
+        gateway again only after a fresh upload's BOOT record.
+
+        A Readmit whose nonce was obeyed before is answered and changes nothing (the
+        recomputer resending after a lost answer). One that reaches a gateway that is
+        not shut down (its Shutdown never arrived) still ends the current boot: the
+        inspectors re-admitted it on the condition of a fresh upload.
+        """
+        message = control.open_readmit(envelope, key, self.gateway_id)
+        was = self._state
+        if was is State.SHUTDOWN:
+            control.check_readmit(message, await self._shutdown_nonce())
+        elif message.nonce in self._settings.readmits:
+            return {"state": self._state.value, "readmitted": False,
+                    "reason": "this readmit was already obeyed"}
+        settings = control.readmitted(self._settings, message)
+        await self._db(self.log.update_meta, {_META_SETTINGS: canonical(settings)},
+                       (_META_SHUTDOWN,))  # persisted first, shutdown lifted with it
+        self._settings = settings
+        await self.alarm("readmitted", f"re-admitted by the recomputer: {message.reason}")
+        if was is State.SHUTDOWN:
+            self.shutdown_reason = ""
+            self._set_state(State.UPLOAD)
+            self._operate()
+            try:
+                await self._power_cycle()
+            except IvpError as exc:
+                await self.alarm("server_power", f"server did not come up after re-admission: "
+                                 f"{exc}")
+        elif was is State.SERVING:
+            await self.forced_reboot("re-admitted: a fresh upload is needed")
+        return {"state": self._state.value, "readmitted": True}
+
+    async def _shutdown_nonce(self) -> str | None:
+        """The nonce of the persisted Shutdown (None: none, or it does not open)."""
+        try:
+            stored = await self._db(self.log.get_meta, _META_SHUTDOWN)
+            return None if stored is None else decode(stored, Shutdown).nonce
+        except PeerDataError:
+            return None
+
+    async def admin(self, body: bytes) -> dict[str, Any]:
+        """Apply an inspectors' admin request relayed by the recomputer (``POST /admin``).
+
+        Only ``set_epsilon`` (from the next BOOT on: the BOOT record declares it, so the
+        recomputer's audit-rate test always uses the ε a boot really sampled with),
+        ``reboot_schedule`` (at once) and ``whitelist_update`` (through the same
+        ``TrustedWhitelist`` as ``POST /whitelist``). The gateway checks the inspectors'
+        quorum itself: the recomputer only carries the envelope. Settings persist
+        (sealed) and override the CLI flags. Accepted also while shut down (they apply
+        after re-admission).
+
+        Raises:
+            BrickedError: bricked.
+            ValidationError, QuorumError, ExpiredError, ChainError: see
+                ``control.check_relayed``; and the whitelist's own errors. Nothing
+                changes on any refusal.
+        """
+        if self._state is State.BRICKED or self.device.bricked:
+            self._check_alive()
+        async with self._settings_lock:
+            return await self._admin(body)
+
+    async def _admin(self, body: bytes) -> dict[str, Any]:
+        now = time.time()
+        relayed = control.check_relayed(body, self.whitelist.policy, self._settings, now)
+        instruction = relayed.request.instruction
+        if relayed.duplicate:
+            return {"applied": False, "instruction": instruction,
+                    "reason": "this request was already applied"}
+        result: dict[str, Any] = {"applied": True, "instruction": instruction}
+        if isinstance(relayed.args, WhitelistArgs):
+            result.update(await self._relayed_whitelist(relayed.args))
+        settings = control.apply(self._settings, relayed, now)
+        await self._db(self.log.set_meta, _META_SETTINGS, canonical(settings))
+        self._settings = settings
+        args = relayed.args
+        if isinstance(args, EpsilonArgs):
+            result.update(epsilon=args.epsilon, model_id=args.model_id, effective="next boot")
+        elif isinstance(args, RebootArgs):
+            self.config.reboot_interval = args.interval_s
+            result.update(interval_s=args.interval_s, effective="now")
+        return result
+
+    async def _relayed_whitelist(self, args: WhitelistArgs) -> dict[str, Any]:
+        """Install a relayed whitelist; one not newer than the installed is no change
+        (answered, not refused: a relay retried after it was installed)."""
+        data = canonical(args.whitelist)
+        payload = self.whitelist.policy.verify(args.whitelist, WHITELIST)
+        offered = decode(payload, Whitelist)
+        current = self.whitelist.current
+        if current is not None and offered.version <= current.version:
+            return {"applied": False, "version": current.version,
+                    "reason": f"whitelist version {offered.version} is not above the "
+                              f"installed version {current.version}"}
+        return await self._install_whitelist(data)
 
     async def tamper(self) -> dict[str, Any]:
         """The tamper mesh fired: destroy the UID (device.tamper), cut the server's power."""
@@ -948,6 +1234,9 @@ class Gateway:
                 the installed whitelist does not change.
         """
         self._check_alive()
+        return await self._install_whitelist(body)
+
+    async def _install_whitelist(self, body: bytes) -> dict[str, Any]:
         whitelist = self.whitelist.update(body)
         await self._db(self.log.set_meta, _META_WHITELIST, body)
         boot = self._boot
@@ -975,8 +1264,54 @@ class Gateway:
             self.metrics.uplink.labels("refused").inc(len(refused))
             self.metrics.alarms.labels("uplink_refused").inc(len(refused))
 
+    async def _reconcile(self, limit: int) -> int:
+        """Drop the spooled records the recomputer already stored (their Ack was lost).
+
+        Only the oldest ``limit`` records can be concerned: the uplink sends the oldest
+        first, one batch at a time, so a batch whose fate is unknown (the gateway died,
+        the answer never came) is at the head of the spool. For each boot among them
+        (and for the gateway's alarms) the recomputer's cursor says what it holds;
+        ``uplink.already_stored`` decides per record.
+
+        The cursor is unsigned: a cursor that claims more than the recomputer stored
+        (the operator answering in its name) makes the gateway drop records the
+        recomputer never got — which the recomputer alarms as a gap (``sequence_gap``,
+        ``audit_withheld``, ``gateway_alarm_gap``, ``unknown_boot``), exactly as if the
+        operator had dropped them on the wire, which it can do anyway. A cursor that
+        claims less only causes the resend this replaces (refused as a replay).
+
+        Raises:
+            TransportError: the cursor could not be read, or was not a cursor of this
+                gateway (the batch is then sent as it is).
+        """
+        transport = self.uplink.transport if self.uplink is not None else None
+        ask = getattr(transport, "cursor", None)
+        if ask is None:
+            return 0
+        items = await self._db(self.log.spool_batch, limit)
+        boots = list(dict.fromkeys(i.boot_id for i in items if i.kind != "ALARM"))
+        if not boots and items:
+            boots = [""]  # only alarms: the gateway-wide cursor is enough
+        cursors: dict[str, UplinkCursor] = {}
+        for boot_id in boots:
+            try:
+                cursor = decode(await ask(self.gateway_id, boot_id or None), UplinkCursor)
+            except ValidationError as exc:
+                raise TransportError(f"garbage cursor: {exc}") from None
+            if cursor.gateway_id != self.gateway_id or (cursor.boot_id or "") != boot_id:
+                raise TransportError("cursor of another gateway or boot")
+            cursors[boot_id] = cursor
+        alarms = next(iter(cursors.values()), None)
+        stored = [i.id for i in items if already_stored(
+            i.kind, i.n, i.envelope, alarms if i.kind == "ALARM" else cursors.get(i.boot_id))]
+        if stored:
+            await self._db(self.log.spool_done, stored, [])
+            self.metrics.uplink.labels("reconciled").inc(len(stored))
+        return len(stored)
+
     # --- status ---------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
+        await self._flush()  # counters include every draw already made
         boot = self._boot
         out: dict[str, Any] = {
             "gateway_id": self.gateway_id,
@@ -985,8 +1320,12 @@ class Gateway:
             "boot_id": boot.boot_id if boot else None,
             "pairs_served": boot.pairs if boot else 0,
             "audits": boot.audits if boot else 0,
-            "epsilon": self.config.epsilon,
+            "epsilon": boot.epsilon if boot else self._settings.epsilon_for(
+                "", self.config.epsilon),
             "server": "on" if self.power.is_on else "off",
+            "settings": {"epsilon": self._settings.epsilon,
+                         "model_epsilon": dict(self._settings.model_epsilon),
+                         "reboot_interval": self.config.reboot_interval},
         }
         if self._machine is not None:
             out["upload"] = {"model_id": self._machine.manifest.model_id,
@@ -1043,6 +1382,18 @@ class _OperatorStream:
         except Exception as exc:  # aiohttp payload errors, resets, timeouts
             self.broken = repr(exc)
             raise StopAsyncIteration from None
+
+
+def _threshold(epsilon: float) -> int:
+    """TRNG draws (u64) below this are kept: probability ``epsilon``."""
+    return min(int(epsilon * 2**64), 2**64)
+
+
+def _one(fn: Callable[..., T]) -> Callable[..., list[T]]:
+    """``fn`` with its result wrapped in a one-item list (a one-write step)."""
+    def call(*args: Any) -> list[T]:
+        return [fn(*args)]
+    return call
 
 
 def _json_field(body: bytes, key: str) -> Any:

@@ -4,15 +4,13 @@ Each is a subclass of one of the three roots, so a caller that only knows
 ``ivp.errors`` still tells bad peer data from transport failure from misuse. The
 subclasses exist because the gateway answers them differently on the wire
 (:data:`ivp.gateway.app.STATUS` maps each to one HTTP status, in one place).
+``ShutdownError`` lives in ``ivp.errors`` (the recomputer's tests and tools name it
+too) and is re-exported here.
 """
 
 from __future__ import annotations
 
-from ivp.errors import PeerDataError, StateError, ValidationError
-
-
-class ShutdownError(StateError):
-    """The recomputer shut this gateway down: it refuses all traffic (HTTP 403)."""
+from ivp.errors import PeerDataError, ShutdownError, ValidationError
 
 
 class UnknownModelError(ValidationError):

@@ -18,7 +18,12 @@ holds that disk, so:
   audit record in the spool *in the same transaction* that deletes the pair, so a
   crash can never lose a kept pair, skip an audit number or number one twice;
 * the spool is store-and-forward: rows leave only when the recomputer acknowledged
-  them (or refused them, which is alarmed).
+  them (or refused them, which is alarmed, or its cursor shows them stored after an
+  acknowledgement was lost);
+* alarms are kept locally and, when the caller signs them, spooled as numbered
+  ``GatewayAlarm`` envelopes in the same transaction (the counter is sealed meta);
+* ``meta`` holds the gateway's persisted state, sealed: the shutdown in force, the
+  newest whitelist, the inspectors' settings, the alarm counter.
 
 :class:`PairLog` is synchronous and not thread-safe: the gateway drives it from one
 worker thread. It signs nothing itself: callers pass a ``sign`` function (the device
@@ -27,9 +32,10 @@ key stays in the device).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +65,7 @@ CREATE TABLE IF NOT EXISTS alarms (
 _PAIR = "gateway/log/pair"
 _SPOOL = "gateway/log/spool"
 _META = "gateway/log/meta"
+_ALARM_SEQ = "alarm_seq"  # meta key: the last GatewayAlarm number used
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,9 @@ class PairLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={self.synchronous}")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(boots)")}
+        if "epsilon" not in columns:  # logs made before boots recorded their ε
+            self._db.execute("ALTER TABLE boots ADD COLUMN epsilon REAL")
 
     def close(self) -> None:
         self._db.close()
@@ -117,6 +127,26 @@ class PairLog:
     # --- transactions -------------------------------------------------------------------
     def _txn(self) -> _Txn:
         return _Txn(self._db)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One durable commit around several steps (the gateway's group commit: a
+        batch of appends and sampling draws shares one fsync). Steps nest inside it."""
+        with self._txn():
+            yield
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """A savepoint inside :meth:`transaction`: a step that fails leaves no trace,
+        while the steps before and after it still commit."""
+        self._db.execute("SAVEPOINT step")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO step")
+            self._db.execute("RELEASE step")
+            raise
+        self._db.execute("RELEASE step")
 
     # --- meta (sealed key/value: persisted gateway state) -------------------------------
     def get_meta(self, key: str) -> bytes | None:
@@ -126,21 +156,39 @@ class PairLog:
         return self.device.unseal(_META, row[0], key.encode())
 
     def set_meta(self, key: str, value: bytes) -> None:
-        sealed = self.device.seal(_META, value, key.encode())
+        self.update_meta({key: value})
+
+    def update_meta(self, values: dict[str, bytes], delete: tuple[str, ...] = ()) -> None:
+        """Set ``values`` and delete ``delete`` in one transaction (all or nothing)."""
+        sealed = {k: self.device.seal(_META, v, k.encode()) for k, v in values.items()}
         with self._txn():
-            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                             (key, sealed))
+            for key, value in sealed.items():
+                self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                 (key, value))
+            for key in delete:
+                self._db.execute("DELETE FROM meta WHERE key=?", (key,))
 
     # --- boots --------------------------------------------------------------------------
     def begin_boot(self, boot_id: str, model_id: str, genesis: str, boot_envelope: bytes,
-                   now: float | None = None) -> None:
-        """Open a boot's chain and spool its signed BOOT record, in one transaction."""
+                   now: float | None = None, epsilon: float | None = None) -> None:
+        """Open a boot's chain and spool its signed BOOT record, in one transaction.
+
+        ``epsilon`` is the audit probability the BOOT record declares: draws for this
+        boot's pairs use it, also after a restart (recovery draws).
+        """
         now = time.time() if now is None else now
         with self._txn():
             self._db.execute(
-                "INSERT INTO boots(boot_id, model_id, started, genesis, head) "
-                "VALUES (?, ?, ?, ?, ?)", (boot_id, model_id, now, genesis, genesis))
+                "INSERT INTO boots(boot_id, model_id, started, genesis, head, epsilon) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (boot_id, model_id, now, genesis, genesis, epsilon))
             self._spool("BOOT", boot_id, 0, boot_envelope, now)
+
+    def undecided_epsilons(self) -> dict[str, float]:
+        """The ε each boot with pairs awaiting their draw declared (recovery draws)."""
+        rows = self._db.execute(
+            "SELECT boot_id, epsilon FROM boots b WHERE epsilon IS NOT NULL AND EXISTS "
+            "(SELECT 1 FROM pairs p WHERE p.boot_id = b.boot_id)")
+        return {r[0]: float(r[1]) for r in rows}
 
     def counters(self, boot_id: str) -> BootCounters:
         row = self._db.execute(
@@ -249,7 +297,7 @@ class PairLog:
                                           (boot_id,)).fetchone()[0]
                 record = AuditRecord(gateway_id=gateway_id, boot_id=boot_id,
                                      audit_seq=audits + 1, chain_prev=where.prev,
-                                     chain_head=where.head, pair=pair)
+                                     chain_head=where.head, pair=pair, chain_pos=where.pos)
                 self._db.execute("UPDATE boots SET audits=? WHERE boot_id=?",
                                  (audits + 1, boot_id))
                 self._spool("AUDIT", boot_id, audits + 1, sign(record), now)
@@ -309,9 +357,25 @@ class PairLog:
         self._db.execute("INSERT INTO alarms(time, kind, message) VALUES (?,?,?)",
                          (now, kind, message[:2000]))
 
-    def alarm(self, kind: str, message: str) -> None:
+    def alarm(self, kind: str, message: str,
+              sign: Callable[[int, float], bytes] | None = None, boot_id: str = "") -> int:
+        """Keep a local alarm; with ``sign``, also spool it for the recomputer.
+
+        ``sign(seq, now)`` returns the signed ``GatewayAlarm`` envelope numbered
+        ``seq``: alarms are numbered 1, 2, 3, … per gateway without gaps (the counter is
+        sealed meta, advanced in the same transaction as the spool row), so a withheld
+        alarm shows as a gap at the recomputer. Returns ``seq`` (0 when not spooled).
+        """
+        now = time.time()
         with self._txn():
-            self._alarm(kind, message, time.time())
+            self._alarm(kind, message, now)
+            if sign is None:
+                return 0
+            last = self.get_meta(_ALARM_SEQ)
+            seq = (int(last) if last else 0) + 1
+            self._spool("ALARM", boot_id, seq, sign(seq, now), now)
+            self.set_meta(_ALARM_SEQ, str(seq).encode())
+        return seq
 
     def alarms(self, limit: int = 50) -> list[dict[str, object]]:
         rows = self._db.execute(

@@ -115,7 +115,10 @@ class ProcessPower:
     async def _watcher(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         if proc is self._proc and self._callback is not None:
-            self._callback(f"server process exited unexpectedly (status {code})")
+            # not the exit status itself: the server chooses it, and the reason goes
+            # into an alarm that leaves the gateway
+            how = "was killed by a signal" if code < 0 else "exited"
+            self._callback(f"server process {how} unexpectedly")
 
     async def power_off(self) -> None:
         proc, self._proc = self._proc, None

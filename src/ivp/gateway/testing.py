@@ -14,10 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ivp.errors import PeerDataError, TransportError, ValidationError
-from ivp.protocol.encoding import decode
-from ivp.protocol.envelope import AUDIT, BOOT, CHECKPOINT, Envelope, open_signed
+from ivp.protocol.encoding import canonical, decode
+from ivp.protocol.envelope import ALARM, AUDIT, BOOT, CHECKPOINT, Envelope, open_signed
 from ivp.protocol.keys import VerifyKey
-from ivp.protocol.messages import AuditRecord, BootRecord, Checkpoint, Manifest
+from ivp.protocol.messages import (
+    AuditRecord,
+    BootRecord,
+    Checkpoint,
+    GatewayAlarm,
+    Manifest,
+    UplinkCursor,
+)
 
 Answer = Callable[[dict[str, Any]], tuple[int, bytes]]
 
@@ -170,7 +177,10 @@ class FakeRecomputer:
 
     ``mode``: "ok" (ack everything valid), "down" (transport failure), "garbage"
     (answers bytes that are not an Ack), "short" (an Ack with too few results),
-    "refuse" (refuses everything).
+    "refuse" (refuses everything), "lose_ack" (stores the batch, then the answer is
+    lost: a transport failure after the fact). Like the real one it refuses an audit
+    record or alarm it already holds (``replays`` counts them), and answers
+    :meth:`cursor` from what it stored.
     """
 
     gateway_key: VerifyKey | None = None
@@ -178,7 +188,25 @@ class FakeRecomputer:
     boots: list[BootRecord] = field(default_factory=list)
     audits: list[AuditRecord] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    alarms: list[GatewayAlarm] = field(default_factory=list)
     posts: int = 0
+    replays: int = 0
+
+    async def cursor(self, gateway_id: str, boot_id: str | None) -> bytes:
+        """``GET /uplink/cursor``: what is stored of ``gateway_id`` (and ``boot_id``)."""
+        if self.mode == "down":
+            raise TransportError("recomputer unreachable: connection refused")
+        seqs = [a.seq for a in self.alarms if a.gateway_id == gateway_id]
+        out = UplinkCursor(gateway_id=gateway_id, next_alarm_seq=max(seqs, default=0) + 1)
+        if boot_id is not None:
+            audits = [a.audit_seq for a in self.audits if a.boot_id == boot_id]
+            cps = [c for c in self.checkpoints if c.boot_id == boot_id]
+            out = UplinkCursor(gateway_id=gateway_id, next_alarm_seq=out.next_alarm_seq,
+                               boot_id=boot_id,
+                               boot_known=any(b.boot_id == boot_id for b in self.boots),
+                               next_audit_seq=max(audits, default=0) + 1,
+                               checkpoint=cps[-1] if cps else None)
+        return canonical(out)
 
     async def post(self, body: bytes) -> bytes:
         self.posts += 1
@@ -200,17 +228,29 @@ class FakeRecomputer:
                 results.append({"ok": False, "error": str(exc)})
                 continue
             results.append({"ok": True, "error": ""})
+        if self.mode == "lose_ack":
+            raise TransportError("recomputer stored the batch, but its answer was lost")
         return json.dumps({"results": results}).encode()
 
     def _store(self, env: Envelope) -> None:
         types = {AUDIT: (AuditRecord, self.audits), BOOT: (BootRecord, self.boots),
-                 CHECKPOINT: (Checkpoint, self.checkpoints)}
+                 CHECKPOINT: (Checkpoint, self.checkpoints),
+                 ALARM: (GatewayAlarm, self.alarms)}
         if env.payloadType not in types:
             raise ValidationError(f"unknown payload type {env.payloadType}")
         kind, store = types[env.payloadType]
         payload = open_signed(env, env.payloadType, self.gateway_key) if self.gateway_key \
             else env.payload_bytes()
-        store.append(decode(payload, kind))  # type: ignore[attr-defined,arg-type]
+        record: Any = decode(payload, kind)  # type: ignore[arg-type]
+        if isinstance(record, AuditRecord) and any(
+                (a.boot_id, a.audit_seq) == (record.boot_id, record.audit_seq)
+                for a in self.audits):
+            self.replays += 1
+            raise ValidationError(f"audit record {record.audit_seq} replayed")
+        if isinstance(record, GatewayAlarm) and any(a.seq == record.seq for a in self.alarms):
+            self.replays += 1
+            raise ValidationError(f"gateway alarm {record.seq} replayed")
+        store.append(record)  # type: ignore[attr-defined]
 
 
 __all__ = ["FakePower", "FakeRecomputer", "FakeServer"]

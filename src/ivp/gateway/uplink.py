@@ -11,10 +11,17 @@ envelopes from it to ``<recomputer>/uplink`` and back out of it once acknowledge
   nothing and is retried like a transport failure, so a broken or hostile answer can
   never make the gateway drop a record;
 * transport failures back off exponentially (with jitter) up to a cap; the spool
-  survives restarts, so an audit record waits as long as the recomputer is away.
+  survives restarts, so an audit record waits as long as the recomputer is away;
+* a lost acknowledgement (the recomputer stored a batch, but the gateway crashed or
+  the answer never came) must not turn into a resend the recomputer refuses as a
+  replay: at start and after every failed batch the uplink first *reconciles* — the
+  gateway asks the recomputer's cursor (``GET /uplink/cursor``: what it has stored)
+  and drops the spooled records the cursor shows stored (see
+  ``Gateway._reconcile``). Replay detection at the recomputer stays as strict as it
+  was: a record it already holds is still refused and alarmed.
 
-The transport is a one-method interface (:class:`UplinkTransport`), so tests use an
-in-memory recomputer and the CLI an aiohttp one.
+The transport is a small interface (:class:`UplinkTransport`: ``post``, and optionally
+``cursor``), so tests use an in-memory recomputer and the CLI an aiohttp one.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ import aiohttp
 
 from ivp.errors import IvpError, TransportError, ValidationError
 from ivp.protocol.encoding import decode
-from ivp.protocol.messages import Ack
+from ivp.protocol.envelope import Envelope
+from ivp.protocol.messages import Ack, Checkpoint, UplinkCursor
 
 
 class UplinkTransport(Protocol):
@@ -41,6 +49,16 @@ class UplinkTransport(Protocol):
     """
 
     async def post(self, body: bytes) -> bytes: ...
+
+
+class CursorTransport(UplinkTransport, Protocol):
+    """An uplink transport that can also ask the recomputer's cursor.
+
+    Raises (``cursor``):
+        TransportError: the recomputer could not be reached, or answered non-200.
+    """
+
+    async def cursor(self, gateway_id: str, boot_id: str | None) -> bytes: ...
 
 
 class HttpUplink:
@@ -66,6 +84,21 @@ class HttpUplink:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"recomputer unreachable at {self.url}: {exc}") from None
 
+    async def cursor(self, gateway_id: str, boot_id: str | None) -> bytes:
+        """``GET <recomputer>/uplink/cursor?gateway_id=&boot_id=``: the raw answer."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        params = {"gateway_id": gateway_id, **({"boot_id": boot_id} if boot_id else {})}
+        try:
+            async with self._session.get(self.url + "/cursor", params=params) as resp:
+                data = await resp.read()
+                if resp.status != 200:
+                    raise TransportError(
+                        f"recomputer cursor answered HTTP {resp.status}: {data[:200]!r}")
+                return data
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransportError(f"recomputer unreachable at {self.url}: {exc}") from None
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -74,6 +107,35 @@ class HttpUplink:
 def uplink_body(envelopes: list[bytes]) -> bytes:
     """``{"envelopes":[...]}`` from canonical envelope bytes, without re-encoding them."""
     return b'{"envelopes":[' + b",".join(envelopes) + b"]}"
+
+
+def already_stored(kind: str, n: int, envelope: bytes, cursor: UplinkCursor | None) -> bool:
+    """Whether the recomputer's ``cursor`` shows a spooled record as stored (pure).
+
+    ``kind``/``n`` are the spool row's: BOOT (n = 0), AUDIT (n = audit_seq),
+    CHECKPOINT (n = pairs served) or ALARM (n = the alarm's number). A checkpoint is
+    stored when the latest stored checkpoint of its boot is it or a later one: a
+    gateway's checkpoints of one boot never go back in pairs, audits or time.
+    """
+    if cursor is None:
+        return False
+    if kind == "ALARM":
+        return n < cursor.next_alarm_seq
+    if not cursor.boot_known:
+        return False
+    if kind == "BOOT":
+        return True
+    if kind == "AUDIT":
+        return n < cursor.next_audit_seq
+    if kind == "CHECKPOINT" and cursor.checkpoint is not None:
+        try:
+            mine = decode(Envelope.from_bytes(envelope).payload_bytes(), Checkpoint)
+        except ValidationError:
+            return False
+        last = cursor.checkpoint
+        return (mine.boot_id == last.boot_id and mine.pairs_served <= last.pairs_served
+                and mine.audits <= last.audits and mine.time <= last.time)
+    return False
 
 
 def parse_ack(raw: bytes, n: int) -> Ack:
@@ -113,6 +175,7 @@ class UplinkStats:
     refused: int = 0
     failures: int = 0
     garbage: int = 0
+    reconciled: int = 0  # records found stored by the cursor (their ack was lost)
     last_error: str = ""
 
 
@@ -125,6 +188,10 @@ class Uplink:
         done: records acknowledged ids and refused (id, reason) pairs.
         alarm: records an alarm (kind, message).
         batch: envelopes per POST.
+        reconcile: called before the first batch and before the first batch after a
+            failure, with the batch size; returns how many spooled records it found
+            already stored (and removed). A TransportError from it is not fatal: the
+            batch is sent anyway (a recomputer without a cursor is still served).
     """
 
     def __init__(self, transport: UplinkTransport,
@@ -132,9 +199,12 @@ class Uplink:
                  done: Callable[[list[int], list[tuple[int, str]]], Awaitable[None]],
                  alarm: Callable[[str, str], Awaitable[None]],
                  *, batch: int = 64, backoff: Backoff | None = None,
-                 idle_poll: float = 5.0) -> None:
+                 idle_poll: float = 5.0,
+                 reconcile: Callable[[int], Awaitable[int]] | None = None) -> None:
         self.transport = transport
         self._fetch, self._done, self._alarm = fetch, done, alarm
+        self._reconcile = reconcile
+        self._stale = reconcile is not None  # the last batch's fate is unknown
         self.batch = batch
         self.backoff = backoff or Backoff()
         self.idle_poll = idle_poll
@@ -167,15 +237,26 @@ class Uplink:
             return await self._flush_once()
 
     async def _flush_once(self) -> int:
+        if self._stale and self._reconcile is not None:
+            try:
+                self.stats.reconciled += await self._reconcile(self.batch)
+            except TransportError as exc:  # no cursor: send anyway, as before
+                self.stats.last_error = f"cursor: {exc}"
+            self._stale = False
         items = await self._fetch(self.batch)
         if not items:
             return 0
         body = uplink_body([env for _, env in items])
         self.stats.sent += len(items)
-        raw = await self.transport.post(body)
+        try:
+            raw = await self.transport.post(body)
+        except TransportError:
+            self._stale = True  # the batch may have been stored: ask before resending
+            raise
         try:
             ack = parse_ack(raw, len(items))
         except ValidationError as exc:
+            self._stale = True
             self.stats.garbage += 1
             await self._alarm("uplink_garbage_ack", f"recomputer answered garbage: {exc}")
             raise TransportError(f"garbage acknowledgement: {exc}") from None
@@ -215,5 +296,14 @@ class Uplink:
                 await self._wake.wait()
 
 
-__all__ = ["Backoff", "HttpUplink", "Uplink", "UplinkStats", "UplinkTransport", "parse_ack",
-           "uplink_body"]
+__all__ = [
+    "Backoff",
+    "CursorTransport",
+    "HttpUplink",
+    "Uplink",
+    "UplinkStats",
+    "UplinkTransport",
+    "already_stored",
+    "parse_ack",
+    "uplink_body",
+]

@@ -65,7 +65,7 @@ class HttpUpstream:
             ) as resp:
                 return resp.status, await self._read(resp)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransportError(f"server unreachable ({path}): {exc!r}") from None
+            raise TransportError(_unreachable(path, exc)) from None
 
     async def post(self, path: str, body: bytes | AsyncIterable[bytes], *,
                    timeout: float = 600.0) -> tuple[int, bytes]:
@@ -78,7 +78,7 @@ class HttpUpstream:
             ) as resp:
                 return resp.status, await self._read(resp)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransportError(f"server unreachable ({path}): {exc!r}") from None
+            raise TransportError(_unreachable(path, exc)) from None
 
     async def reset(self) -> None:
         """Drop pooled connections (after a power cycle they point at a dead process)."""
@@ -88,6 +88,13 @@ class HttpUpstream:
 
     async def close(self) -> None:
         await self.reset()
+
+
+def _unreachable(path: str, exc: BaseException) -> str:
+    """The error's type only: aiohttp's messages can quote what the server sent (a bad
+    status line, a reason phrase), and error texts end up in alarms and in the
+    operator's upload answer — both outside the gateway."""
+    return f"server unreachable ({path}): {type(exc).__name__}"
 
 
 __all__ = ["MAX_ANSWER", "HttpUpstream", "Upstream"]

@@ -26,7 +26,8 @@ SHUTDOWN = "application/vnd.ivp.shutdown+json;v=1"
 WHITELIST = "application/vnd.ivp.whitelist+json;v=1"
 ADMIN = "application/vnd.ivp.admin+json;v=1"
 SENSOR = "application/vnd.ivp.sensor+json;v=1"
-ALARM = "application/vnd.ivp.alarm+json;v=1"
+ALARM = "application/vnd.ivp.alarm+json;v=1"  # a gateway's own alarm (GatewayAlarm)
+READMIT = "application/vnd.ivp.readmit+json;v=1"  # recomputer -> gateway (Readmit)
 
 
 class Signature(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from ivp.protocol.envelope import Envelope
+
 VERSION = 1
 
 Hex256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
@@ -153,6 +155,10 @@ class AuditRecord(_Msg, frozen=True):
     chain_prev: Hex256
     chain_head: Hex256
     pair: PairRecord
+    # the pair's position in its boot's chain, counting from 1 (``chain_head`` is the
+    # head after ``chain_pos`` pairs, the one a checkpoint with pairs_served ==
+    # chain_pos names); 0: not stated (records from builds before it existed)
+    chain_pos: Count = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,6 +197,54 @@ class Shutdown(_Msg, frozen=True):
     reason: str
     time: float
     nonce: Annotated[str, Meta(min_length=16, max_length=128)]
+
+
+Nonce = Annotated[str, Meta(min_length=16, max_length=128)]
+
+
+class Readmit(_Msg, frozen=True):
+    """Signed by the recomputer after a quorum ``readmit_gateway``: the gateway lifts
+    the shutdown named by ``shutdown_nonce`` (and only that one), power-cycles its
+    server and returns to UPLOAD; it is routed again only after a fresh BOOT."""
+
+    gateway_id: Name
+    shutdown_nonce: Nonce  # the nonce of the Shutdown this lifts
+    reason: Annotated[str, Meta(max_length=1000)]
+    time: float
+    nonce: Nonce
+
+
+class GatewayAlarm(_Msg, frozen=True):
+    """One of a gateway's own alarms, signed by its device key and uplinked.
+
+    Numbered 1, 2, 3, … per gateway without gaps, across boots and restarts, so the
+    recomputer sees a withheld alarm as a gap.
+    """
+
+    gateway_id: Name
+    seq: Annotated[int, Meta(ge=1, le=I63)]
+    kind: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
+    message: Annotated[str, Meta(max_length=2000)]
+    time: float
+    boot_id: Name | None = None  # the boot it happened in, if serving
+
+
+class UplinkCursor(_Msg, frozen=True):
+    """What the recomputer has stored of one gateway (and one of its boots).
+
+    A gateway asks for it (``GET /uplink/cursor``) when it starts and after a
+    transport failure, and drops the spooled records the cursor shows were stored
+    although their acknowledgement was lost. Unsigned on purpose: a cursor that
+    claims more than was stored makes the gateway drop records the recomputer never
+    got, which the recomputer sees as a gap anyway.
+    """
+
+    gateway_id: Name
+    next_alarm_seq: Annotated[int, Meta(ge=1, le=I63)] = 1
+    boot_id: Name | None = None
+    boot_known: bool = False  # the BOOT record of ``boot_id`` is stored
+    next_audit_seq: Annotated[int, Meta(ge=1, le=I63)] = 1
+    checkpoint: Checkpoint | None = None  # the latest stored checkpoint of the boot
 
 
 class UplinkResult(Struct, frozen=True, forbid_unknown_fields=True):
@@ -300,14 +354,17 @@ __all__ = [
     "BootRecord",
     "Checkpoint",
     "FileEntry",
+    "GatewayAlarm",
     "Manifest",
     "NoiseBound",
     "PairRecord",
+    "Readmit",
     "SamplingParams",
     "ServerRequest",
     "ServerResponse",
     "Shutdown",
     "Tag",
+    "UplinkCursor",
     "UplinkResult",
     "Verdict",
     "Whitelist",
@@ -316,6 +373,11 @@ __all__ = [
 
 
 # --- admin (signed by inspectors under the quorum policy) ---------------------------------
+ADMIN_MAX_VALIDITY = 7 * 86400.0  # seconds an admin request may be valid for, at most
+#: Instructions the recomputer relays, inspector-signed as received, to every gateway,
+#: which checks the quorum itself and applies them.
+RELAYED_INSTRUCTIONS: tuple[str, ...] = ("set_epsilon", "reboot_schedule", "whitelist_update")
+
 AdminInstruction = Literal[
     "enrol_device",  # args: {"device_id", "public_key", "kind": "gateway"|"sensor", "url"?}
     "whitelist_update",  # args: {"whitelist": <envelope as dict>}
@@ -334,3 +396,61 @@ class AdminRequest(_Msg, frozen=True):
     args: dict[str, Any]
     nonce: Annotated[str, Meta(min_length=16, max_length=128)]
     expires: float
+
+
+# --- admin arguments: one exact shape per instruction (unknown fields refused) -------------
+# Shared by the recomputer (which decides every request) and the gateways (which apply
+# the relayed ε, reboot schedule and whitelist instructions themselves).
+class AdminArgs(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class EnrolArgs(AdminArgs, frozen=True):
+    device_id: Name
+    public_key: Hex256
+    kind: Literal["gateway", "sensor"] = "gateway"
+    url: Annotated[str, Meta(max_length=2000)] = ""
+
+
+class WhitelistArgs(AdminArgs, frozen=True):
+    whitelist: Envelope  # a signed whitelist envelope
+
+
+class EpsilonArgs(AdminArgs, frozen=True):
+    epsilon: Annotated[float, Meta(gt=0.0, le=1.0)]
+    model_id: Name | None = None
+
+
+class RebootArgs(AdminArgs, frozen=True):
+    interval_s: Annotated[float, Meta(gt=0.0)]
+
+
+class AckAlarmArgs(AdminArgs, frozen=True):
+    alarm_id: Annotated[int, Meta(ge=1)]
+    note: Annotated[str, Meta(max_length=2000)] = ""
+
+
+class ReadmitArgs(AdminArgs, frozen=True):
+    gateway_id: Name
+
+
+class RotateKeyArgs(AdminArgs, frozen=True):
+    device_id: Name
+    public_key: Hex256
+
+
+ADMIN_ARGS: dict[str, type[AdminArgs]] = {
+    "enrol_device": EnrolArgs,
+    "whitelist_update": WhitelistArgs,
+    "set_epsilon": EpsilonArgs,
+    "reboot_schedule": RebootArgs,
+    "ack_alarm": AckAlarmArgs,
+    "readmit_gateway": ReadmitArgs,
+    "rotate_key": RotateKeyArgs,
+}
+
+__all__ += [
+    "ADMIN_ARGS", "ADMIN_MAX_VALIDITY", "RELAYED_INSTRUCTIONS", "AckAlarmArgs", "AdminArgs",
+    "AdminInstruction", "EnrolArgs", "EpsilonArgs", "ReadmitArgs", "RebootArgs", "RotateKeyArgs",
+    "WhitelistArgs",
+]

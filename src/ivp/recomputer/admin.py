@@ -30,74 +30,39 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, get_args
 
 import blake3
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Struct
 
 from ivp.errors import ChainError, ExpiredError, IvpError, QuorumError, ValidationError
 from ivp.protocol import envelope as env
 from ivp.protocol.encoding import canonical, convert, decode
 from ivp.protocol.keys import SigningKey
-from ivp.protocol.messages import AdminInstruction, AdminRequest
+from ivp.protocol.messages import (
+    ADMIN_ARGS,
+    ADMIN_MAX_VALIDITY,
+    AckAlarmArgs,
+    AdminArgs,
+    AdminInstruction,
+    AdminRequest,
+    EnrolArgs,
+    EpsilonArgs,
+    ReadmitArgs,
+    RebootArgs,
+    RotateKeyArgs,
+    WhitelistArgs,
+)
 from ivp.protocol.quorum import QuorumPolicy
 
 INSTRUCTIONS: tuple[str, ...] = get_args(AdminInstruction)
 LOG_HEAD = "application/vnd.ivp.admin-log-head+json;v=1"
-MAX_VALIDITY = 7 * 86400.0  # seconds an admin request may be valid for
+MAX_VALIDITY = ADMIN_MAX_VALIDITY  # seconds an admin request may be valid for
 
-_Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$")]
-_Hex256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
-
-
-class _Args(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class EnrolArgs(_Args, frozen=True):
-    device_id: _Name
-    public_key: _Hex256
-    kind: Literal["gateway", "sensor"] = "gateway"
-    url: Annotated[str, Meta(max_length=2000)] = ""
-
-
-class WhitelistArgs(_Args, frozen=True):
-    whitelist: env.Envelope
-
-
-class EpsilonArgs(_Args, frozen=True):
-    epsilon: Annotated[float, Meta(gt=0.0, le=1.0)]
-    model_id: _Name | None = None
-
-
-class RebootArgs(_Args, frozen=True):
-    interval_s: Annotated[float, Meta(gt=0.0)]
-
-
-class AckAlarmArgs(_Args, frozen=True):
-    alarm_id: Annotated[int, Meta(ge=1)]
-    note: Annotated[str, Meta(max_length=2000)] = ""
-
-
-class ReadmitArgs(_Args, frozen=True):
-    gateway_id: _Name
-
-
-class RotateKeyArgs(_Args, frozen=True):
-    device_id: _Name
-    public_key: _Hex256
-
-
-ARGS: dict[str, type[_Args]] = {
-    "enrol_device": EnrolArgs,
-    "whitelist_update": WhitelistArgs,
-    "set_epsilon": EpsilonArgs,
-    "reboot_schedule": RebootArgs,
-    "ack_alarm": AckAlarmArgs,
-    "readmit_gateway": ReadmitArgs,
-    "rotate_key": RotateKeyArgs,
-}
+# The argument shapes are protocol types (the gateways apply relayed instructions too).
+_Args = AdminArgs
+ARGS: dict[str, type[AdminArgs]] = ADMIN_ARGS
 assert set(ARGS) == set(INSTRUCTIONS), "every instruction needs an argument type"
 
 
@@ -276,6 +241,7 @@ def countersign(envelope: env.Envelope, keys: Iterable[SigningKey]) -> env.Envel
 
 
 __all__ = [
-    "ARGS", "INSTRUCTIONS", "AdminCore", "AdminLogEntry", "Decision", "build_request",
-    "countersign", "sign_request", "verify_log",
+    "ARGS", "INSTRUCTIONS", "AckAlarmArgs", "AdminCore", "AdminLogEntry", "Decision",
+    "EnrolArgs", "EpsilonArgs", "ReadmitArgs", "RebootArgs", "RotateKeyArgs", "WhitelistArgs",
+    "build_request", "countersign", "sign_request", "verify_log",
 ]

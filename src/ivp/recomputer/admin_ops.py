@@ -4,6 +4,17 @@
 this module holds, per instruction of the closed list, the state check that runs
 before acceptance, the SQL that records the effect in the admin log's transaction,
 and the change to the in-memory cores once it is durable.
+
+Two instructions also reach the gateways, queued in the same transaction so an
+accepted instruction is never lost on its way:
+
+* ``set_epsilon``, ``reboot_schedule`` and ``whitelist_update``: the inspectors'
+  envelope itself, as received, is queued for every enrolled gateway (``relays``);
+  each gateway checks the quorum on its own, so the recomputer carries the
+  instruction without being able to make one up.
+* ``readmit_gateway``: a ``Readmit`` signed by the recomputer key (the key the gateway
+  obeys Shutdowns from), naming the Shutdown it lifts, replaces the pending control
+  message of that gateway.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from typing import Any
 from ivp.errors import StateError
 from ivp.protocol.encoding import canonical, to_builtins
 from ivp.protocol.keys import VerifyKey
+from ivp.protocol.messages import ADMIN_ARGS, RELAYED_INSTRUCTIONS
 from ivp.recomputer.admin import (
     AckAlarmArgs,
     EnrolArgs,
@@ -84,9 +96,27 @@ def check(t: AdminTargets, args: Any) -> None:
         trial.update(canonical(args.whitelist))
 
 
-def effects(t: AdminTargets, args: Any, seq: int, now: float) -> tuple[Sql, dict[str, Any]]:
+def effects(t: AdminTargets, args: Any, seq: int, now: float, *, request: bytes = b"",
+            readmit: bytes | None = None) -> tuple[Sql, dict[str, Any]]:
     """SQL recording an accepted instruction (in the admin log's transaction), and the
-    result returned to the inspectors."""
+    result returned to the inspectors.
+
+    Args:
+        request: the admin request's bytes as received (relayed to the gateways).
+        readmit: the signed Readmit envelope for a ``readmit_gateway``.
+    """
+    sql, result = _effects(t, args, seq, now, readmit)
+    instruction = next((i for i, a in ADMIN_ARGS.items() if isinstance(args, a)), "")
+    if instruction in RELAYED_INSTRUCTIONS and request:
+        gateways = sorted(d.device_id for d in t.ingest.devices.values() if d.kind == "gateway")
+        sql += [("INSERT INTO relays(gateway_id, admin_seq, instruction, envelope, time)"
+                 " VALUES (?,?,?,?,?)", (g, seq, instruction, request, now)) for g in gateways]
+        result = {**result, "relayed_to": gateways}
+    return sql, result
+
+
+def _effects(t: AdminTargets, args: Any, seq: int, now: float,
+             readmit: bytes | None) -> tuple[Sql, dict[str, Any]]:
     if isinstance(args, EnrolArgs):
         keyid = VerifyKey.from_hex(args.public_key).keyid
         return ([("INSERT INTO enrolments VALUES (?,?,?,?,?,?,?)",
@@ -115,15 +145,20 @@ def effects(t: AdminTargets, args: Any, seq: int, now: float) -> tuple[Sql, dict
         return ([("UPDATE alarms SET acked_admin_seq = ? WHERE id = ?", (seq, args.alarm_id))],
                 {"alarm_id": args.alarm_id})
     if isinstance(args, ReadmitArgs):
-        return ([("INSERT INTO gateways VALUES (?,?,?,?,0,NULL) ON CONFLICT(gateway_id) DO"
+        # the Readmit replaces the pending control message (delivered and retried like
+        # a Shutdown); without one the gateway is only re-admitted on this side
+        return ([("INSERT INTO gateways VALUES (?,?,?,?,?,?) ON CONFLICT(gateway_id) DO"
                   " UPDATE SET state = excluded.state, reason = excluded.reason,"
-                  " time = excluded.time, shutdown_pending = 0",
-                  (args.gateway_id, "readmitted", "re-admitted by inspectors", now))],
+                  " time = excluded.time, shutdown_pending = excluded.shutdown_pending,"
+                  " shutdown_envelope = COALESCE(excluded.shutdown_envelope,"
+                  " gateways.shutdown_envelope)",
+                  (args.gateway_id, "readmitted", "re-admitted by inspectors", now,
+                   int(readmit is not None), readmit))],
                 {"gateway_id": args.gateway_id, "state": "readmitted"})
     raise AssertionError(f"no effect for {type(args).__name__}")  # closed list exhausted
 
 
-def apply(t: AdminTargets, args: Any) -> None:
+def apply(t: AdminTargets, args: Any, now: float | None = None) -> None:
     """Change the in-memory cores once the effect is durable."""
     if isinstance(args, EnrolArgs):
         t.ingest.enrol(args.device_id, args.kind, args.public_key, args.url)
@@ -139,5 +174,5 @@ def apply(t: AdminTargets, args: Any) -> None:
     elif isinstance(args, RebootArgs):
         t.ingest.reboot_interval = args.interval_s
     elif isinstance(args, ReadmitArgs):
-        t.ingest.readmit(args.gateway_id)
+        t.ingest.readmit(args.gateway_id, now)
         t.router.mark(args.gateway_id, True)

@@ -8,6 +8,10 @@ arrived). Others rest on data anyone could send (a forged or unenrolled record, 
 malformed envelope, a byte-identical replay). Only authenticated kinds may trigger a
 shutdown: otherwise anyone on the network could shut an honest gateway down by
 sending garbage in its name.
+
+A gateway's own alarms (upload exfiltration, unpaired output, power kills, …) arrive
+signed over the uplink and are stored under the kind ``gateway:<its kind>``: they are
+authenticated (only the enrolled gateway key signs them).
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ KINDS: dict[str, tuple[bool, str]] = {
     "sequence_gap": (True, "a signed audit record skipped sequence numbers (withheld records)"),
     "fork": (True, "two different signed records with the same audit sequence number"),
     "chain_link": (True, "an audit record's chain head is not link(chain_prev, pair)"),
+    "chain_fork": (True, "two signed records of one boot name different chain heads at "
+                         "one position (or the first pair does not chain from genesis)"),
+    "chain_ahead": (True, "a checkpoint counts an audit record whose pair lies beyond the "
+                          "pairs it counts"),
+    "gateway_alarm_gap": (True, "a gateway's signed alarms skipped numbers (withheld)"),
     "pair_order": (True, "audited pairs of one boot are not in increasing pair order"),
     "audit_withheld": (True, "a checkpoint claims audit records that never arrived"),
     "audit_rate": (True, "audits per pairs served implausible for ε (binomial test)"),
@@ -33,11 +42,15 @@ KINDS: dict[str, tuple[bool, str]] = {
     "unknown_boot": (True, "a signed record names a boot the recomputer never saw"),
     "forged": (False, "a record with a bad signature by an enrolled key id"),
     "unenrolled": (False, "a record signed by no enrolled device key"),
-    "replay": (False, "an audit record already stored was sent again"),
+    "replay": (False, "an audit record or gateway alarm already stored was sent again"),
     "malformed": (False, "an uplinked envelope or record does not decode"),
     "model_unavailable": (False, "the recomputer holds no whitelisted model for a boot"),
     "verifier_error": (False, "an audit record crashed the verification worker (parked)"),
     "shutdown_undelivered": (False, "a signed SHUTDOWN could not be delivered (retrying)"),
+    "readmit_undelivered": (False, "a signed READMIT could not be delivered (retrying)"),
+    "relay_undelivered": (False, "an inspectors' instruction could not be relayed to a "
+                                 "gateway (retrying)"),
+    "relay_refused": (False, "a gateway refused an inspectors' instruction relayed to it"),
     "sensor_forged": (False, "a sensor event with a bad or unknown signature"),
     "sensor_gap": (False, "a sensor skipped event sequence numbers"),
     "power_silent": (True, "power on but the gateway is silent"),
@@ -49,7 +62,16 @@ KINDS: dict[str, tuple[bool, str]] = {
 }
 
 
+GATEWAY_PREFIX = "gateway:"  # + the gateway's own alarm kind (signed by the gateway)
+
+
+def known(kind: str) -> bool:
+    return kind in KINDS or (kind.startswith(GATEWAY_PREFIX) and len(kind) > len(GATEWAY_PREFIX))
+
+
 def authenticated(kind: str) -> bool:
+    if kind.startswith(GATEWAY_PREFIX):
+        return known(kind)
     return KINDS.get(kind, (False, ""))[0]
 
 
@@ -66,8 +88,8 @@ class Alarm:
     dedupe: bool = True
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if not known(self.kind):
             raise ValueError(f"unknown alarm kind {self.kind!r}")
 
 
-__all__ = ["KINDS", "Alarm", "authenticated"]
+__all__ = ["GATEWAY_PREFIX", "KINDS", "Alarm", "authenticated", "known"]

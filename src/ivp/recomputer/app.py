@@ -150,6 +150,14 @@ async def uplink(request: web.Request) -> web.Response:
     return _json(await rec.uplink(await request.read()))
 
 
+async def uplink_cursor(request: web.Request) -> web.Response:
+    rec = request.app[KEY]
+    gateway_id = request.query.get("gateway_id")
+    if not gateway_id:
+        raise ValidationError("GET /uplink/cursor needs ?gateway_id= (and optionally boot_id=)")
+    return _json(await rec.cursor(gateway_id, request.query.get("boot_id") or None))
+
+
 async def admin(request: web.Request) -> web.Response:
     rec = request.app[KEY]
     return _json(await rec.handle_admin(await request.read()))
@@ -208,6 +216,7 @@ def make_app(rec: Recomputer) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/uplink", uplink)
+    app.router.add_get("/uplink/cursor", uplink_cursor)
     app.router.add_post("/admin", admin)
     app.router.add_get("/admin/log", admin_log)
     app.router.add_post("/sensors", sensors)

@@ -111,7 +111,7 @@ def recomputer(
         _fail("--shutdown-scope must be gateway, model or cluster")
     from ivp.protocol.encoding import decode
     from ivp.protocol.quorum import QuorumPolicy
-    from ivp.recomputer.alarms import KINDS
+    from ivp.recomputer.alarms import known
     from ivp.recomputer.ingest import Rules
     from ivp.recomputer.sensors import SensorRules
     from ivp.recomputer.service import Config
@@ -123,7 +123,7 @@ def recomputer(
             _fail(f"--model {spec!r}: expected ID=DIR")
         models[mid] = Path(directory)
     kinds = set(shutdown_on or ["verify_fail"])
-    unknown = sorted(kinds - set(KINDS))
+    unknown = sorted(k for k in kinds if not known(k))
     if unknown:
         _fail(f"--shutdown-on: unknown alarm kind(s) {unknown}")
     try:

@@ -23,7 +23,26 @@ Order of checks for every envelope (each names the attack it blocks):
 4. decode the payload only now, and require ``gateway_id`` to be the signer's
    (blocks one enrolled gateway speaking for another);
 5. per type: BOOT (whitelist, ε, churn), CHECKPOINT (known boot, monotone counts,
-   audit rate), AUDIT (known boot, chain link, pair order, gap-free sequence).
+   audit rate, chain position), AUDIT (known boot, gap-free sequence, chain link,
+   pair order, chain position), ALARM (the gateway's own alarms: gap-free numbering
+   per gateway; stored as alarms of kind ``gateway:<kind>``).
+
+**Chain positions** (docs/ARCHITECTURE.md, "Checkpoints and audit records"): a pair's
+position p in its boot's chain counts the pairs committed before it, plus one; the
+chain head after p pairs is ``head_p`` (``head_0`` is the boot's genesis). An audit
+record states p (``chain_pos``) and carries ``head_{p-1}`` (``chain_prev``) and
+``head_p`` (``chain_head``); a checkpoint carries ``head_P`` for P = pairs served.
+So every record names heads at positions, and the recomputer requires
+
+* **agreement**: two signed records naming position p give the same head (a fork —
+  two histories of one boot — is refused, alarm ``chain_fork``), the first pair
+  chaining from the boot's genesis;
+* **coverage**: an audit record a checkpoint counts (``audit_seq`` ≤ its ``audits``)
+  holds a pair that checkpoint counts (``chain_pos`` ≤ its ``pairs_served``), alarm
+  ``chain_ahead``.
+
+Audit records are numbered in draw order (= tag order), not chain order, so their
+positions need not increase: concurrent responses commit out of tag order.
 
 Timed rules (missing checkpoints, withheld audits, overdue reboots) run in
 :meth:`Ingest.tick`, given the time.
@@ -31,8 +50,10 @@ Timed rules (missing checkpoints, withheld audits, overdue reboots) run in
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,11 +61,19 @@ import msgspec
 
 from ivp.errors import ChainError, IvpError, SignatureError, StateError, ValidationError
 from ivp.protocol import envelope as env
-from ivp.protocol.chain import AuditSequence, link
+from ivp.protocol.chain import AuditSequence, genesis, link
 from ivp.protocol.encoding import canonical, convert, decode
 from ivp.protocol.keys import VerifyKey
-from ivp.protocol.messages import AuditRecord, BootRecord, Checkpoint, Manifest, manifest_digest
-from ivp.recomputer.alarms import Alarm
+from ivp.protocol.messages import (
+    AuditRecord,
+    BootRecord,
+    Checkpoint,
+    GatewayAlarm,
+    Manifest,
+    UplinkCursor,
+    manifest_digest,
+)
+from ivp.recomputer.alarms import GATEWAY_PREFIX, Alarm
 
 GatewayState = Literal["enrolled", "serving", "shutdown", "readmitted"]
 
@@ -85,10 +114,24 @@ class Boot:
     last_pair_seq: int = -1
     checkpoint: Checkpoint | None = None
     checkpoint_received: float | None = None
+    # chain heads by position named by records of this boot (a sliding window)
+    heads: dict[int, str] = field(default_factory=dict)
+    # audit_seq -> chain_pos of records no checkpoint has counted yet
+    uncounted: dict[int, int] = field(default_factory=dict)
 
     @property
     def audits_received(self) -> int:
         return self.sequence.next_seq - 1
+
+    def remember(self, pos: int, head: str) -> None:
+        """Keep ``head`` at ``pos`` (bounded: the oldest positions are forgotten first)."""
+        self.heads[pos] = head
+        if len(self.heads) > HEADS_KEPT:
+            for old in sorted(self.heads)[:len(self.heads) - HEADS_KEPT // 2]:
+                del self.heads[old]
+
+
+HEADS_KEPT = 8192  # chain heads remembered per boot (positions) for the agreement check
 
 
 @dataclass
@@ -99,13 +142,15 @@ class Gateway:
     boot_id: str | None = None  # the latest BOOT received
     boot_times: list[float] = field(default_factory=list)  # when each BOOT arrived
     last_seen: float | None = None  # when its last uplinked record arrived
+    next_alarm_seq: int = 1  # the next GatewayAlarm number expected
+    readmitted_at: float | None = None  # when inspectors last re-admitted it
 
 
 @dataclass(frozen=True)
 class Effect:
     """What an admitted envelope changes; the store writes exactly these fields."""
 
-    kind: Literal["boot", "checkpoint", "audit", "duplicate"]
+    kind: Literal["boot", "checkpoint", "audit", "alarm", "duplicate"]
     record: Any
     envelope: bytes  # canonical bytes of the envelope (payload kept as received)
     payload: bytes  # payload bytes as received (what the signature covers)
@@ -195,7 +240,7 @@ class Ingest:
         gw = self.gateways.setdefault(gateway_id, Gateway(gateway_id))
         gw.state, gw.reason = "shutdown", reason
 
-    def readmit(self, gateway_id: str) -> None:
+    def readmit(self, gateway_id: str, now: float | None = None) -> None:
         """Re-admit a shut-down gateway: it is routed again after its next BOOT (a
         fresh upload of whitelisted weights), never on its old boot.
 
@@ -206,29 +251,62 @@ class Ingest:
         if gw is None or gw.state != "shutdown":
             raise StateError(f"gateway {gateway_id!r} is not shut down")
         gw.state, gw.reason = "readmitted", "re-admitted by inspectors; awaiting a fresh BOOT"
+        gw.readmitted_at = now
+
+    def judged(self, gateway_id: str, boot_id: str) -> bool:
+        """Whether inspectors re-admitted ``gateway_id`` after ``boot_id`` began: a late
+        FAIL verdict of such a boot is stored and alarmed, but shuts nothing down (the
+        inspectors already judged that boot when they re-admitted the gateway)."""
+        gw = self.gateways.get(gateway_id)
+        boot = self.boots.get((gateway_id, boot_id))
+        return (gw is not None and gw.readmitted_at is not None and boot is not None
+                and boot.received <= gw.readmitted_at)
+
+    def cursor(self, gateway_id: str, boot_id: str | None) -> UplinkCursor:
+        """What is stored of ``gateway_id`` (and its boot ``boot_id``): the answer to
+        ``GET /uplink/cursor``. It says nothing a gateway could not learn from its own
+        acknowledgements; a gateway uses it to drop the records whose Ack was lost."""
+        gw = self.gateways.get(gateway_id)
+        out = UplinkCursor(gateway_id=gateway_id,
+                           next_alarm_seq=gw.next_alarm_seq if gw is not None else 1)
+        if boot_id is None:
+            return out
+        boot = self.boots.get((gateway_id, boot_id))
+        if boot is None:
+            return msgspec.structs.replace(out, boot_id=boot_id)
+        return msgspec.structs.replace(out, boot_id=boot_id, boot_known=True,
+                                       next_audit_seq=boot.sequence.next_seq,
+                                       checkpoint=boot.checkpoint)
 
     # --- the uplink -------------------------------------------------------------------------
-    def admit(self, item: Any, now: float) -> Outcome:
-        """Check one uplinked envelope (a parsed JSON value). Never raises; no state change."""
+    def admit(self, item: Any, now: float, verified: frozenset[tuple[str, bytes]] = frozenset()
+              ) -> Outcome:
+        """Check one uplinked envelope (a parsed JSON value). Never raises; no state change.
+
+        ``verified``: (keyid, raw public key) pairs already known to have signed this
+        very item (checked elsewhere, e.g. in parallel by :func:`verify_signatures`); a
+        signer not in it is verified here.
+        """
         try:
-            return self._admit(item, now)
+            return self._admit(item, now, verified)
         except _Refused as r:
             return Outcome(None, r.error, r.alarms)
 
-    def _admit(self, item: Any, now: float) -> Outcome:
+    def _admit(self, item: Any, now: float,
+               verified: frozenset[tuple[str, bytes]] = frozenset()) -> Outcome:
         try:
             envelope = convert(item, env.Envelope)
             payload = envelope.payload_bytes()
         except ValidationError as exc:
             raise _Refused(exc, Alarm("malformed", None, None, str(exc)[:300], now)) from None
-        device = self._signer(envelope, payload, now)
+        device = self._signer(envelope, payload, now, verified)
         kinds: dict[str, type[Any]] = {env.BOOT: BootRecord, env.CHECKPOINT: Checkpoint,
-                                       env.AUDIT: AuditRecord}
+                                       env.AUDIT: AuditRecord, env.ALARM: GatewayAlarm}
         type_ = kinds.get(envelope.payloadType)
         if type_ is None:
             err: IvpError = ValidationError(
                 f"payload type {envelope.payloadType!r} is not accepted on "
-                                  "the uplink (audit, boot or checkpoint)")
+                                  "the uplink (audit, boot, checkpoint or alarm)")
             raise _Refused(err, Alarm("malformed", device.device_id, None, str(err), now))
         try:
             record: Any = decode(payload, type_)
@@ -244,9 +322,12 @@ class Ingest:
             return self._admit_boot(record, device, raw, payload, now)
         if isinstance(record, Checkpoint):
             return self._admit_checkpoint(record, raw, payload, now)
+        if isinstance(record, GatewayAlarm):
+            return self._admit_alarm(record, raw, payload, now)
         return self._admit_audit(record, raw, payload, now)
 
-    def _signer(self, envelope: env.Envelope, payload: bytes, now: float) -> Device:
+    def _signer(self, envelope: env.Envelope, payload: bytes, now: float,
+                verified: frozenset[tuple[str, bytes]] = frozenset()) -> Device:
         """The enrolled gateway whose key validly signed ``envelope``.
 
         Blocks: records from unenrolled keys (SignatureError, alarm ``unenrolled``) and
@@ -263,7 +344,8 @@ class Ingest:
             )
             raise _Refused(err, Alarm("unenrolled", claimed, None, str(err), now))
         for device in known:
-            if env.valid_signers(envelope, {device.key.keyid: device.key}):
+            if (device.key.keyid, device.key.raw) in verified or \
+                    env.valid_signers(envelope, {device.key.keyid: device.key}):
                 return device
         err = SignatureError(f"bad signature by the enrolled key of gateway "
                              f"{known[0].device_id!r}: bytes altered after signing")
@@ -330,6 +412,18 @@ class Ingest:
             err = ValidationError(f"checkpoint claims {c.audits} audits of "
                                   f"{c.pairs_served} pairs")
             raise _Refused(err, Alarm("malformed", c.gateway_id, c.boot_id, str(err), now))
+        fork = _disagreement(boot, [(c.pairs_served, c.chain_head)])
+        if fork:
+            err = ChainError(f"checkpoint at {c.pairs_served} pairs: {fork}")
+            raise _Refused(err, Alarm("chain_fork", c.gateway_id, c.boot_id, str(err), now))
+        ahead = sorted((seq, pos) for seq, pos in boot.uncounted.items()
+                       if seq <= c.audits and pos > c.pairs_served)
+        if ahead:
+            seq, pos = ahead[0]
+            err = ChainError(f"checkpoint counts {c.pairs_served} pairs and {c.audits} audit "
+                             f"records, but audit record {seq} holds the pair at chain "
+                             f"position {pos}")
+            raise _Refused(err, Alarm("chain_ahead", c.gateway_id, c.boot_id, str(err), now))
         p = audit_rate_pvalue(c.audits, c.pairs_served, boot.record.epsilon)
         if c.pairs_served >= self.rules.binom_min_pairs and p < self.rules.binom_alpha:
             alarms.append(Alarm(
@@ -358,8 +452,53 @@ class Ingest:
             err = ChainError(f"audit record {r.audit_seq} holds pair {r.pair.tag.seq}, not "
                              f"after pair {boot.last_pair_seq} of the previous record")
             raise _Refused(err, Alarm("pair_order", r.gateway_id, r.boot_id, str(err), now))
+        if r.chain_pos:  # 0: a record that states no position (older gateway builds)
+            self._check_position(boot, r, now)
         return Outcome(Effect("audit", r, raw, payload, now,
                               manifest_digest=boot.record.manifest_digest), None)
+
+    def _check_position(self, boot: Boot, r: AuditRecord, now: float) -> None:
+        """Agreement and coverage of an audit record's chain position (module docstring).
+
+        Blocks a gateway key signing two histories of one boot (a fork: e.g. audit
+        records cut from a doctored chain), and records that claim pairs beyond what
+        the gateway's own checkpoint said was served.
+        """
+        fork = _disagreement(boot, [(r.chain_pos - 1, r.chain_prev), (r.chain_pos, r.chain_head)])
+        if fork:
+            err = ChainError(f"audit record {r.audit_seq} at chain position {r.chain_pos}: "
+                             f"{fork}")
+            raise _Refused(err, Alarm("chain_fork", r.gateway_id, r.boot_id, str(err), now))
+        cp = boot.checkpoint
+        if cp is not None and r.audit_seq <= cp.audits and r.chain_pos > cp.pairs_served:
+            err = ChainError(f"audit record {r.audit_seq} holds the pair at chain position "
+                             f"{r.chain_pos}, but the checkpoint counting it counts "
+                             f"{cp.pairs_served} pairs")
+            raise _Refused(err, Alarm("chain_ahead", r.gateway_id, r.boot_id, str(err), now))
+
+    def _admit_alarm(self, a: GatewayAlarm, raw: bytes, payload: bytes,
+                     now: float) -> Outcome:
+        """A gateway's own alarm: stored as alarm ``gateway:<kind>``.
+
+        Numbered per gateway without gaps: an alarm already stored is refused as a
+        replay (blocks inflating one alarm into many); a gap is accepted with a
+        ``gateway_alarm_gap`` alarm (blocks withholding a gateway's alarm unseen — the
+        alarm that did come is kept, not refused).
+        """
+        gw = self.gateways.get(a.gateway_id)
+        expected = gw.next_alarm_seq if gw is not None else 1
+        if a.seq < expected:
+            err: IvpError = ChainError(f"gateway alarm {a.seq} replayed (already stored; next "
+                                       f"expected {expected})")
+            raise _Refused(err, Alarm("replay", a.gateway_id, a.boot_id, str(err), now))
+        alarms = []
+        if a.seq > expected:
+            alarms.append(Alarm("gateway_alarm_gap", a.gateway_id, None,
+                                f"gateway alarm {a.seq} arrived, {expected} expected: "
+                                f"{a.seq - expected} alarm(s) withheld", now))
+        alarms.append(Alarm(GATEWAY_PREFIX + a.kind, a.gateway_id, a.boot_id,
+                            f"{a.message} (gateway alarm {a.seq})", now))
+        return Outcome(Effect("alarm", a, raw, payload, now), None, tuple(alarms))
 
     def apply(self, effect: Effect) -> None:
         """Advance the state with an admitted effect (after :meth:`admit`, in order)."""
@@ -368,8 +507,9 @@ class Ingest:
         if seen is not None:
             seen.last_seen = max(seen.last_seen or 0.0, effect.received)
         if effect.kind == "boot":
-            self.boots[(rec.gateway_id, rec.boot_id)] = Boot(
+            boot = self.boots[(rec.gateway_id, rec.boot_id)] = Boot(
                 rec, effect.url, effect.received, effect.whitelisted, _digest(effect.payload))
+            boot.remember(0, genesis(rec.gateway_id, rec.boot_id))
             gw = self.gateways.setdefault(rec.gateway_id, Gateway(rec.gateway_id))
             gw.last_seen = max(gw.last_seen or 0.0, effect.received)
             gw.boot_id = rec.boot_id
@@ -381,10 +521,22 @@ class Ingest:
         elif effect.kind == "checkpoint":
             boot = self.boots[(rec.gateway_id, rec.boot_id)]
             boot.checkpoint, boot.checkpoint_received = rec, effect.received
+            boot.remember(rec.pairs_served, rec.chain_head)
+            boot.uncounted = {s: p for s, p in boot.uncounted.items() if s > rec.audits}
         elif effect.kind == "audit":
             boot = self.boots[(rec.gateway_id, rec.boot_id)]
             boot.sequence.check(rec.audit_seq)
             boot.last_pair_seq = rec.pair.tag.seq
+            if rec.chain_pos:
+                boot.remember(rec.chain_pos - 1, rec.chain_prev)
+                boot.remember(rec.chain_pos, rec.chain_head)
+                if boot.checkpoint is None or rec.audit_seq > boot.checkpoint.audits:
+                    boot.uncounted[rec.audit_seq] = rec.chain_pos
+                    if len(boot.uncounted) > HEADS_KEPT:
+                        del boot.uncounted[min(boot.uncounted)]
+        elif effect.kind == "alarm":
+            gw = self.gateways.setdefault(rec.gateway_id, Gateway(rec.gateway_id))
+            gw.next_alarm_seq = max(gw.next_alarm_seq, rec.seq + 1)
 
     # --- timed rules ---------------------------------------------------------------------------
     def tick(self, now: float) -> list[Alarm]:
@@ -466,6 +618,8 @@ class Ingest:
                               whitelisted=bool(b["whitelisted"])))
         for g in snap.gateways:
             gw = self.gateways.setdefault(g["gateway_id"], Gateway(g["gateway_id"]))
+            if g["state"] == "readmitted":
+                gw.readmitted_at = g["time"]
             booted_after = gw.boot_times and max(gw.boot_times) > g["time"]
             if g["state"] == "readmitted" and booted_after:
                 gw.state, gw.reason = "serving", ""
@@ -479,6 +633,7 @@ class Ingest:
                     pairs_served=c["pairs_served"], audits=c["audits"],
                     chain_head=c["chain_head"], time=c["time"])
                 boot.checkpoint_received = c["received"]
+                boot.remember(c["pairs_served"], c["chain_head"])
                 gw = self.gateways[c["gateway_id"]]
                 gw.last_seen = max(gw.last_seen or 0.0, c["received"])
         for h in snap.audit_heads:
@@ -486,6 +641,20 @@ class Ingest:
             if boot is not None:
                 boot.sequence = AuditSequence(next_seq=int(h["last_seq"]) + 1)
                 boot.last_pair_seq = int(h["last_pair_seq"])
+        for gateway_id, last in getattr(snap, "alarm_heads", {}).items():
+            gw = self.gateways.setdefault(gateway_id, Gateway(gateway_id))
+            gw.next_alarm_seq = int(last) + 1
+
+
+def _disagreement(boot: Boot, claims: list[tuple[int, str]]) -> str:
+    """'' if every (position, head) agrees with the heads known for ``boot``, else why."""
+    for pos, head in claims:
+        known = boot.heads.get(pos)
+        if known is not None and known != head:
+            what = "genesis" if pos == 0 else f"the head at chain position {pos}"
+            return (f"names {head[:16]}… as {what}, another signed record of this boot "
+                    f"names {known[:16]}… (a fork)")
+    return ""
 
 
 def audit_rate_pvalue(audits: int, pairs: int, epsilon: float) -> float:
@@ -499,6 +668,52 @@ def audit_rate_pvalue(audits: int, pairs: int, epsilon: float) -> float:
     from scipy.stats import binomtest
 
     return float(binomtest(audits, pairs, epsilon).pvalue)
+
+
+#: One signature to check: (signed message, signature, raw Ed25519 public key).
+SignatureTask = tuple[bytes, bytes, bytes]
+
+
+def signature_tasks(ingest: Ingest, items: Sequence[Any]
+                    ) -> list[tuple[int, str, SignatureTask]]:
+    """Every (item index, keyid, task) whose signer is an enrolled gateway key: the
+    signature checks of a batch, to run in parallel before :meth:`Ingest.admit`.
+    Malformed items are skipped (``admit`` refuses them); nothing here is trusted."""
+    out: list[tuple[int, str, SignatureTask]] = []
+    for i, item in enumerate(items):
+        try:
+            envelope = convert(item, env.Envelope)
+            message = env.pae(envelope.payloadType, envelope.payload_bytes())
+        except ValidationError:
+            continue
+        for sig in envelope.signatures:
+            device_id = ingest._by_keyid.get(sig.keyid)
+            device = ingest.devices.get(device_id) if device_id else None
+            if device is None or device.kind != "gateway":
+                continue
+            try:
+                raw_sig = base64.b64decode(sig.sig, validate=True)
+            except (binascii.Error, ValueError):
+                continue
+            out.append((i, sig.keyid, (message, raw_sig, device.key.raw)))
+    return out
+
+
+def verify_signatures(tasks: Sequence[SignatureTask]) -> list[bool]:
+    """Ed25519 checks, one bool each. Pure: runs in a worker process."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    keys: dict[bytes, Ed25519PublicKey] = {}
+    out = []
+    for message, signature, raw in tasks:
+        try:
+            key = keys.get(raw) or keys.setdefault(raw, Ed25519PublicKey.from_public_bytes(raw))
+            key.verify(signature, message)
+            out.append(True)
+        except (InvalidSignature, ValueError):
+            out.append(False)
+    return out
 
 
 def _claimed_gateway(payload: bytes) -> str | None:

@@ -18,15 +18,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ivp.errors import MisuseError, StateError
-
-
-class NoRouteError(StateError):
-    """No healthy gateway serves the requested model (HTTP 503)."""
-
-
-class RateLimitedError(MisuseError):
-    """A client exceeded its request rate (HTTP 429)."""
+from ivp.errors import NoRouteError, RateLimitedError
 
 
 @dataclass(frozen=True)
@@ -117,3 +109,6 @@ class RateLimiter:
         self._buckets[client] = (tokens - 1.0, now)
         if len(self._buckets) > 100_000:  # forget idle clients (full buckets)
             self._buckets = {c: v for c, v in self._buckets.items() if v[0] < self.burst}
+
+
+__all__ = ["NoRouteError", "RateLimitedError", "RateLimiter", "Route", "Router", "when"]

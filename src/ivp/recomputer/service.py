@@ -8,7 +8,9 @@ acknowledged before it is durable:
 
 * uplink: admit each envelope → one durable transaction → Ack → queue;
 * verification: pool verdicts → durable → alarm and (policy) signed SHUTDOWN;
-* admin: decide → log entry + nonce + effect in one durable transaction → apply.
+* admin: decide → log entry + nonce + effect in one durable transaction → apply →
+  deliver what the gateways must get (a signed READMIT; the inspectors' own
+  ε / reboot-schedule / whitelist envelopes, relayed), retried until answered.
 
 Mutations of trusted state run under one asyncio lock, in arrival order.
 """
@@ -39,12 +41,26 @@ from ivp.errors import (
 )
 from ivp.protocol import envelope as env
 from ivp.protocol.encoding import canonical, decode, to_builtins
-from ivp.protocol.messages import Ack, Shutdown, UplinkResult, Verdict
+from ivp.protocol.messages import (
+    Ack,
+    Readmit,
+    ReadmitArgs,
+    Shutdown,
+    UplinkCursor,
+    UplinkResult,
+    Verdict,
+)
 from ivp.protocol.quorum import QuorumPolicy
 from ivp.recomputer import admin as adm
 from ivp.recomputer import admin_ops
 from ivp.recomputer.alarms import Alarm, authenticated
-from ivp.recomputer.ingest import Ingest, Rules, batch_items
+from ivp.recomputer.ingest import (
+    Ingest,
+    Rules,
+    batch_items,
+    signature_tasks,
+    verify_signatures,
+)
 from ivp.recomputer.routing import RateLimiter, Route, Router
 from ivp.recomputer.sensors import SensorHub, SensorReading, SensorRules
 from ivp.recomputer.sensors import batch_items as sensor_items
@@ -88,6 +104,7 @@ class Config:
     tick_interval: float = 1.0
     forward_timeout: float = 600.0
     tamper_endpoint: bool = False  # POST /tamper stands for the tamper mesh (demos, tests)
+    signature_workers: int = 1  # processes checking uplink signatures in parallel (0: inline)
 
     def __post_init__(self) -> None:
         bad = sorted(k for k in self.shutdown_on if not authenticated(k))
@@ -95,6 +112,85 @@ class Config:
             raise ValidationError(
                 f"shutdown cannot be triggered by {', '.join(bad)}: such alarms rest on data "
                 "anyone can send, so they would let anyone shut an honest gateway down")
+
+
+class _SignaturePool:
+    """Ed25519 checks of large uplink batches in worker processes.
+
+    In one process the GIL keeps signature checks serial, and they are most of what
+    ingestion costs. The pool starts on the first batch that needs it (tests and small
+    batches never start it); until it is warm, and for good if it ever fails, the checks
+    run inline in ``Ingest.admit`` — the same verdicts either way.
+    """
+
+    MIN_BATCH = 16
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._exec: Any = None  # concurrent.futures.ProcessPoolExecutor
+        self._ready = False
+
+    async def check(self, ingest: Ingest, items: Sequence[Any]
+                    ) -> list[frozenset[tuple[str, bytes]]] | None:
+        """Per item, the (keyid, key) pairs whose signature verified; None: check inline."""
+        if self.workers <= 0 or len(items) < self.MIN_BATCH:
+            return None
+        if not self._ready:
+            self._warm()
+            return None
+        tasks = signature_tasks(ingest, items)
+        try:
+            good = await asyncio.get_running_loop().run_in_executor(
+                self._exec, verify_signatures, [t for _, _, t in tasks])
+        except Exception as exc:  # a broken pool: inline from now on
+            self._fail(exc)
+            return None
+        found: list[set[tuple[str, bytes]]] = [set() for _ in items]
+        for (i, keyid, task), ok in zip(tasks, good, strict=True):
+            if ok:
+                found[i].add((keyid, task[2]))
+        return [frozenset(f) for f in found]
+
+    async def start(self) -> None:
+        """Start the workers now and wait until they answer (else they start lazily)."""
+        if self.workers <= 0:
+            return
+        self._warm()
+        while self.workers > 0 and not self._ready:
+            await asyncio.sleep(0.05)
+
+    def _warm(self) -> None:
+        if self._exec is not None:
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        try:  # forkserver: safe with the threads this process runs
+            self._exec = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("forkserver"))
+            warm = asyncio.get_running_loop().run_in_executor(self._exec, verify_signatures,
+                                                              [])
+        except Exception as exc:
+            self._fail(exc)
+            return
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                self._fail(f.exception() or RuntimeError("cancelled"))
+            else:
+                self._ready = True
+
+        warm.add_done_callback(done)
+
+    def _fail(self, exc: BaseException) -> None:
+        log.warning("signature worker pool unavailable (checks run inline): %s", exc)
+        self.workers, self._ready = 0, False
+        self.close()
+
+    def close(self) -> None:
+        if self._exec is not None:
+            self._exec.shutdown(wait=False, cancel_futures=True)
+            self._exec = None
 
 
 class Recomputer:
@@ -132,7 +228,9 @@ class Recomputer:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._spawned: set[asyncio.Task[Any]] = set()
+        self._relaying: set[str] = set()  # gateways whose relays are being delivered
         self._closing = False
+        self._signatures = _SignaturePool(config.signature_workers)
         self._served_dirty = False
         self.session: Any = None  # aiohttp.ClientSession, made in start()
         from ivp.recomputer.metrics import Metrics
@@ -204,6 +302,7 @@ class Recomputer:
         self._wake.set()
         for gw, data in await self._db(self.store.pending_shutdowns):
             self._spawn(self._deliver(gw, data))
+        self._spawn(self._relay_pending())
 
     async def close(self) -> None:
         self._closing = True
@@ -214,6 +313,7 @@ class Recomputer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.pool.close()
+        self._signatures.close()
         if self.session is not None:
             await self.session.close()
         if self._served_dirty:
@@ -229,6 +329,11 @@ class Recomputer:
         task = asyncio.ensure_future(coro)
         self._spawned.add(task)
         task.add_done_callback(self._spawned.discard)
+
+    async def start_signature_workers(self) -> None:
+        """Start the uplink's signature-checking processes now rather than on the first
+        large batch (a recomputer expecting heavy uplink traffic from the start)."""
+        await self._signatures.start()
 
     def check_alive(self) -> None:
         """Raises:
@@ -257,11 +362,14 @@ class Recomputer:
         """
         self.check_alive()
         items = batch_items(body)
+        # signatures first, in parallel and outside the lock (pure checks; ``admit``
+        # re-checks any signer whose key changed meanwhile)
+        verified = await self._signatures.check(self.ingest, items)
         async with self._lock:
             now = time.time()
             outcomes = []
-            for item in items:
-                outcome = self.ingest.admit(item, now)
+            for i, item in enumerate(items):
+                outcome = self.ingest.admit(item, now, verified[i] if verified else frozenset())
                 if outcome.effect is not None:
                     self.ingest.apply(outcome.effect)
                 outcomes.append(outcome)
@@ -290,6 +398,23 @@ class Recomputer:
         return Ack(results=[UplinkResult(ok=o.ok, error="" if o.error is None else
                                          f"{type(o.error).__name__}: {o.error}")
                             for o in outcomes])
+
+    async def cursor(self, gateway_id: str, boot_id: str | None) -> UplinkCursor:
+        """What is stored of a gateway (and one of its boots): ``GET /uplink/cursor``.
+
+        Taken under the uplink's lock, so it reflects every batch that arrived before
+        it, durably written. A gateway asks after a failed batch and drops the records
+        it shows stored: a lost Ack no longer turns into a resend refused as a replay.
+
+        Raises:
+            ValidationError: an id that is not a valid name.
+        """
+        self.check_alive()
+        from ivp.protocol.encoding import convert
+
+        convert({"gateway_id": gateway_id, "boot_id": boot_id}, UplinkCursor)  # validates
+        async with self._lock:
+            return self.ingest.cursor(gateway_id, boot_id)
 
     def _reload(self) -> None:
         self.ingest = Ingest(self.whitelist.manifest, self.config.rules)
@@ -422,7 +547,8 @@ class Recomputer:
                 self.metrics.alarms(alarms)
                 await self._enforce_all([a for a in alarms if a.kind != "verify_fail"])
                 for audit_id, v, _ in verdicts:
-                    if audit_id in fresh and not v.passed:
+                    if audit_id in fresh and not v.passed and \
+                            not self.ingest.judged(v.gateway_id, v.boot_id):
                         await self._enforce("verify_fail", v.gateway_id,
                                             f"audit record {v.audit_seq} failed: {v.reason}")
         except Exception:
@@ -472,8 +598,8 @@ class Recomputer:
         self._spawn(self._deliver(gateway_id, data))
 
     async def _deliver(self, gateway_id: str, data: bytes) -> bool:
-        """POST the signed SHUTDOWN to the gateway's /control; alarm if undeliverable
-        (it is retried by the ticker until the gateway confirms)."""
+        """POST the signed SHUTDOWN (or READMIT) to the gateway's /control; alarm if
+        undeliverable (it is retried by the ticker until the gateway confirms)."""
         import aiohttp
 
         url = self.ingest.gateway_url(gateway_id)
@@ -491,8 +617,72 @@ class Recomputer:
                     error = f"gateway answered {resp.status}: {(await resp.text())[:300]}"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
-        alarm = Alarm("shutdown_undelivered", gateway_id, None, error, time.time())
+        kind = "shutdown_undelivered"
+        with contextlib.suppress(IvpError):
+            if env.Envelope.from_bytes(data).payloadType == env.READMIT:
+                kind = "readmit_undelivered"
+        alarm = Alarm(kind, gateway_id, None, error, time.time())
         await self._db(self.store.add_alarms, [alarm])
+        return False
+
+    # --- relays: the inspectors' instructions, forwarded to each gateway ----------------------
+    async def _relay_pending(self) -> None:
+        """Deliver every pending relay, per gateway in admin-log order.
+
+        A gateway's relays go out one at a time, oldest first, and stop at the first
+        that cannot be delivered (retried by the ticker), so a gateway never gets a
+        newer instruction before an older one from this recomputer. An answer of 4xx is
+        final (the gateway refused: alarm ``relay_refused``); 200 is delivered.
+        """
+        targets = await self._db(self.store.relay_targets)
+        await asyncio.gather(*(self._relay_to(g) for g in targets))
+
+    async def _relay_to(self, gateway_id: str) -> None:
+        if gateway_id in self._relaying:  # the running loop picks up new relays too
+            return
+        self._relaying.add(gateway_id)
+        try:
+            while not self._closing:
+                pending = await self._db(self.store.pending_relays, gateway_id, 1)
+                if not pending:
+                    return
+                relay_id, _, data = pending[0]
+                if not await self._relay_one(gateway_id, relay_id, data):
+                    return
+        finally:
+            self._relaying.discard(gateway_id)
+
+    async def _relay_one(self, gateway_id: str, relay_id: int, data: bytes) -> bool:
+        """POST one relay to the gateway's /admin; False: not delivered (retry later)."""
+        import aiohttp
+
+        url = self.ingest.gateway_url(gateway_id)
+        if not url or self.session is None:
+            return False
+        try:
+            async with self.session.post(
+                url.rstrip("/") + "/admin", data=data,
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=30),
+            ) as resp:
+                answer = (await resp.text())[:2000]
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await self._db(self.store.add_alarms, [Alarm(
+                "relay_undelivered", gateway_id, None, f"{type(exc).__name__}: {exc}"[:500],
+                time.time())])
+            return False
+        if status == 200:
+            await self._db(self.store.relay_done, relay_id, "delivered", answer)
+            return True
+        if 400 <= status < 500:
+            await self._db(self.store.relay_done, relay_id, "refused", answer, [Alarm(
+                "relay_refused", gateway_id, None,
+                f"gateway answered {status}: {answer[:500]}", time.time())])
+            return True
+        await self._db(self.store.add_alarms, [Alarm(
+            "relay_undelivered", gateway_id, None, f"gateway answered {status}: "
+            f"{answer[:500]}", time.time())])
         return False
 
     # --- timers ---------------------------------------------------------------------------------
@@ -518,6 +708,7 @@ class Recomputer:
                     last_retry = now
                     for gw, data in await self._db(self.store.pending_shutdowns):
                         self._spawn(self._deliver(gw, data))
+                    self._spawn(self._relay_pending())
                 if self._served_dirty and now - last_persist >= 10.0:
                     last_persist, self._served_dirty = now, False
                     await self._db(self.store.put_served, dict(self.router.last_served))
@@ -587,8 +778,12 @@ class Recomputer:
             seq, entry, digest = self.admin.next_entry(d, now)
             effects: list[tuple[str, tuple[Any, ...]]] = []
             result: dict[str, Any] = {}
+            readmit = None
+            if d.accepted and isinstance(d.args, ReadmitArgs):
+                readmit = await self._readmit_envelope(d.args.gateway_id, seq, now)
             if d.accepted:
-                effects, result = admin_ops.effects(targets, d.args, seq, now)
+                effects, result = admin_ops.effects(targets, d.args, seq, now, request=body,
+                                                    readmit=readmit)
             # A refused request is kept whole only if small: unauthenticated junk must
             # not fill the disk (its BLAKE3 digest is in the entry either way).
             kept = body if d.accepted or len(body) <= MAX_REFUSED_KEPT else b""
@@ -596,7 +791,11 @@ class Recomputer:
                            d.request.nonce if d.accepted and d.request else None, effects)
             self.admin.advance(seq, digest, d)
             if d.accepted:
-                admin_ops.apply(targets, d.args)
+                admin_ops.apply(targets, d.args, now)
+                if readmit is not None:
+                    self._spawn(self._deliver(d.args.gateway_id, readmit))  # type: ignore[union-attr]
+                if result.get("relayed_to"):
+                    self._spawn(self._relay_pending())
             self.metrics.admin(d)
         if not d.accepted:
             assert d.error is not None
@@ -605,6 +804,21 @@ class Recomputer:
         log.info("admin request accepted (log %d): %s", seq, d.instruction)
         return {"accepted": True, "log_seq": seq, "instruction": d.instruction,
                 "signers": sorted(d.signers), "result": result}
+
+    async def _readmit_envelope(self, gateway_id: str, seq: int, now: float) -> bytes:
+        """A Readmit signed by this recomputer, naming the Shutdown it lifts (the one
+        last sent to the gateway), so it can never lift a later shutdown."""
+        stored = await self._db(self.store.control_envelope, gateway_id)
+        shutdown_nonce = "0" * 32  # no Shutdown on record: lifts none on the gateway
+        if stored is not None:
+            with contextlib.suppress(IvpError):
+                envelope = env.Envelope.from_bytes(stored)
+                if envelope.payloadType == env.SHUTDOWN:
+                    shutdown_nonce = decode(envelope.payload_bytes(), Shutdown).nonce
+        message = Readmit(gateway_id=gateway_id, shutdown_nonce=shutdown_nonce,
+                          reason=f"re-admitted by inspectors (admin log {seq})", time=now,
+                          nonce=secrets.token_hex(16))
+        return canonical(env.sign_message(env.READMIT, message, self.device.signing_key()))
 
     async def admin_log(self) -> dict[str, Any]:
         """The admin log with its head signed by the recomputer's device key."""
@@ -620,6 +834,7 @@ class Recomputer:
         self.check_alive()
         counts = await self._db(self.store.counts)
         per_gw = await self._db(self.store.verdict_counts_by_gateway)
+        relays = await self._db(self.store.relay_counts)
         gateways: dict[str, Any] = {}
         for gw in sorted(self.ingest.gateways.values(), key=lambda g: g.gateway_id):
             boot = self.ingest.boots.get((gw.gateway_id, gw.boot_id)) if gw.boot_id else None
@@ -639,6 +854,8 @@ class Recomputer:
                 "last_checkpoint": boot.checkpoint_received if boot else None,
                 "verdicts": per_gw.get(gw.gateway_id, {"passed": 0, "failed": 0}),
                 "in_flight": self.router.in_flight.get(gw.gateway_id, 0),
+                "alarms_received": gw.next_alarm_seq - 1,
+                "relays": relays.get(gw.gateway_id, {}),
             }
         wl = self.whitelist.current
         return {

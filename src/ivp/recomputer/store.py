@@ -1,9 +1,11 @@
 """The recomputer's durable state: one SQLite file, written before anything is acknowledged.
 
-Tables: enrolments, gateways (state as the recomputer sees it), boots, checkpoints,
-audits (the durable proof-request queue: ``verified = 0`` rows are the queue),
-verdicts, alarms, the hash-chained admin log, used admin nonces, settings (whitelist,
-ε, reboot schedule) and sensor events.
+Tables: enrolments, gateways (state as the recomputer sees it, and the control
+message — SHUTDOWN or READMIT — pending delivery), boots, checkpoints, audits (the
+durable proof-request queue: ``verified = 0`` rows are the queue), verdicts, alarms,
+gateway alarms (the signed envelopes of the gateways' own alarms), the hash-chained
+admin log, used admin nonces, relays (inspectors' instructions to forward to each
+gateway), settings (whitelist, ε, reboot schedule) and sensor events.
 
 Durability: WAL journal with ``synchronous=FULL``, so a transaction that returned is
 on disk (an Ack is sent only after its transaction returned). Triggers make the
@@ -67,6 +69,16 @@ CREATE TABLE IF NOT EXISTS admin_log(
 CREATE TABLE IF NOT EXISTS nonces(nonce TEXT PRIMARY KEY, admin_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS served(model_id TEXT PRIMARY KEY, last_served REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_alarms(
+    gateway_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, boot_id TEXT,
+    time REAL NOT NULL, received REAL NOT NULL, envelope BLOB NOT NULL,
+    PRIMARY KEY(gateway_id, seq));
+CREATE TABLE IF NOT EXISTS relays(
+    id INTEGER PRIMARY KEY, gateway_id TEXT NOT NULL, admin_seq INTEGER NOT NULL,
+    instruction TEXT NOT NULL, envelope BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending', answer TEXT NOT NULL DEFAULT '',
+    time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS relays_pending ON relays(state, gateway_id, id);
 CREATE TABLE IF NOT EXISTS sensor_events(
     id INTEGER PRIMARY KEY, sensor_id TEXT NOT NULL, seq INTEGER NOT NULL,
     kind TEXT NOT NULL, event TEXT NOT NULL, received REAL NOT NULL,
@@ -74,7 +86,7 @@ CREATE TABLE IF NOT EXISTS sensor_events(
 """
 
 # History the API must never rewrite.
-_APPEND_ONLY = ("admin_log", "verdicts")
+_APPEND_ONLY = ("admin_log", "verdicts", "gateway_alarms")
 _TRIGGERS = "\n".join(
     f"""CREATE TRIGGER IF NOT EXISTS {t}_no_update BEFORE UPDATE ON {t}
         BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END;
@@ -141,6 +153,7 @@ class Snapshot:
     settings: dict[str, Any] = field(default_factory=dict)
     served: dict[str, float] = field(default_factory=dict)
     sensor_heads: dict[str, int] = field(default_factory=dict)
+    alarm_heads: dict[str, int] = field(default_factory=dict)  # last gateway alarm seq
 
 
 class Store:
@@ -197,6 +210,8 @@ class Store:
         snap.served = {r[0]: float(r[1]) for r in db.execute("SELECT * FROM served")}
         snap.sensor_heads = {r[0]: int(r[1]) for r in db.execute(
             "SELECT sensor_id, MAX(seq) FROM sensor_events GROUP BY sensor_id")}
+        snap.alarm_heads = {r[0]: int(r[1]) for r in db.execute(
+            "SELECT gateway_id, MAX(seq) FROM gateway_alarms GROUP BY gateway_id")}
         return snap
 
     def boot_envelope(self, gateway_id: str, boot_id: str) -> bytes:
@@ -248,6 +263,12 @@ class Store:
                  e.received, e.envelope, e.payload),
             )
             return int(cur.lastrowid or 0)
+        if kind == "alarm":
+            a = e.record
+            db.execute("INSERT INTO gateway_alarms VALUES (?,?,?,?,?,?,?)",
+                       (a.gateway_id, a.seq, a.kind, a.boot_id, a.time, e.received,
+                        e.envelope))
+            return None
         return None  # duplicates: nothing to write
 
     # --- alarms -----------------------------------------------------------------------------
@@ -369,6 +390,12 @@ class Store:
             "SELECT gateway_id, shutdown_envelope FROM gateways WHERE shutdown_pending = 1"
             " AND shutdown_envelope IS NOT NULL")]
 
+    def control_envelope(self, gateway_id: str) -> bytes | None:
+        """The last control message (SHUTDOWN or READMIT) made for ``gateway_id``."""
+        row = self._db.execute("SELECT shutdown_envelope FROM gateways WHERE gateway_id = ?",
+                               (gateway_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
     def shutdown_delivered(self, gateway_id: str) -> None:
         with self.transaction() as db:
             db.execute("UPDATE gateways SET shutdown_pending = 0 WHERE gateway_id = ?",
@@ -396,6 +423,37 @@ class Store:
     def admin_envelope(self, seq: int) -> bytes | None:
         r = self._db.execute("SELECT envelope FROM admin_log WHERE seq = ?", (seq,)).fetchone()
         return bytes(r[0]) if r else None
+
+    # --- relays (inspectors' instructions forwarded to the gateways) ----------------------------
+    def pending_relays(self, gateway_id: str | None = None,
+                       limit: int = 1000) -> list[tuple[int, str, bytes]]:
+        """(id, gateway_id, envelope) of relays not yet answered, oldest first."""
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in self._db.execute(
+            "SELECT id, gateway_id, envelope FROM relays WHERE state = 'pending'"
+            " AND (? IS NULL OR gateway_id = ?) ORDER BY id LIMIT ?",
+            (gateway_id, gateway_id, limit))]
+
+    def relay_targets(self) -> list[str]:
+        """Gateways with relays not yet answered."""
+        return [str(r[0]) for r in self._db.execute(
+            "SELECT DISTINCT gateway_id FROM relays WHERE state = 'pending'")]
+
+    def relay_done(self, relay_id: int, state: str, answer: str,
+                   alarms: Sequence[Any] = ()) -> None:
+        """Mark a relay ``delivered`` or ``refused`` (with the gateway's answer)."""
+        with self.transaction() as db:
+            db.execute("UPDATE relays SET state = ?, answer = ? WHERE id = ?",
+                       (state, answer[:2000], relay_id))
+            for a in alarms:
+                self._add_alarm(db, a)
+
+    def relay_counts(self) -> dict[str, dict[str, int]]:
+        """Per gateway: relays by state."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self._db.execute("SELECT gateway_id, state, COUNT(*) FROM relays"
+                                  " GROUP BY gateway_id, state"):
+            out.setdefault(r[0], {})[r[1]] = int(r[2])
+        return out
 
     # --- settings and misc --------------------------------------------------------------------
     def put_setting(self, key: str, value: Any) -> None:

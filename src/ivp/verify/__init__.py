@@ -1,4 +1,15 @@
-"""Verification mathematics: scoring claimed outputs against reference replays."""
+"""Verification mathematics: scoring claimed outputs against reference replays.
+
+* ``scoring`` — per-position margins and δ*_t (raw figures) and ``Policy`` (pass/fail);
+* ``bounds`` — the δ-robust top-k / top-p allowed-set bounds that keep tolerant mode sound;
+* ``structure`` — checks replay cannot see (EOS placement, finish reason, text);
+* ``serving`` — an honest batched, left-padded serving path (the nondeterminism sources);
+* ``calibrate`` — δ from the serving path against replay (``ivp calibrate``);
+* ``attacks`` / ``covert`` — cheating servers, and the covert channel left within δ;
+* ``report`` / ``docs`` — ``ivp verify-report`` and docs/VERIFICATION.md.
+
+The recomputer needs only ``score`` and ``Policy("tolerant", manifest.noise_bound.delta)``.
+"""
 
 from ivp.verify.scoring import Judgement, Policy, Scores, score
 

@@ -1,0 +1,283 @@
+"""Verifying a pair by replay vs the server's own generation of it (issue 4).
+
+For each model (the tiny test model and the real Gemma-3-270M) and each output length
+(32 / 128 / 512 tokens), in the same process and run:
+
+* ``generate`` — the server's generation with its KV cache (``ReferenceEngine``,
+  sampler spec v1); the time to the n-th token of a timed ``generate_stream``;
+* ``plain_replay`` — the plain-transformers prefill a verifier would write: one
+  ``model(prompt + output, logits_to_keep=n)`` for one pair (the reference point: 16.5x
+  at 128 Gemma tokens on this machine, per ../shared/ANCHORS.md);
+* ``replay1`` / ``replayB`` — ``ReferenceEngine.replay_batch`` on one pair / a batch of
+  B pairs (time per pair);
+* ``score`` — ``ivp.verify.score`` + ``Policy.judge`` on replayed logits (per pair);
+* ``verifyB`` — the recomputer's worker end to end (``Verifier.verify`` on B signed-less
+  audit records: decode, prechecks, batched replay, scoring, verdicts), per pair.
+
+Ratio = generation time / verification time per pair. Goal (issue 4): >= 30x at 128
+tokens on Gemma.
+
+Forcing the length: outputs must be exactly n tokens long for every n, so the bench
+sets ``eos_ids = frozenset()`` on its own engines (the generating one and the
+verifier's) — generation then ignores EOS and always runs to ``max_tokens``; nothing
+outside this script changes. One generation of the longest length per (prompt, seed)
+is timed token by token, and its n-token prefix is the honest n-token output for that
+seed (the token at position t depends only on the logits, the seed and t). Batches of
+B pairs cycle through G distinct generated pairs when B > G (the replay's cost does not
+depend on which tokens it replays; each record still passes on its own).
+
+    .venv/bin/python bench/replay_vs_generate.py [--quick] [--models tiny,gemma]
+        [--lengths 32,128,512] [--gemma-dir DIR]
+
+The last stdout line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit, machine, note, work_dir
+
+PROMPTS = (
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain, step by step and in detail, how a datacenter is cooled in summer.",
+    "The history of the printing press begins in the fifteenth century, when",
+    "List the arguments for and against nuclear power, one paragraph each:",
+)
+GOAL_RATIO_128_GEMMA = 30.0
+
+
+@dataclass
+class Pair:
+    prompt: list[int]
+    output: list[int]  # the longest length; shorter outputs are prefixes
+    seed: int
+    token_times: list[float]  # seconds from the start to each token
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(median, min) wall seconds of ``fn`` over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), min(times)
+
+
+def generate(engine: Any, prompt: list[int], params: Any, seed: int) -> Pair:
+    """The server's generation (KV cache), timed token by token."""
+    start = time.perf_counter()
+    tokens, times = [], []
+    for tok in engine.generate_stream(prompt, params, seed):
+        tokens.append(tok)
+        times.append(time.perf_counter() - start)
+    return Pair(prompt, tokens, seed, times)
+
+
+def load(model_dir: Path) -> tuple[Any, Any, dict[str, bytes]]:
+    from ivp.engine.loading import load_model, load_tokenizer, read_dir
+    from ivp.engine.reference import ReferenceEngine
+
+    files = read_dir(model_dir)
+    engine = ReferenceEngine(load_model(files), load_tokenizer(files))
+    engine.eos_ids = frozenset()  # bench only: generation runs to max_tokens
+    return engine, files, files
+
+
+def records(pairs: Sequence[Pair], n: int, params: Any, model_id: str, engine: Any) -> list[Any]:
+    """Audit records (as the recomputer stores them) of the n-token prefixes."""
+    from ivp.protocol.chain import genesis, link
+    from ivp.protocol.messages import AuditRecord, PairRecord, Tag
+
+    out, head = [], genesis("gw-bench", "boot-bench")
+    for i, p in enumerate(pairs):
+        tokens = p.output[:n]
+        pair = PairRecord(
+            tag=Tag("gw-bench", "boot-bench", i), model_id=model_id, endpoint="completions",
+            input="bench", prompt_token_ids=p.prompt, output_token_ids=tokens,
+            output_text=engine.tokenizer.decode(tokens, skip_special_tokens=True),
+            finish_reason="length", seed=p.seed, params=params, t_request=0.0, t_response=0.0)
+        prev, head = head, link(head, pair)
+        out.append(AuditRecord(gateway_id="gw-bench", boot_id="boot-bench", audit_seq=i + 1,
+                               chain_prev=prev, chain_head=head, pair=pair))
+    return out
+
+
+def flops(engine: Any, prompt_len: int, n: int) -> float:
+    """~FLOPs of one replay forward: 2 x (decoder params x tokens + head params x rows)
+    (attention's L^2 terms left out)."""
+    model = engine.model
+    head = model.get_output_embeddings().weight.numel()
+    embed = model.get_input_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - embed \
+        - (0 if model.get_output_embeddings().weight is model.get_input_embeddings().weight
+           else head)
+    return 2.0 * (body * (prompt_len + n - 1) + head * n)
+
+
+def bench_model(name: str, model_dir: Path, model_id: str, args: argparse.Namespace
+                ) -> dict[str, Any]:
+    import torch
+
+    from ivp.protocol.encoding import canonical
+    from ivp.protocol.messages import SamplingParams
+    from ivp.recomputer.workers import ModelSource, Verifier, VerifyJob
+    from ivp.verify import Policy, score
+    from ivp.whitelist import make_manifest
+
+    lengths = sorted(args.lengths)
+    longest = lengths[-1]
+    note(f"{name}: loading")
+    engine, files, _ = load(model_dir)
+    manifest = make_manifest(model_dir, model_id)
+    verifier = Verifier([ModelSource(manifest, files)], "exact")
+    for _, v_engine, _ in verifier._models.values():
+        v_engine.eos_ids = frozenset()  # bench only, as for the generating engine
+    params = SamplingParams(temperature=args.temperature, top_k=0, top_p=1.0,
+                            max_tokens=longest)
+    gens = args.gemma_generations if name == "gemma" else args.tiny_generations
+    pairs = []
+    for i in range(gens):
+        prompt = engine.tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"]
+        note(f"{name}: generating {longest} tokens ({i + 1}/{gens})")
+        pairs.append(generate(engine, prompt, params, seed=1_000_003 * (i + 1)))
+    batch = args.batch
+    out: dict[str, Any] = {"model_dir": str(model_dir), "params": {
+        "temperature": args.temperature, "top_k": 0, "top_p": 1.0},
+        "torch_threads": torch.get_num_threads(), "distinct_pairs": gens, "batch": batch,
+        "vocab": engine.vocab_size, "lengths": {}}
+    repeats = args.repeats
+    for n in lengths:
+        note(f"{name}: n={n}")
+        p_n = SamplingParams(temperature=args.temperature, top_k=0, top_p=1.0, max_tokens=n)
+        mine = [(p.prompt, p.output[:n]) for p in pairs]
+        cycle = [mine[i % len(mine)] for i in range(batch)]
+        gen_s = statistics.median(p.token_times[n - 1] for p in pairs)
+        reps = max(1, repeats if n < 512 else repeats - 1)
+
+        def plain(prompt: list[int] = mine[0][0], output: list[int] = mine[0][1]) -> None:
+            ids = torch.tensor([prompt + output])
+            with torch.inference_mode():
+                engine.model(input_ids=ids, use_cache=False, logits_to_keep=len(output) + 1)
+
+        engine.replay_batch(cycle)  # warm-up (first-call allocations, kernel choice)
+        plain_s, plain_min = timed(plain, reps)
+        replay1_s, replay1_min = timed(lambda m=mine: engine.replay(*m[0]), reps)
+        replay_b, replay_b_min = timed(lambda c=cycle: engine.replay_batch(c), reps)
+        logits = engine.replay(*mine[0])
+        score_s, score_min = timed(lambda lg=logits, m=mine, pn=p_n: Policy("exact").judge(
+            score(lg, m[0][1], pairs[0].seed, pn), pn), reps)
+        recs = records([pairs[i % len(pairs)] for i in range(batch)], n, p_n, model_id, engine)
+        digest = manifest_digest(manifest)
+        jobs = [VerifyJob(i, digest, canonical(r)) for i, r in enumerate(recs)]
+        verdicts: list[Any] = []
+        verify_b, verify_b_min = timed(
+            lambda j=jobs, v=verdicts: v.append(verifier.verify(j)), reps)
+        passed = _passed(verdicts[-1])
+        per = {
+            "generate_s": round(gen_s, 4),
+            "plain_replay_s": round(plain_s, 4), "replay1_s": round(replay1_s, 4),
+            "replay_batch_per_pair_s": round(replay_b / batch, 4),
+            "score_s": round(score_s, 4),
+            "verify_batch_per_pair_s": round(verify_b / batch, 4),
+            "min": {"plain_replay_s": round(plain_min, 4), "replay1_s": round(replay1_min, 4),
+                    "replay_batch_per_pair_s": round(replay_b_min / batch, 4),
+                    "score_s": round(score_min, 4),
+                    "verify_batch_per_pair_s": round(verify_b_min / batch, 4)},
+            "verdicts_passed": f"{passed}/{len(jobs)}",
+            "replay_gflops_per_s": round(flops(engine, len(mine[0][0]), n) / replay1_s / 1e9, 1),
+        }
+        per["ratio"] = {
+            "plain_replay": round(gen_s / plain_s, 2),
+            "replay1": round(gen_s / replay1_s, 2),
+            "replay_batch": round(gen_s / (replay_b / batch), 2),
+            "replay_batch_plus_score": round(gen_s / (replay_b / batch + score_s), 2),
+            "verify_batch": round(gen_s / (verify_b / batch), 2),
+        }
+        out["lengths"][str(n)] = per
+        note(f"{name}: n={n}: {per['ratio']}")
+    return out
+
+
+def manifest_digest(manifest: Any) -> str:
+    from ivp.protocol.messages import manifest_digest as digest
+
+    return str(digest(manifest))
+
+
+def _passed(outcomes: Sequence[Any]) -> int:
+    from ivp.protocol.encoding import decode
+    from ivp.protocol.messages import Verdict
+
+    return sum(1 for o in outcomes if o.verdict is not None and decode(o.verdict, Verdict).passed)
+
+
+def gemma_dir(arg: str | None) -> Path:
+    from ivp.engine.gemma import default_gemma_dir, is_complete, prepare_gemma
+
+    path = Path(arg) if arg else default_gemma_dir()
+    if not is_complete(path) and Path("/tmp/ivpwork/gemma-3-270m").is_dir() and not arg \
+            and "IVP_CACHE" not in os.environ:
+        path = Path("/tmp/ivpwork/gemma-3-270m")
+    if not is_complete(path):
+        note(f"converting Gemma-3-270M into {path} (once)")
+        path = prepare_gemma(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, short outputs")
+    parser.add_argument("--models", default="tiny,gemma")
+    parser.add_argument("--lengths", default="32,128,512")
+    parser.add_argument("--gemma-dir", default=None,
+                        help="converted Gemma-3-270M (default: $IVP_CACHE/gemma-3-270m)")
+    parser.add_argument("--batch", type=int, default=4, help="pairs per batched replay")
+    parser.add_argument("--gemma-generations", type=int, default=2)
+    parser.add_argument("--tiny-generations", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.lengths, args.repeats, args.batch = "tiny", "16", 1, 2
+        args.tiny_generations = 2
+    args.lengths = [int(x) for x in str(args.lengths).split(",")]
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {"bench": "replay_vs_generate", "quick": args.quick,
+                              "machine_before": machine(), "models": {}}
+    for name in args.models.split(","):
+        if name == "tiny":
+            from ivp.engine.tiny import build_tiny_model
+
+            model_dir, model_id = build_tiny_model(work_dir("tiny") / "model"), "tiny-llama"
+        elif name == "gemma":
+            model_dir, model_id = gemma_dir(args.gemma_dir), "gemma-3-270m"
+        else:
+            raise SystemExit(f"unknown model {name!r} (tiny, gemma)")
+        result["models"][name] = bench_model(name, model_dir, model_id, args)
+    result["machine_after"] = machine()
+    gemma = result["models"].get("gemma", {}).get("lengths", {}).get("128")
+    if gemma:
+        result["gemma_128_ratio_verify"] = gemma["ratio"]["verify_batch"]
+        result["gemma_128_ratio_replay_only"] = gemma["ratio"]["replay_batch"]
+        result["goal_met"] = gemma["ratio"]["verify_batch"] >= GOAL_RATIO_128_GEMMA
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

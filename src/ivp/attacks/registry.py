@@ -1,0 +1,39 @@
+"""Every scenario by name, in the order of the note's table, then the protocol's."""
+
+from __future__ import annotations
+
+from ivp.attacks import admin, boot, physical, serving, uplink
+from ivp.attacks.base import Scenario
+
+ORDER = (
+    # the note's "Attack Vectors & Mitigations" table
+    "interconnect", "internet-training", "expert-iteration", "rogue-model-persists",
+    "covert-rf", "tamper-gateway", "tamper-recomputer",
+    # attacks on the protocol itself
+    "model-swap-at-upload", "upload-exfiltration", "unpaired-output", "forged-audit",
+    "replayed-audit", "withheld-audit", "silenced-gateway", "seed-ignored", "stego",
+    "admin-replay", "admin-no-quorum", "sensor-spoof", "lone-entry",
+)
+
+_ALL = {s.name: s for m in (serving, boot, uplink, admin, physical) for s in m.SCENARIOS}
+assert set(_ALL) == set(ORDER), sorted(set(_ALL) ^ set(ORDER))
+SCENARIOS: dict[str, Scenario] = {name: _ALL[name] for name in ORDER}
+
+
+def resolve(names: list[str]) -> list[Scenario]:
+    """Scenarios for ``names`` ("all" = every one), in registry order.
+
+    Raises:
+        KeyError: an unknown name (the message lists the known ones).
+    """
+    if "all" in names:
+        return list(SCENARIOS.values())
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise KeyError(f"unknown attack(s) {', '.join(unknown)}; known: "
+                       f"{', '.join(SCENARIOS)}")
+    wanted = set(names)
+    return [s for s in SCENARIOS.values() if s.name in wanted]
+
+
+__all__ = ["ORDER", "SCENARIOS", "resolve"]

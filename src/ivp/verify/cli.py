@@ -1,0 +1,200 @@
+"""`ivp calibrate` and `ivp verify-report`: measure δ; measure what verification achieves.
+
+    ivp calibrate MODEL_DIR --model-id ID --manifest-out m.json
+    ivp verify-report [--quick] [--json] [--model tiny|gemma-3-270m]
+
+δ reaches gateways and the recomputer only inside a new whitelist version signed under
+the quorum policy: `ivp calibrate` writes the manifest; the inspectors then run
+`ivp whitelist build --manifest m.json --version N+1 …`, `ivp whitelist sign …`, and
+install it with a `whitelist_update` admin request.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibrate")(calibrate)
+    app.command("verify-report")(verify_report)
+
+
+def _err(message: str) -> None:
+    Console(stderr=True, highlight=False, markup=False, soft_wrap=True).print(message)
+
+
+def calibrate(
+    model_dir: Path = typer.Argument(..., help="Model directory (config.json, tokenizer, "
+                                     ".safetensors shards), as whitelisted."),
+    model_id: str = typer.Option(..., "--model-id", help="The model's id in the manifest."),
+    manifest_out: Path = typer.Option(..., "--manifest-out", help="Where to write the "
+                                      "manifest carrying the calibrated δ."),
+    prompts: int = typer.Option(16, "--prompts", min=1, max=16, help="Calibration prompts."),
+    max_tokens: int = typer.Option(16, "--max-tokens", min=1, max=512, help="Tokens generated "
+                                   "per calibration request."),
+    safety: float = typer.Option(4.0, "--safety", min=1.0, help="δ = max(safety x observed, "
+                                 "tail extrapolation)."),
+    batch_sizes: str = typer.Option("1,2,3,4,5,6,7,8", "--batch-sizes", help="Serving batch "
+                                    "sizes to measure (comma-separated)."),
+    threads: str = typer.Option("1,2", "--threads", help="Thread counts to measure."),
+    algo: str = typer.Option("blake3", "--algo", help="Manifest digest algorithm."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line."),
+) -> None:
+    """Measure the model's noise bound δ over the honest serving path and write a manifest.
+
+    The serving path runs every source of honest nondeterminism: batch sizes 1-8 with
+    left padding, 1 and 2 threads, KV-cache decoding; the recomputer's replay runs alone
+    and in groups of 4. δ = max(safety x largest |Δlogit|, Gumbel-tail extrapolation of
+    the per-position maxima to 1e12 positions). The manifest's NoiseBound records δ, how
+    it was measured and over how many positions. Deterministic on one machine.
+
+    Next (inspectors): `ivp whitelist build --manifest FILE --version N+1 ...`, then
+    `ivp whitelist sign`, then a `whitelist_update` admin request: δ reaches gateways
+    and the recomputer only in a whitelist version signed under the quorum policy.
+    """
+    from ivp.engine.loading import load_from_dir
+    from ivp.engine.reference import ReferenceEngine
+    from ivp.errors import IvpError
+    from ivp.protocol.encoding import canonical
+    from ivp.protocol.messages import SamplingParams
+    from ivp.verify import calibrate as cal
+    from ivp.verify.prompts import CALIBRATION, encode_prompts
+
+    if not model_dir.is_dir():
+        _err(f"error: {model_dir}: not a model directory")
+        raise typer.Exit(2)
+    try:
+        configs = [cal.ServingConfig(int(b), int(t)) for t in threads.split(",")
+                   for b in batch_sizes.split(",")]
+    except ValueError:
+        _err(f"error: bad --batch-sizes {batch_sizes!r} or --threads {threads!r} "
+             "(comma-separated integers 1-64)")
+        raise typer.Exit(2) from None
+    try:
+        model, tokenizer = load_from_dir(model_dir)
+        engine = ReferenceEngine(model, tokenizer)
+        ids = encode_prompts(tokenizer, CALIBRATION[:prompts],
+                             chat=bool(getattr(tokenizer, "chat_template", None)))
+        params = tuple(SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                      max_tokens=max_tokens) for p in cal.CALIBRATION_PARAMS)
+        start = time.perf_counter()
+        result = cal.measure(engine, cal.calibration_requests(ids, params), configs,
+                             safety=safety)
+        manifest = cal.calibrated_manifest(model_dir, model_id, result, algo=algo)
+    except (IvpError, ValueError) as exc:
+        _err(f"error: {exc}")
+        raise typer.Exit(2) from None
+    manifest_out.write_bytes(canonical(manifest) + b"\n")
+    figures = {"model_id": model_id, "delta": result.delta, "observed": result.observed,
+               "extrapolated": result.extrapolated, "safety": result.safety,
+               "samples": result.samples, "method": result.method(),
+               "seconds": round(time.perf_counter() - start, 1), "manifest": str(manifest_out)}
+    if as_json:
+        print(json.dumps(figures))
+        return
+    con = Console(highlight=False, soft_wrap=True)
+    table = Table(title=f"{model_id}: max |z_serve - z_replay| per source")
+    for col in ("serving config", "replay group", "positions", "max |Δz|"):
+        table.add_column(col)
+    for s in result.sources:
+        table.add_row(s.serving, str(s.replay_group), str(s.rows), f"{s.max_abs:.3g}")
+    con.print(table)
+    con.print(f"observed {result.observed:.3g}; tail extrapolation {result.extrapolated:.3g}; "
+              f"δ = {result.delta:.3g} over {result.samples} positions "
+              f"({figures['seconds']} s)\nmanifest written to {manifest_out}\n"
+              f"next: ivp whitelist build --manifest {manifest_out} --version <N+1> "
+              f"--expires-days 30 --key <inspector key> --out whitelist.json; "
+              f"ivp whitelist sign whitelist.json --key <other party's key>")
+
+
+def verify_report(
+    quick: bool = typer.Option(False, "--quick", help="Reduced run for CI (tiny model, "
+                               "well under 2 minutes); writes files only with --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary JSON as the last "
+                                 "line."),
+    model: str = typer.Option("tiny", "--model", help="tiny or gemma-3-270m."),
+    out: Path | None = typer.Option(None, "--out", help="Docs directory to write "
+                                    "VERIFICATION.md and img/ into (default: docs/ for a "
+                                    "full run; nothing for --quick)."),
+    manifest: Path | None = typer.Option(None, "--manifest", help="Take δ from this "
+                                         "manifest instead of calibrating in the run."),
+    honest: int | None = typer.Option(None, "--honest", min=16, help="Override the number "
+                                      "of honest messages."),
+    render_only: bool = typer.Option(False, "--render-only", help="Only re-render "
+                                     "VERIFICATION.md from the figures saved in img/."),
+) -> None:
+    """Run honest and attack experiments; write docs/VERIFICATION.md and its plots.
+
+    Honest messages come from the serving path under batch sizes 1-8 (left padding) and
+    1/2 threads; every attack generator answers requests at T = 1; the stego-bounded
+    encoder measures the covert channel. With --quick the exit status is 1 unless there
+    are 0 honest false positives and every attack generator was detected.
+    """
+    from dataclasses import replace
+
+    from ivp.verify import report as rep
+    from ivp.verify.docs import load_runs, render
+
+    if render_only:
+        docs = out if out is not None else Path("docs")
+        (docs / "VERIFICATION.md").write_text(render(load_runs(docs / "img")))
+        return
+    if model not in rep.FULL:
+        _err(f"error: --model {model!r}: use tiny or gemma-3-270m")
+        raise typer.Exit(2)
+    if quick and model != "tiny":
+        _err("error: --quick runs on the tiny model only")
+        raise typer.Exit(2)
+    plan = rep.QUICK if quick else rep.FULL[model]
+    if honest is not None:
+        plan = replace(plan, honest_messages=honest)
+    t0 = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    result = rep.run(plan, manifest=manifest, log=log)
+    summary = rep.summary(result)
+    docs = out if out is not None else (None if quick else Path("docs"))
+    if docs is not None:
+        img = docs / "img"
+        img.mkdir(parents=True, exist_ok=True)
+        (img / f"verification-{model}.json").write_text(
+            json.dumps(rep.details(result), indent=1, sort_keys=True) + "\n")
+        rep.plots(result, img)
+        (docs / "VERIFICATION.md").write_text(render(load_runs(img)))
+        log(f"wrote {docs / 'VERIFICATION.md'} and plots in {img}")
+    failures = []
+    if summary["honest"]["false_positives"]:
+        failures.append(f"{summary['honest']['false_positives']} honest false positives")
+    missed = [a["name"] for a in summary["attacks"] if a["detected"] == 0]
+    if missed:
+        failures.append(f"never detected: {', '.join(missed)}")
+    if not as_json:
+        con = Console(highlight=False, soft_wrap=True)
+        h = summary["honest"]
+        con.print(f"honest: {h['messages']} messages, {h['tokens']} tokens, "
+                  f"{h['false_positives']} false positives (95% bound "
+                  f"{h['fpr_upper_95']:.3g}); exact-match rate {h['exact_match_rate']:.4%}")
+        for a in summary["attacks"]:
+            con.print(f"  {a['name']:14s} detected {a['detected']}/{a['messages']}; tokens "
+                      f"for AUC>0.999: {a['tokens_for_auc_999']}")
+        c = summary["covert"]
+        con.print(f"covert at δ={c['delta']:.3g}: {c['bits_per_token']:.3g} bits/token, "
+                  f"{c['channel_fraction']:.3%} of the sampling entropy")
+        for f in failures:
+            con.print(f"FAILED: {f}")
+    else:
+        print(json.dumps(summary))
+    if quick and failures:
+        raise typer.Exit(1)
+
+
+__all__ = ["calibrate", "register", "verify_report"]

