@@ -286,7 +286,8 @@ def _get(url: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1,024 records, signatures inline (smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="1,024 records, signatures inline (smoke test)")
     parser.add_argument("--records", type=int, default=40_000)
     parser.add_argument("--gateways", type=int, default=4)
     parser.add_argument("--signature-workers", type=int, default=1,

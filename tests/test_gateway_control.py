@@ -383,3 +383,33 @@ def test_cursor_claiming_more_than_was_stored_only_drops_what_the_recomputer_mis
         assert [a.audit_seq for a in rig.recomputer.audits] == [2]  # record 1 never came
         await rig.gw.close()
     run(body())
+
+
+def test_server_bytes_never_reach_an_upstream_error_text() -> None:
+    """Attack: the server answers a bad status line that carries data; the error text
+    (which reaches alarms, the operator's upload answer, a client's 502) names only
+    what failed."""
+    from ivp.errors import TransportError
+    from ivp.gateway.upstream import HttpUpstream
+
+    async def body() -> None:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1 << 16)
+            writer.write(b"IVP-LEAK-0123 not http\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upstream = HttpUpstream(f"http://127.0.0.1:{port}")
+        try:
+            for call in (lambda: upstream.post("/v1/completions", b"{}", timeout=5),
+                         lambda: upstream.get("/health", timeout=5)):
+                with pytest.raises(TransportError) as err:
+                    await call()
+                assert "LEAK" not in str(err.value) and "server unreachable" in str(err.value)
+        finally:
+            await upstream.close()
+            server.close()
+            await server.wait_closed()
+    run(body())

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from ivp.attacks.tap import UplinkTap
     from ivp.demo.datacenter import LoopbackDatacenter
+    from ivp.recomputer.sensors import SensorSimulator
 
 #: what a scenario needs from the session: nothing of its own, a fresh gateway it may
 #: break, or a whole datacenter of its own (it breaks the recomputer).
@@ -125,11 +128,11 @@ class Context:
     victim: int | None = None  # index in dc.handles
     honest: int = 0  # the honest gateway every session has (gw-a), behind its own tap
     taps: dict[int, UplinkTap] = field(default_factory=dict)  # gateway index -> its tap
-    sensors: Any = None  # the session's SensorSimulator (see ivp.attacks.physical)
+    sensors: SensorSimulator | None = None  # the session's (ivp.attacks.physical)
     cap: int = 200  # most requests a scenario sends while waiting for detection
     patience: float = 60.0  # most seconds a scenario waits for a timed alarm
     say: Callable[[str], None] = lambda message: None
-    scratch: Any = None  # a directory for files the attacker makes
+    scratch: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))  # attacker's files
 
     def tap(self, index: int) -> UplinkTap:
         """The operator's tap on gateway ``index``'s uplink."""

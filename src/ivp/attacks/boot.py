@@ -109,7 +109,8 @@ def model_swap(ctx: Context, result: Result) -> None:
             refused_upload(ctx, ctx.victim, answer, t0))
     t1 = time.time()
     unlisted = ctx.dc.upload(h, swapped, model_id=ctx.dc.model_id + "-finetune")
-    err = unlisted.get("error") if isinstance(unlisted.get("error"), dict) else {}
+    error = unlisted.get("error")
+    err: dict[str, Any] = error if isinstance(error, dict) else {}
     found = None
     if unlisted.get("http_status") == 404 and err.get("type") == "UnknownModelError":
         found = Evidence(time.time(), f"POST {h.gateway_id}/upload",

@@ -7,9 +7,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ivp.attacks.runner import Report
 
 attack_app = typer.Typer(
     name="attack",
@@ -106,26 +111,22 @@ def run(
     raise typer.Exit(0 if report.ok else 1)
 
 
-def print_report(report: object, console: object) -> None:
+def print_report(report: Report, console: Console) -> None:
     """The results as a table (what the live system said for each attack)."""
     from rich.table import Table
 
-    from ivp.attacks.runner import Report
-
-    assert isinstance(report, Report)
     table = Table(title="ivp attack — what the live system noticed")
     for col in ("attack", "detected", "seconds", "requests", "evidence"):
         table.add_column(col, justify="right" if col in ("seconds", "requests") else "left")
     for r in report.results:
         shown = [str(e) for e in r.evidence[:2]] + [f"MISSING: {m}" for m in r.missing]
-        if r.error:
-            shown.append(f"ERROR: {r.error}")
+        shown += [f"NOTE: {n}" for n in r.notes] + ([f"ERROR: {r.error}"] if r.error else [])
         table.add_row(r.name, "[green]yes[/green]" if r.detected else "[red]NO[/red]",
                       f"{r.seconds_to_detect:.1f}", str(r.requests_before_detection),
                       "\n".join(s[:140] for s in shown))
-    console.print(table)  # type: ignore[attr-defined]
+    console.print(table)
     h = report.honest
-    console.print(  # type: ignore[attr-defined]
+    console.print(
         f"honest audits: {h.get('audited', 0)} verified, {h.get('failed', 0)} failed; "
         f"{sum(r.detected for r in report.results)}/{len(report.results)} attacks detected "
         f"in {report.seconds:.0f} s — " + ("[green]PASS[/green]" if report.ok

@@ -67,7 +67,7 @@ def _sequence_off() -> None:
             boot.last_pair_seq = -1
         return original(self, r, *args)
 
-    Ingest._admit_audit = admit_audit  # type: ignore[method-assign]
+    Ingest._admit_audit = admit_audit  # type: ignore[method-assign,assignment]
     _without_tick_alarms({"audit_withheld"})
 
 

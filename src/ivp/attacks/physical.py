@@ -34,9 +34,15 @@ def simulator() -> SensorSimulator:
     return SensorSimulator(noise_db=1.0, clock=time.time, rng=np.random.default_rng(7))
 
 
+def _sims(ctx: Context) -> SensorSimulator:
+    if ctx.sensors is None:
+        raise RuntimeError("this session has no sensor simulator")
+    return ctx.sensors
+
+
 def sensor(ctx: Context, sensor_id: str, x: float = 0.0, y: float = 0.0) -> SimSensor:
     """The sensor called ``sensor_id``, enrolled by the inspectors on first use."""
-    sims: SensorSimulator = ctx.sensors
+    sims = _sims(ctx)
     new = sensor_id not in sims.sensors
     s = sims.sensor(sensor_id, x, y)
     if new:
@@ -59,7 +65,7 @@ def interconnect(ctx: Context, result: Result) -> None:
     """A cable appears between two racks: the tray's seal breaks, a camera sees it."""
     sensor(ctx, "seal-tray-1")
     sensor(ctx, "cam-hall-1")
-    sims: SensorSimulator = ctx.sensors
+    sims = _sims(ctx)
     t0 = time.time()
     result.started = t0
     answers = post(ctx, [
@@ -80,7 +86,7 @@ def covert_rf(ctx: Context, result: Result) -> None:
     """A transmitter in the hall bursts; every RF sensor hears it; it is located."""
     for i, (x, y) in enumerate(HALL, start=1):
         sensor(ctx, f"rf-{i}", x, y)
-    sims: SensorSimulator = ctx.sensors
+    sims = _sims(ctx)
     truth = (6.5, 13.0)
     t0 = time.time()
     result.started = t0
@@ -104,7 +110,7 @@ def sensor_spoof(ctx: Context, result: Result) -> None:
     """The operator feeds the recomputer calm readings: signed by a key of its own, or
     replayed from an earlier genuine reading."""
     genuine = sensor(ctx, "seal-rack-2")
-    sims: SensorSimulator = ctx.sensors
+    sims = _sims(ctx)
     first = sims.seal("seal-rack-2", "rack-2", True, "intact")
     if not post(ctx, [first])[0]["ok"]:
         result.error = "the genuine reading was refused"
@@ -127,7 +133,7 @@ def sensor_spoof(ctx: Context, result: Result) -> None:
 def lone_entry(ctx: Context, result: Result) -> None:
     """One person badges into the hall and stays alone (two-person rule broken)."""
     sensor(ctx, "badge-hall-1")
-    sims: SensorSimulator = ctx.sensors
+    sims = _sims(ctx)
     t0 = time.time()
     result.started = t0
     post(ctx, [sims.badge("badge-hall-1", "hall-1", "operator-7", "in")])
@@ -152,11 +158,10 @@ def _status_of(url: str) -> tuple[int, Any]:
 
 def _bricked(source: str, status: int, answer: Any) -> Evidence | None:
     """Evidence from an answer that says the device is bricked."""
-    body = answer if isinstance(answer, dict) else {}
+    body: dict[str, Any] = answer if isinstance(answer, dict) else {}
     error = body.get("error")
-    etype = error.get("type") if isinstance(error, dict) else None
-    if status == 403 and etype == "BrickedError":
-        return Evidence(time.time(), source, f"HTTP 403 BrickedError: {error['message']}")
+    if status == 403 and isinstance(error, dict) and error.get("type") == "BrickedError":
+        return Evidence(time.time(), source, f"HTTP 403 BrickedError: {error.get('message')}")
     if body.get("state") == "bricked":
         why = body.get("error") if isinstance(body.get("error"), str) else ""
         return Evidence(time.time(), source, f"HTTP {status}: state bricked {why}".strip())

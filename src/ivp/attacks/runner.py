@@ -68,7 +68,7 @@ class AttackSession:
             self.root, gateways=0, epsilon=settings.epsilon, model=settings.model,
             checkpoint_interval=settings.checkpoint_interval, workers=workers,
             log=settings.say, recomputer_args=args, recomputer_launcher=launcher,
-            model_dir=settings.model_dir)
+            prebuilt_model=settings.model_dir)
         self.taps: dict[int, UplinkTap] = {}
         self.cheaters: set[str] = set()  # gateways whose server carries a cheat
         self.sensors = physical.simulator()

@@ -117,7 +117,7 @@ class UplinkTap:
     def url(self) -> str:
         """Give this to a gateway as ``--recomputer``."""
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def stop(self) -> None:
         self._server.shutdown()

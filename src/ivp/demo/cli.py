@@ -6,6 +6,7 @@ code as ``ivp attack run NAME``); the default is *rogue-model-persists*.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -119,16 +120,16 @@ def _attack_summary(session: AttackSession, scenario: Scenario, result: Result,
     dc = session.dc
     counts, alarms, recomputer = {"audited": 0, "failed": 0}, 0, "up"
     try:
-        dc.drain(timeout=60)
-    except (RuntimeError, OSError) as exc:
-        recomputer = "bricked" if "403" in str(exc) else "up"
-    try:
+        dc.recomputer_status()
+    except OSError:  # a bricked recomputer answers nothing
+        recomputer = "bricked"
+    if recomputer == "up":
+        with contextlib.suppress(RuntimeError):  # the counts below are what arrived
+            dc.drain(timeout=60)
         fresh = [v for v in dc.verdicts()
                  if (v["gateway_id"], v["boot_id"], v["audit_seq"]) not in seen]
         counts = verdict_counts(fresh)
         alarms = len(dc.alarms()) - alarms_before
-    except OSError:  # a bricked recomputer answers nothing
-        recomputer = "bricked"
     state = session.context(victim).gateway_status(victim if victim is not None
                                                     else session.honest).get("state")
     summary = result.summary()

@@ -139,7 +139,7 @@ class LoopbackDatacenter:
         recomputer_launcher: how the recomputer process is started, before its
             ``recomputer`` sub-command (default ``-m ivp.cli``; the attack suite's own
             tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
-        model_dir: an already built model directory to use instead of building one.
+        prebuilt_model: an already built model directory to use instead of building one.
     """
 
     root: Path
@@ -152,7 +152,7 @@ class LoopbackDatacenter:
     log: Callable[[str], None] = lambda message: None
     recomputer_args: list[str] = field(default_factory=list)
     recomputer_launcher: tuple[str, ...] = ("-m", "ivp.cli")
-    model_dir: Path | None = None
+    prebuilt_model: Path | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -166,8 +166,8 @@ class LoopbackDatacenter:
 
     # --- set-up ---------------------------------------------------------------------------
     def prepare_model(self) -> Path:
-        if self.model_dir is not None:
-            return Path(self.model_dir)
+        if self.prebuilt_model is not None:
+            return Path(self.prebuilt_model)
         if self.model == "tiny":
             from ivp.engine.tiny import build_tiny_model
 

@@ -16,7 +16,6 @@ act before any inference, during the boot upload.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -201,7 +200,8 @@ def file_under_unopened_tags(_model: PreTrainedModel) -> None:
     """unpaired-output: the server's answers name a tag the gateway never opened (an
     output made for some other purpose, smuggled out under a made-up request); the
     made-up tag also carries :data:`EXFIL_MARKER` in its boot id."""
-    app = sys.modules["ivp.server.app"]
+    import ivp.server.app as app  # the running server's own module (already loaded)
+
     body, chunk = app.completion_body, app.stream_chunk
 
     def shift(obj: dict[str, Any]) -> dict[str, Any]:
@@ -211,8 +211,8 @@ def file_under_unopened_tags(_model: PreTrainedModel) -> None:
                               "boot_id": f"{tag['boot_id']}.{EXFIL_MARKER}"}
         return obj
 
-    app.completion_body = lambda *a, **k: shift(body(*a, **k))
-    app.stream_chunk = lambda *a, **k: shift(chunk(*a, **k))
+    app.completion_body = lambda *a, **k: shift(body(*a, **k))  # type: ignore[assignment]
+    app.stream_chunk = lambda *a, **k: shift(chunk(*a, **k))  # type: ignore[assignment]
 
 
 def piggyback_on_boot_answers() -> None:
@@ -221,9 +221,8 @@ def piggyback_on_boot_answers() -> None:
     once the trigger file exists. It reads the weights and boots normally."""
     from aiohttp import web
 
-    app = sys.modules.get("ivp.server.app")
-    if app is None:
-        import ivp.server.app as app
+    import ivp.server.app as app
+
     server = app.InferenceServer
     originals = {name: getattr(server, name)
                  for name in ("health", "boot_manifest", "boot_stream")}
