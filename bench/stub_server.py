@@ -12,6 +12,8 @@ chunked bodies), so that the component under test, not the stub, limits a benchm
     python bench/stub_server.py --port 8300 [--ready] [--vocab 640]
 
 ``--ready`` starts it already booted (for load straight at the stub or through nginx).
+Without ``--port`` (as ``make bench`` runs it) it checks itself for two seconds and
+prints its request rate as one JSON line.
 """
 
 from __future__ import annotations
@@ -292,13 +294,66 @@ async def serve(host: str, port: int, vocab: int, ready: bool) -> None:
         await stop.wait()
 
 
+def self_check(seconds: int = 2) -> dict[str, Any]:
+    """Without ``--port`` (as ``make bench`` runs it): start a stub, load it for a moment
+    (wrk when installed, else sequential urllib requests) and report its rate."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, __file__, "--port", str(port), "--ready"])
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    body = json.dumps({"model": "stub", "prompt": "hello", "max_tokens": 16}).encode()
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url.replace("/v1/completions", "/health"), timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        if shutil.which("wrk"):
+            with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+                f.write(f'wrk.method = "POST"\nwrk.body = [[{body.decode()}]]\n'
+                        'wrk.headers["Content-Type"] = "application/json"\n')
+            out = subprocess.run(["wrk", "-t1", "-c8", f"-d{seconds}s", "-s", f.name, url],
+                                 capture_output=True, text=True).stdout
+            rate = float(out.split("Requests/sec:")[1].split()[0])
+            return {"bench": "stub_server", "load": "wrk -t1 -c8", "rps": rate}
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            req = urllib.request.Request(url, data=body,
+                                         headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=5).read()
+            n += 1
+        return {"bench": "stub_server", "load": "urllib, sequential",
+                "rps": n / (time.perf_counter() - start)}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=None,
+                        help="serve on this port (without it: a short self-check)")
     parser.add_argument("--vocab", type=int, default=640, help="token ids are < this")
     parser.add_argument("--ready", action="store_true", help="start booted (no upload)")
+    parser.add_argument("--quick", action="store_true", help="self-check only (the default)")
     args = parser.parse_args()
+    if args.port is None:
+        import json
+
+        print(json.dumps(self_check(1 if args.quick else 2), sort_keys=True), flush=True)
+        return
     asyncio.run(serve(args.host, args.port, args.vocab, args.ready))
 
 

@@ -36,8 +36,11 @@ def register(app: typer.Typer) -> None:
 def list_attacks(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """Every scenario: its name, where it comes from, what the attacker does, the
-    defence that should stop it."""
+    """Every scenario: name, origin, what the attacker does, the defence expected.
+
+    Origin "note" is a row of the note's Attack Vectors & Mitigations table;
+    "protocol" an attack on ivp's own protocol. Nothing is run (see `ivp attack run`).
+    """
     from ivp.attacks.registry import SCENARIOS
 
     if as_json:
@@ -77,9 +80,11 @@ def run(
         help="Keep keys, state and logs here (default: a temporary directory, removed "
         "after).")] = None,
 ) -> None:
-    """Run scenarios against live loopback datacenters (one shared datacenter; a fresh
-    gateway for each scenario that breaks one; a datacenter of its own for one that
-    breaks the recomputer).
+    """Play scenarios against live loopback datacenters and report what they noticed.
+
+    One datacenter is shared; a scenario that breaks a gateway gets a fresh one, and
+    one that breaks the recomputer a datacenter of its own. `detected` comes only from
+    the live system's alarms, verdicts, status and refusals (docs/THREATS.md).
 
     Exit status 0 only if every scenario run was detected and no honest audit failed.
     """

@@ -16,7 +16,8 @@ ORDER = (
 )
 
 _ALL = {s.name: s for m in (serving, boot, uplink, admin, physical) for s in m.SCENARIOS}
-assert set(_ALL) == set(ORDER), sorted(set(_ALL) ^ set(ORDER))
+if set(_ALL) != set(ORDER):  # a scenario module and ORDER disagree
+    raise RuntimeError(f"scenarios vs ORDER: {sorted(set(_ALL) ^ set(ORDER))}")
 SCENARIOS: dict[str, Scenario] = {name: _ALL[name] for name in ORDER}
 
 

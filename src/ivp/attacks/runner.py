@@ -3,10 +3,11 @@
 One :class:`AttackSession` is one datacenter: a recomputer and an honest gateway
 (gw-a) whose uplink crosses an operator tap that passes everything. Scenarios that
 break nothing share it. A scenario that shuts a gateway down, bricks it or poisons
-its boot gets a fresh gateway of its own in the same datacenter (started, enrolled
-and booted just before it runs, stopped after); a scenario that bricks the
-recomputer gets a datacenter of its own. Scenarios that mostly wait (``background``)
-run in a thread beside the others.
+its boot gets a fresh gateway of its own in the same datacenter (enrolled and powered
+in the background while earlier scenarios run, booted just before it runs, stopped
+after); a scenario that bricks the recomputer gets a datacenter of its own, run in a
+thread beside the shared one. Scenarios that mostly wait (``background``) run in a
+thread beside the others.
 
 "Honest" audits are the verdicts of every gateway whose server carries no cheat;
 the run passes only if none of them failed and every scenario was detected.
