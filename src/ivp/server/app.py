@@ -283,6 +283,8 @@ class InferenceServer:
         if self.trigger is not None and not self.trigger.exists():
             return
         async with self.lock:
+            if self.attack_active:  # another request fired it while we waited
+                return
             if self.attack.alter_model is not None:
                 await asyncio.to_thread(self.attack.alter_model, engine.model)
             self.attack_active = True
