@@ -161,10 +161,13 @@ def start_nginx(procs: list[Proc], work: Path, upstream: str) -> str:
     return url
 
 
-def start_gateway(procs: list[Proc], work: Path, sync: str, name: str) -> str:
+def start_gateway(procs: list[Proc], work: Path, sync: str, name: str,
+                  src: str | None = None) -> str:
+    """``ivp gateway`` (from ``src``, another checkout's src/ directory, when given)."""
     trust = tiny_whitelisted(work / f"{name}-trust", MODEL_ID)
     port = free_port()
-    p = spawn(name, gateway_args(name, work / f"{name}-state", port, trust, sync), work)
+    env = {"PYTHONPATH": src} if src else None
+    p = spawn(name, gateway_args(name, work / f"{name}-state", port, trust, sync), work, env)
     procs.append(p)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/status", timeout=120, proc=p.popen)
@@ -264,6 +267,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     procs[-1].popen.pid, None)
         targets["nginx"] = Target(start_nginx(procs, work, direct), procs[-1].popen.pid,
                                   stub_pid, proxy_children=True)
+        if args.baseline_src:
+            targets["gateway_baseline"] = Target(
+                start_gateway(procs, work, "FULL", "gateway-baseline", args.baseline_src),
+                procs[-1].popen.pid, None)
         if args.sync_normal:
             targets["gateway_sync_normal"] = Target(
                 start_gateway(procs, work, "NORMAL", "gateway-normal"), procs[-1].popen.pid,
@@ -282,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             f"c{args.connections}": summarise(tput[name])}
         for name in [n for n in targets if n.startswith("gateway")]:
             _, status = http_json(targets[name].url + "/status")
-            result[name]["sync"] = "FULL" if name == "gateway" else "NORMAL"
+            result[name]["sync"] = "NORMAL" if name.endswith("sync_normal") else "FULL"
             result[name]["status"] = {k: status.get(k) for k in (
                 "state", "pairs_served", "audits", "spool_depth", "epsilon")}
             result[name]["metrics"] = gateway_metrics(targets[name].url)
@@ -313,6 +320,11 @@ def ratios(result: dict[str, Any], connections: int) -> dict[str, Any]:
                                                 3)
         out["sync_normal_vs_nginx_throughput"] = round(s[cn]["rps"] / n[cn]["rps"], 4) \
             if n[cn]["rps"] else None
+    if "gateway_baseline" in result:
+        b = result["gateway_baseline"]
+        out["baseline_added_p50_ms"] = round((b["c1"]["p50_us"] - d["c1"]["p50_us"]) / 1e3, 3)
+        out["gateway_vs_baseline_throughput"] = round(g[cn]["rps"] / b[cn]["rps"], 2) \
+            if b[cn]["rps"] else None
     return out
 
 
@@ -324,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--max-requests", type=int, default=200_000,
                         help="request bound per phase")
+    parser.add_argument("--baseline-src", default=None,
+                        help="also run the gateway of another checkout (its src/ directory, "
+                             "e.g. from `git archive REV src`) as target gateway_baseline")
     parser.add_argument("--no-sync-normal", dest="sync_normal", action="store_false",
                         help="skip the diagnostic gateway run with --sync NORMAL (that run "
                              "does not count: it is not durable against power loss)")
