@@ -1,30 +1,34 @@
 """Verifying a pair by replay vs the server's own generation of it (issue 4).
 
 For each model (the tiny test model and the real Gemma-3-270M) and each output length
-(32 / 128 / 512 tokens), in the same process and run:
+(32 / 128 / 512 tokens), in the same process, in rounds (3; 2 at 512 tokens). Each
+round first times
 
-* ``generate`` — the server's generation with its KV cache (``ReferenceEngine``,
-  sampler spec v1); the time to the n-th token of a timed ``generate_stream``;
+* ``generate`` — the server generating one new pair with its KV cache
+  (``ReferenceEngine.generate_stream``, sampler spec v1: prompt, seed and n tokens),
+
+and then, on the pairs generated so far, the verifier's side:
+
 * ``plain_replay`` — the plain-transformers prefill a verifier would write: one
-  ``model(prompt + output, logits_to_keep=n)`` for one pair (the reference point: 16.5x
-  at 128 Gemma tokens on this machine, per ../shared/ANCHORS.md);
-* ``replay1`` / ``replayB`` — ``ReferenceEngine.replay_batch`` on one pair / a batch of
-  B pairs (time per pair);
-* ``score`` — ``ivp.verify.score`` + ``Policy.judge`` on replayed logits (per pair);
-* ``verifyB`` — the recomputer's worker end to end (``Verifier.verify`` on B signed-less
-  audit records: decode, prechecks, batched replay, scoring, verdicts), per pair.
+  ``model(prompt + output, logits_to_keep=n + 1)`` for one pair (the reference point:
+  16.5x at 128 Gemma tokens on this machine, per ../shared/ANCHORS.md);
+* ``replay1`` / ``replay_batch`` — ``ReferenceEngine.replay_batch`` on one pair / on a
+  batch of B pairs (time per pair);
+* ``score`` — ``ivp.verify.score`` + ``Policy.judge`` on one pair's replayed logits;
+* ``verify_batch`` — the recomputer's worker end to end (``Verifier.verify`` on B audit
+  records: decode, prechecks, batched replay, scoring, verdicts), per pair.
 
-Ratio = generation time / verification time per pair. Goal (issue 4): >= 30x at 128
-tokens on Gemma.
+Generation and verification of a length are timed in the same rounds, so a load spike
+on this shared machine hits both. Ratio = generation time / verification time per pair
+(medians over the rounds); ``ratio_cpu`` is the same with process CPU time. Goal (issue
+4): >= 30x at 128 tokens on Gemma.
 
-Forcing the length: outputs must be exactly n tokens long for every n, so the bench
-sets ``eos_ids = frozenset()`` on its own engines (the generating one and the
-verifier's) — generation then ignores EOS and always runs to ``max_tokens``; nothing
-outside this script changes. One generation of the longest length per (prompt, seed)
-is timed token by token, and its n-token prefix is the honest n-token output for that
-seed (the token at position t depends only on the logits, the seed and t). Batches of
-B pairs cycle through G distinct generated pairs when B > G (the replay's cost does not
-depend on which tokens it replays; each record still passes on its own).
+Forcing the length: outputs must be exactly n tokens long, so the bench sets
+``eos_ids = frozenset()`` on its own engines (the generating one and the verifier's):
+generation ignores EOS and runs to ``max_tokens``, and the verifier's prechecks accept
+such outputs; nothing outside this script changes. A batch of B pairs cycles through
+the pairs generated so far when B exceeds them (a replay's cost does not depend on
+which tokens it replays; every record still passes on its own).
 
     .venv/bin/python bench/replay_vs_generate.py [--quick] [--models tiny,gemma]
         [--lengths 32,128,512] [--gemma-dir DIR]
@@ -64,25 +68,6 @@ class Pair:
     seed: int
     token_times: list[float]  # seconds from the start to each token
     token_cpu: list[float]  # process CPU seconds from the start to each token
-
-
-def interleaved(ops: dict[str, tuple[Callable[[], Any], int]], rounds: int
-                ) -> dict[str, dict[str, float]]:
-    """Run every op once (warm-up), then once per round, rounds interleaved (a load
-    spike on this shared machine then hits all ops alike). Per op and per pair (each
-    op's divisor): median and min wall seconds, median process CPU seconds."""
-    wall: dict[str, list[float]] = {k: [] for k in ops}
-    cpu: dict[str, list[float]] = {k: [] for k in ops}
-    for fn, _ in ops.values():  # warm-up: first calls of a shape pay one-time costs
-        fn()
-    for _ in range(rounds):
-        for name, (fn, per) in ops.items():
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append((time.perf_counter() - t) / per)
-            cpu[name].append((time.process_time() - c) / per)
-    return {k: {"s": statistics.median(wall[k]), "min_s": min(wall[k]),
-                "cpu_s": statistics.median(cpu[k])} for k in ops}
 
 
 def generate(engine: Any, prompt: list[int], params: Any, seed: int) -> Pair:
@@ -141,66 +126,55 @@ def bench_model(name: str, model_dir: Path, model_id: str, args: argparse.Namesp
                 ) -> dict[str, Any]:
     import torch
 
-    from ivp.protocol.encoding import canonical
     from ivp.protocol.messages import SamplingParams
-    from ivp.recomputer.workers import ModelSource, Verifier, VerifyJob
-    from ivp.verify import Policy, score
+    from ivp.recomputer.workers import ModelSource, Verifier
     from ivp.whitelist import make_manifest
 
-    lengths = sorted(args.lengths)
-    longest = lengths[-1]
     note(f"{name}: loading")
     engine, files, _ = load(model_dir)
     manifest = make_manifest(model_dir, model_id)
     verifier = Verifier([ModelSource(manifest, files)], "exact")
     for _, v_engine, _ in verifier._models.values():
         v_engine.eos_ids = frozenset()  # bench only, as for the generating engine
-    params = SamplingParams(temperature=args.temperature, top_k=0, top_p=1.0,
-                            max_tokens=longest)
-    gens = args.gemma_generations if name == "gemma" else args.tiny_generations
-    pairs = []
-    for i in range(gens):
-        prompt = engine.tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"]
-        note(f"{name}: generating {longest} tokens ({i + 1}/{gens})")
-        pairs.append(generate(engine, prompt, params, seed=1_000_003 * (i + 1)))
-    batch = args.batch
     out: dict[str, Any] = {"model_dir": str(model_dir), "params": {
         "temperature": args.temperature, "top_k": 0, "top_p": 1.0},
-        "torch_threads": torch.get_num_threads(), "distinct_pairs": gens, "batch": batch,
+        "torch_threads": torch.get_num_threads(), "batch": args.batch,
         "vocab": engine.vocab_size, "lengths": {}}
-    repeats = args.repeats
-    for n in lengths:
-        note(f"{name}: n={n}")
+    digest = manifest_digest(manifest)
+    warm = engine.tokenizer(PROMPTS[0])["input_ids"]  # first calls pay one-time costs
+    engine.generate(warm, SamplingParams(temperature=args.temperature, max_tokens=8), 1)
+    for n in sorted(args.lengths):
+        rounds = max(1, args.repeats if n < 512 else args.repeats - 1)
         p_n = SamplingParams(temperature=args.temperature, top_k=0, top_p=1.0, max_tokens=n)
-        mine = [(p.prompt, p.output[:n]) for p in pairs]
-        cycle = [mine[i % len(mine)] for i in range(batch)]
-        gen_s = statistics.median(p.token_times[n - 1] for p in pairs)
-        reps = max(1, repeats if n < 512 else repeats - 1)
-
-        def plain(prompt: list[int] = mine[0][0], output: list[int] = mine[0][1]) -> None:
-            ids = torch.tensor([prompt + output])
-            with torch.inference_mode():
-                engine.model(input_ids=ids, use_cache=False, logits_to_keep=len(output) + 1)
-
-        logits = engine.replay(*mine[0])
-        recs = records([pairs[i % len(pairs)] for i in range(batch)], n, p_n, model_id, engine)
-        digest = manifest_digest(manifest)
-        jobs = [VerifyJob(i, digest, canonical(r)) for i, r in enumerate(recs)]
+        pairs: list[Pair] = []
+        wall: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         verdicts: list[Any] = []
-        t = interleaved({
-            "plain_replay": (plain, 1),
-            "replay1": (lambda m=mine: engine.replay(*m[0]), 1),
-            "replay_batch": (lambda c=cycle: engine.replay_batch(c), batch),
-            "score": (lambda lg=logits, m=mine, pn=p_n: Policy("exact").judge(
-                score(lg, m[0][1], pairs[0].seed, pn), pn), 1),
-            "verify_batch": (lambda j=jobs, v=verdicts: v.append(verifier.verify(j)), batch),
-        }, reps)
-        gen = {"s": gen_s, "cpu_s": statistics.median(p.token_cpu[n - 1] for p in pairs)}
+        for r in range(rounds):
+            # the server's generation, in the same round as the replays it is compared with
+            note(f"{name}: n={n}: round {r + 1}/{rounds}")
+            prompt = engine.tokenizer(PROMPTS[r % len(PROMPTS)])["input_ids"]
+            pairs.append(generate(engine, prompt, p_n, seed=1_000_003 * (r + 1)))
+            wall.setdefault("generate", []).append(pairs[-1].token_times[-1])
+            cpu.setdefault("generate", []).append(pairs[-1].token_cpu[-1])
+            ops = _ops(engine, verifier, pairs, p_n, model_id, digest, args.batch, verdicts)
+            if r == 0:
+                for fn, _ in ops.values():  # warm-up: a shape's first call pays one-time costs
+                    fn()
+            for op, (fn, per) in ops.items():
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                wall.setdefault(op, []).append((time.perf_counter() - t) / per)
+                cpu.setdefault(op, []).append((time.process_time() - c) / per)
+        t = {k: {"s": statistics.median(wall[k]), "min_s": min(wall[k]),
+                 "cpu_s": statistics.median(cpu[k])} for k in wall}
+        gen = t.pop("generate")
         per: dict[str, Any] = {
+            "rounds": rounds, "distinct_pairs": len(pairs),
             "generate": {k: round(v, 4) for k, v in gen.items()},
             **{k: {m: round(x, 4) for m, x in v.items()} for k, v in t.items()},
-            "verdicts_passed": f"{_passed(verdicts[-1])}/{len(jobs)}",
-            "replay_gflops_per_s": round(flops(engine, len(mine[0][0]), n)
+            "verdicts_passed": f"{_passed(verdicts[-1])}/{len(verdicts[-1])}",
+            "replay_gflops_per_s": round(flops(engine, len(pairs[0].prompt), n)
                                          / t["replay1"]["s"] / 1e9, 1),
         }
         for basis, key in (("ratio", "s"), ("ratio_cpu", "cpu_s")):
@@ -210,6 +184,40 @@ def bench_model(name: str, model_dir: Path, model_id: str, args: argparse.Namesp
         out["lengths"][str(n)] = per
         note(f"{name}: n={n}: {per['ratio']}")
     return out
+
+
+def _ops(engine: Any, verifier: Any, pairs: list[Pair], params: Any, model_id: str,
+         digest: str, batch: int, verdicts: list[Any]
+         ) -> dict[str, tuple[Callable[[], Any], int]]:
+    """The verifier-side operations on the pairs generated so far: op -> (call, pairs).
+    A batch cycles through the distinct pairs when it holds more than there are."""
+    import torch
+
+    from ivp.protocol.encoding import canonical
+    from ivp.recomputer.workers import VerifyJob
+    from ivp.verify import Policy, score
+
+    last = pairs[-1]
+    cycle = [(pairs[i % len(pairs)].prompt, pairs[i % len(pairs)].output)
+             for i in range(batch)]
+    jobs = [VerifyJob(i, digest, canonical(rec)) for i, rec in enumerate(records(
+        [pairs[i % len(pairs)] for i in range(batch)], params.max_tokens, params, model_id,
+        engine))]
+    logits = engine.replay(last.prompt, last.output)
+
+    def plain() -> None:
+        ids = torch.tensor([last.prompt + last.output])
+        with torch.inference_mode():
+            engine.model(input_ids=ids, use_cache=False, logits_to_keep=len(last.output) + 1)
+
+    return {
+        "plain_replay": (plain, 1),
+        "replay1": (lambda: engine.replay(last.prompt, last.output), 1),
+        "replay_batch": (lambda: engine.replay_batch(cycle), batch),
+        "score": (lambda: Policy("exact").judge(score(logits, last.output, last.seed, params),
+                                                params), 1),
+        "verify_batch": (lambda: verdicts.append(verifier.verify(jobs)), batch),
+    }
 
 
 def manifest_digest(manifest: Any) -> str:
@@ -246,15 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gemma-dir", default=None,
                         help="converted Gemma-3-270M (default: $IVP_CACHE/gemma-3-270m)")
     parser.add_argument("--batch", type=int, default=4, help="pairs per batched replay")
-    parser.add_argument("--gemma-generations", type=int, default=2)
-    parser.add_argument("--tiny-generations", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.lengths, args.repeats, args.batch = "tiny", "16", 1, 2
-        args.tiny_generations = 2
     args.lengths = [int(x) for x in str(args.lengths).split(",")]
     import torch
 
