@@ -54,8 +54,9 @@ def recomputer(
              "cluster).")] = "1",
     ray_actors: Annotated[int, typer.Option(help="Ray actors (>= 2) with --workers ray.")] = 2,
     mode: Annotated[str, typer.Option(
-        help="exact: every token must be the spec's choice; tolerant: within the "
-             "manifest's calibrated bound δ.")] = "exact",
+        help="tolerant (default): every token explained within the manifest's calibrated "
+             "noise bound δ (0 if it has none); exact: every token must be the spec's "
+             "choice.")] = "tolerant",
     checkpoint_period: Annotated[float, typer.Option(
         help="The gateways' checkpoint period in seconds; 3 periods of silence from a "
              "serving gateway raise checkpoint_missing.")] = 60.0,

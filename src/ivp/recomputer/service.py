@@ -92,7 +92,7 @@ class Config:
     models: dict[str, Path] = field(default_factory=dict)  # model_id -> directory
     workers: str = "1"  # N local threads | "ray" | "ray://host:port" | "auto"
     ray_actors: int = 2
-    mode: Mode = "exact"
+    mode: Mode = "tolerant"
     rules: Rules = field(default_factory=Rules)
     sensor_rules: SensorRules = field(default_factory=SensorRules)
     shutdown_on: frozenset[str] = frozenset({"verify_fail"})

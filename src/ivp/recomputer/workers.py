@@ -68,7 +68,7 @@ class Outcome:
 class Verifier:
     """Holds engines for whitelisted models; verifies audit records. Not thread-safe."""
 
-    def __init__(self, sources: Sequence[ModelSource], mode: Mode = "exact") -> None:
+    def __init__(self, sources: Sequence[ModelSource], mode: Mode = "tolerant") -> None:
         from ivp.engine.loading import load_model, load_tokenizer
         from ivp.engine.reference import ReferenceEngine
         from ivp.verify import Policy
@@ -199,7 +199,7 @@ class LocalPool:
 
     name = "local"
 
-    def __init__(self, sources: Sequence[ModelSource], mode: Mode = "exact",
+    def __init__(self, sources: Sequence[ModelSource], mode: Mode = "tolerant",
                  size: int = 1) -> None:
         self.sources, self.mode, self.size = list(sources), mode, max(1, size)
         self._exec: ThreadPoolExecutor | None = None
@@ -260,7 +260,7 @@ class RayPool:
 
     name = "ray"
 
-    def __init__(self, sources: Sequence[ModelSource], mode: Mode = "exact", size: int = 2,
+    def __init__(self, sources: Sequence[ModelSource], mode: Mode = "tolerant", size: int = 2,
                  address: str | None = None, num_cpus: float = 1.0) -> None:
         if size < 2:
             raise ValidationError("a Ray pool runs at least two actors")
