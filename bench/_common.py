@@ -6,6 +6,7 @@ here invents a figure: each helper measures or reads what it reports.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -157,9 +158,13 @@ def ensure_apt(binary: str, package: str) -> str:
 
 
 def work_dir(prefix: str) -> Path:
-    """A scratch directory on the same disk as the repository's /tmp (not tmpfs-checked:
-    :func:`durable_commit_ms` measures what a durable commit costs there)."""
-    return Path(tempfile.mkdtemp(prefix=f"ivp-bench-{prefix}-"))
+    """A scratch directory under the system's temporary directory (the durable-commit
+    benches measure what a commit costs there: :func:`durable_commit_ms`). Removed when
+    the benchmark exits, unless IVP_BENCH_KEEP=1 (to read the processes' logs)."""
+    path = Path(tempfile.mkdtemp(prefix=f"ivp-bench-{prefix}-"))
+    if os.environ.get("IVP_BENCH_KEEP") != "1":
+        atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def durable_commit_ms(directory: Path, commits: int = 60) -> dict[str, float]:

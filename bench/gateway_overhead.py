@@ -16,9 +16,16 @@ target: ``c=1`` (one connection, closed loop: latency) and ``c=C`` connections
 (throughput). Each phase is bounded by time and by request count. Targets are
 interleaved over several rounds and the median per figure is reported, because this
 machine is shared. Added latency = target − direct. Goals (issue 3): gateway throughput
-≥ 50% of nginx's, added p50 ≤ 3 ms.
+≥ 50% of nginx's, added p50 ≤ 3 ms. The CPU time each process spends per request is read
+from /proc around every phase.
+
+Diagnostics that do not count toward the goals: ``gateway_sync_normal`` (``--sync
+NORMAL``, not durable against power loss: what the fsync costs; skip with
+``--no-sync-normal``) and, with ``--baseline-src DIR``, ``gateway_baseline``: the gateway
+of another checkout (its ``src`` directory, e.g. from ``git archive REV src``).
 
     .venv/bin/python bench/gateway_overhead.py [--quick] [--rounds 3] [--seconds 4]
+        [--baseline-src DIR]
 
 The last stdout line is one JSON object with every figure.
 """

@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="tiny,gemma")
     parser.add_argument("--lengths", default="32,128,512")
     parser.add_argument("--gemma-dir", default=None,
-                        help="converted Gemma-3-270M (default: $IVP_CACHE/gemma-3-270m)")
+                        help="converted Gemma-3-270M (default: $IVP_CACHE/gemma-3-270m; "
+                             "without IVP_CACHE, ~/.cache/ivp or an existing "
+                             "/tmp/ivpwork/gemma-3-270m; converted once if absent)")
     parser.add_argument("--batch", type=int, default=4, help="pairs per batched replay")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=0.7)
