@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 from ivp.errors import ValidationError
 from ivp.protocol.encoding import canonical, decode
 from ivp.protocol.messages import AuditRecord, Manifest, Verdict, manifest_digest
+from ivp.verify.structure import structural_problem
 
 Mode = Literal["exact", "tolerant"]
 _BIG = 1e300  # JSON has no infinity: margins that are infinite are written as this
@@ -155,19 +156,10 @@ class Verifier:
             return str(exc)
         if len(p.prompt_token_ids) + len(out) > engine.max_positions:
             return "prompt + output exceed the model's context"
-        eos_inside = next((t for t, tok in enumerate(out[:-1]) if tok in engine.eos_ids), None)
-        if eos_inside is not None:
-            return f"tokens continue after EOS at position {eos_inside}"
-        ends_eos = out[-1] in engine.eos_ids
-        if p.finish_reason == "stop" and not ends_eos:
-            return "finish_reason 'stop' but the output does not end with EOS"
-        if p.finish_reason == "length" and (ends_eos or len(out) != p.params.max_tokens):
-            return (f"finish_reason 'length' but {len(out)} tokens of max_tokens "
-                    f"{p.params.max_tokens}" + (" ending with EOS" if ends_eos else ""))
-        text = engine.tokenizer.decode(out, skip_special_tokens=True)
-        if text != p.output_text:
-            return "output_text is not the whitelisted tokenizer's decoding of the token ids"
-        return ""
+        problem = structural_problem(
+            out, p.finish_reason, p.params.max_tokens, engine.eos_ids, text=p.output_text,
+            decode=lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
+        return problem[1] if problem else ""
 
     def _verdict(self, r: AuditRecord, manifest: Manifest, passed: bool, reason: str,
                  tokens: int, failures: int, max_margin: float, bound: float,

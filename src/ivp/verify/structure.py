@@ -40,11 +40,12 @@ def structural_problem(
     if finish_reason == "stop" and not ends_eos:
         return n - 1, "finish_reason 'stop' but the output does not end with EOS"
     if finish_reason == "length" and (ends_eos or n != max_tokens):
-        return n - 1, f"finish_reason 'length' but {n} tokens of max_tokens {max_tokens}"
+        return n - 1, (f"finish_reason 'length' but {n} tokens of max_tokens {max_tokens}"
+                       + (" ending with EOS" if ends_eos else ""))
     if finish_reason not in ("stop", "length"):
         return n - 1, f"unknown finish_reason {finish_reason!r}"
     if text is not None and decode is not None and decode(output_ids) != text:
-        return 0, "text is not the whitelisted tokenizer's decoding of the token ids"
+        return 0, "output_text is not the whitelisted tokenizer's decoding of the token ids"
     return None
 
 
