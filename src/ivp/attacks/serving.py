@@ -15,7 +15,7 @@ import time
 from ivp.attacks.base import Context, Evidence, Result, Scenario, Victim, require
 
 AUDIT = ("audit: the recomputer re-runs a random ε-sample of the pairs by prefill under "
-         "the whitelisted model (exact mode) → verify_fail → signed SHUTDOWN")
+         "the whitelisted model (tolerant mode, the manifest's δ) → verify_fail → signed SHUTDOWN")
 
 
 def shut_down(ctx: Context, result: Result, timeout: float = 20.0) -> Evidence | None:
