@@ -178,9 +178,12 @@ def bench_model(name: str, model_dir: Path, model_id: str, args: argparse.Namesp
                                          / t["replay1"]["s"] / 1e9, 1),
         }
         for basis, key in (("ratio", "s"), ("ratio_cpu", "cpu_s")):
-            per[basis] = {k: round(gen[key] / t[k][key], 2) for k in t if k != "score"}
+            per[basis] = {k: round(gen[key] / t[k][key], 2) for k in t
+                          if not k.startswith("score")}
             per[basis]["replay_batch_plus_score"] = round(
                 gen[key] / (t["replay_batch"][key] + t["score"][key]), 2)
+            per[basis]["replay_bounded_plus_pruned"] = round(
+                gen[key] / (t["replay_bounded_batch"][key] + t["score_pruned"][key]), 2)
         out["lengths"][str(n)] = per
         note(f"{name}: n={n}: {per['ratio']}")
     return out
@@ -195,7 +198,7 @@ def _ops(engine: Any, verifier: Any, pairs: list[Pair], params: Any, model_id: s
 
     from ivp.protocol.encoding import canonical
     from ivp.recomputer.workers import VerifyJob
-    from ivp.verify import Policy, score
+    from ivp.verify import Policy, score, score_replayed
 
     last = pairs[-1]
     cycle = [(pairs[i % len(pairs)].prompt, pairs[i % len(pairs)].output)
@@ -204,6 +207,7 @@ def _ops(engine: Any, verifier: Any, pairs: list[Pair], params: Any, model_id: s
         [pairs[i % len(pairs)] for i in range(batch)], params.max_tokens, params, model_id,
         engine))]
     logits = engine.replay(last.prompt, last.output)
+    bounded = engine.replay_bounded_batch([(last.prompt, last.output)])[0]
 
     def plain() -> None:
         ids = torch.tensor([last.prompt + last.output])
@@ -214,8 +218,11 @@ def _ops(engine: Any, verifier: Any, pairs: list[Pair], params: Any, model_id: s
         "plain_replay": (plain, 1),
         "replay1": (lambda: engine.replay(last.prompt, last.output), 1),
         "replay_batch": (lambda: engine.replay_batch(cycle), batch),
+        "replay_bounded_batch": (lambda: engine.replay_bounded_batch(cycle), batch),
         "score": (lambda: Policy("exact").judge(score(logits, last.output, last.seed, params),
                                                 params), 1),
+        "score_pruned": (lambda: Policy("exact").judge(
+            score_replayed(bounded, last.output, last.seed, params), params), 1),
         "verify_batch": (lambda: verdicts.append(verifier.verify(jobs)), batch),
     }
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from ivp.engine.head import BoundedHead, BoundedLogits
 from ivp.errors import ValidationError
 from ivp.protocol.messages import SamplingParams
 from ivp.protocol.sampler import choose
@@ -67,6 +68,16 @@ class ReferenceEngine:
         self.max_positions = int(
             getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 1 << 30
         )
+        self._bounded_head: BoundedHead | bool | None = False  # False: not built yet
+
+    @property
+    def bounded_head(self) -> BoundedHead | None:
+        """The bf16 output head with its error bound (engine.head), built on first use;
+        None for models whose head is not a plain linear layer on the hidden rows."""
+        if self._bounded_head is False:
+            self._bounded_head = BoundedHead.of(self.model) if _head_only(self.model) \
+                else None
+        return self._bounded_head  # type: ignore[return-value]
 
     def _eos_ids(self) -> frozenset[int]:
         """EOS of the tokenizer, the config and the generation config (e.g. Gemma's
@@ -150,13 +161,27 @@ class ReferenceEngine:
         """``replay`` for many pairs, batched: pairs of similar length share a forward
         (right padding), as few forwards as the logits budget allows, and the output
         head runs only on the rows a pair needs. Results in the order of ``pairs``."""
+        return self._replay_all(pairs, bounded=False)  # type: ignore[return-value]
+
+    def replay_bounded_batch(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[np.ndarray | BoundedLogits]:
+        """``replay_batch`` with the output head in bf16 plus a proven error bound
+        (:class:`BoundedLogits`) where the model's head allows it, plain float32 rows
+        otherwise. What the recomputer replays: ``ivp.verify.score_replayed`` reads
+        exact logits only where a verdict depends on them."""
+        return self._replay_all(pairs, bounded=True)
+
+    def _replay_all(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                    bounded: bool) -> list[np.ndarray | BoundedLogits]:
         for prompt, output in pairs:
             self._check_prompt(prompt, len(output))
             self.check_ids(output, "output")
-        results: list[np.ndarray] = [np.zeros((0, self.vocab_size), np.float32)] * len(pairs)
+        results: list[np.ndarray | BoundedLogits] = \
+            [np.zeros((0, self.vocab_size), np.float32)] * len(pairs)
         for group in self._groups(pairs):
-            for index, logits in zip(group, self._replay_group([pairs[i] for i in group]),
-                                     strict=True):
+            for index, logits in zip(
+                    group, self._replay_group([pairs[i] for i in group], bounded), strict=True):
                 results[index] = logits
         return results
 
@@ -183,8 +208,8 @@ class ReferenceEngine:
         return groups
 
     def _replay_group(
-        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
-    ) -> list[np.ndarray]:
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], bounded: bool = False
+    ) -> list[np.ndarray | BoundedLogits]:
         """One forward over pairs that each have at least one output token.
 
         The input is prompt + output[:-1]: the last output token's own logits predict
@@ -204,12 +229,21 @@ class ReferenceEngine:
             if _head_only(self.model):
                 hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
                 rows = torch.cat([hidden[b, s : s + n] for b, (s, n) in enumerate(spans)])
+                head = self.bounded_head if bounded else None
+                if head is not None:
+                    bits, norm = head.rows(rows)  # (sum n, V) bf16 patterns, (sum n,)
+                    out_b, at = [], 0
+                    for _, n in spans:
+                        out_b.append(BoundedLogits(bits[at : at + n], norm[at : at + n],
+                                                   rows[at : at + n], head))
+                        at += n
+                    return out_b  # type: ignore[return-value]
                 logits = _head(self.model, rows).float().cpu().numpy()  # (sum n, V)
                 out, at = [], 0
                 for _, n in spans:
                     out.append(logits[at : at + n])
                     at += n
-                return out
+                return out  # type: ignore[return-value]
             first = min(s for s, _ in spans)  # generic path: keep from the earliest row
             full = self.model(input_ids=ids, use_cache=False,
                               logits_to_keep=width - first).logits.float().cpu()

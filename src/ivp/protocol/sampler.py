@@ -39,24 +39,33 @@ def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
         (N, 4) uint32 outputs.
     """
     assert counter.ndim == 2 and counter.shape[1] == 4
-    c0, c1, c2, c3 = (counter[:, j].astype(np.uint64) for j in range(4))
+    words = _rounds(*(counter[:, j].astype(np.uint64) for j in range(4)), key=key)
+    return np.stack(words, axis=1).astype(np.uint32)
+
+
+def _rounds(c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, c3: np.ndarray,
+            key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ten Philox rounds on four uint64 arrays of 32-bit words, updated in place
+    (products of two 32-bit words fit in 64 bits)."""
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
+    p0, p1 = np.empty_like(c0), np.empty_like(c0)
     with np.errstate(over="ignore"):
         for r in range(10):
             if r:  # the key is bumped between rounds
                 k0 = np.uint32(k0 + _W0)
                 k1 = np.uint32(k1 + _W1)
-            p0 = _M0 * c0  # products of two 32-bit words fit in 64 bits
-            p1 = _M1 * c2
-            hi0, lo0 = p0 >> _32, p0 & _LO
-            hi1, lo1 = p1 >> _32, p1 & _LO
-            c0, c1, c2, c3 = (
-                hi1 ^ c1 ^ np.uint64(k0),
-                lo1,
-                hi0 ^ c3 ^ np.uint64(k1),
-                lo0,
-            )
-    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+            np.multiply(c0, _M0, out=p0)
+            np.multiply(c2, _M1, out=p1)
+            # (c0, c1, c2, c3) <- (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)
+            np.right_shift(p1, _32, out=c0)
+            np.bitwise_xor(c0, c1, out=c0)
+            np.bitwise_xor(c0, np.uint64(k0), out=c0)
+            np.right_shift(p0, _32, out=c2)
+            np.bitwise_xor(c2, c3, out=c2)
+            np.bitwise_xor(c2, np.uint64(k1), out=c2)
+            np.bitwise_and(p1, _LO, out=c1)
+            np.bitwise_and(p0, _LO, out=c3)
+    return c0, c1, c2, c3
 
 
 def seed_key(seed: int) -> tuple[int, int]:
@@ -89,6 +98,31 @@ def gumbel_at(seed: int, position: int, ids: np.ndarray) -> np.ndarray:
     counter[:, 1] = np.uint32(position)
     words = philox4x32_10(counter, seed_key(seed))[inverse, ids & 3]
     return -np.log(-np.log((words.astype(np.float64) + 0.5) / 2.0**32))
+
+
+def gumbel_pairs(seed: int, positions: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """g at (positions[k], ids[k]) for every k: many positions in one call, one counter
+    per entry (for sparse ids; ``gumbel`` is cheaper for whole rows). Runs in chunks
+    that stay in cache."""
+    ids = np.asarray(ids, dtype=np.int64)
+    positions = np.broadcast_to(np.asarray(positions, dtype=np.int64), ids.shape)
+    key = seed_key(seed)
+    words = np.empty(ids.shape[0], dtype=np.float64)
+    for start in range(0, ids.shape[0], _CHUNK):
+        part = ids[start : start + _CHUNK]
+        c0 = (part >> 2).astype(np.uint64)
+        c1 = positions[start : start + _CHUNK].astype(np.uint64)
+        out = np.stack(_rounds(c0, c1, np.zeros_like(c0), np.zeros_like(c0), key))
+        words[start : start + _CHUNK] = out[part & 3, np.arange(part.shape[0])]
+    return -np.log(-np.log((words + 0.5) / 2.0**32))
+
+
+_CHUNK = 1 << 16
+
+
+# Every g lies in [G_MIN, G_MAX]: u = (w + 0.5)/2^32 with w a 32-bit word.
+G_MAX = float(-np.log(-np.log1p(-(2.0**-33))))
+G_MIN = float(-np.log(-np.log(2.0**-33)))
 
 
 def ranked(z: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 :class:`Verifier` is the worker's core. It holds the whitelisted models (loaded from
 bytes that were checked against the manifest) and turns audit records into
 :class:`~ivp.protocol.messages.Verdict` objects: replay by one prefill
-(``ReferenceEngine.replay_batch``), ``verify.score`` for the raw figures, and the
+(``ReferenceEngine.replay_bounded_batch``), ``verify.score_replayed`` for the raw figures, and the
 configured ``verify.Policy`` for pass/fail. Before replaying it checks what replay
 cannot: that the pair names the booted model, that the output is non-empty and
 stops as sampler spec v1 says, and that the text is the tokenizer's decoding.
@@ -107,7 +107,7 @@ class Verifier:
 
     def _verify_model(self, digest: str, items: list[tuple[VerifyJob, AuditRecord]],
                       now: float) -> list[Verdict]:
-        from ivp.verify import score
+        from ivp.verify import score_replayed
 
         manifest, engine, policy = self._models[digest]
         verdicts: list[Verdict | None] = [None] * len(items)
@@ -122,10 +122,10 @@ class Verifier:
                 replay.append(i)
         pairs = [(items[i][1].pair.prompt_token_ids, items[i][1].pair.output_token_ids)
                  for i in replay]
-        logits = engine.replay_batch(pairs) if pairs else []
+        logits = engine.replay_bounded_batch(pairs) if pairs else []
         for i, rows in zip(replay, logits, strict=True):
             r = items[i][1]
-            scores = score(rows, r.pair.output_token_ids, r.pair.seed, r.pair.params)
+            scores = score_replayed(rows, r.pair.output_token_ids, r.pair.seed, r.pair.params)
             j = policy.judge(scores, r.pair.params)
             verdicts[i] = self._verdict(r, manifest, j.passed, j.reason, scores.tokens,
                                         j.failures, j.max_margin, j.bound, now)

@@ -6,11 +6,15 @@
 * ``serving`` — an honest batched, left-padded serving path (the nondeterminism sources);
 * ``calibrate`` — δ from the serving path against replay (``ivp calibrate``);
 * ``attacks`` / ``covert`` — cheating servers, and the covert channel left within δ;
-* ``report`` / ``docs`` — ``ivp verify-report`` and docs/VERIFICATION.md.
+* ``report`` / ``docs`` — ``ivp verify-report`` and docs/VERIFICATION.md;
+* ``pruned`` — the same figures from bf16 replay rows with a proven bound, reading exact
+  logits only where they decide (what the recomputer runs).
 
-The recomputer needs only ``score`` and ``Policy("tolerant", manifest.noise_bound.delta)``.
+The recomputer needs only ``score_replayed`` and
+``Policy("tolerant", manifest.noise_bound.delta)``.
 """
 
+from ivp.verify.pruned import score_replayed
 from ivp.verify.scoring import Judgement, Policy, Scores, score
 
-__all__ = ["Judgement", "Policy", "Scores", "score"]
+__all__ = ["Judgement", "Policy", "Scores", "score", "score_replayed"]

@@ -106,10 +106,12 @@ def unrestricted_needed(z: np.ndarray, g: np.ndarray | None, temperature: float)
 
 
 def score(
-    logits: np.ndarray, output_ids: list[int], seed: int, params: SamplingParams
+    logits: np.ndarray, output_ids: list[int], seed: int, params: SamplingParams,
+    positions: np.ndarray | None = None,
 ) -> Scores:
-    """Margins of ``output_ids`` under reference ``logits`` (n, V) at positions 0..n-1,
-    and δ*_t, the smallest noise bound explaining each position (see module doc)."""
+    """Margins of ``output_ids`` under reference ``logits`` (n, V) at positions 0..n-1
+    (or at the generated positions ``positions``, one per row), and δ*_t, the smallest
+    noise bound explaining each position (see module doc)."""
     n = len(output_ids)
     assert logits.ndim == 2 and logits.shape[0] == n, (logits.shape, n)  # (n, V)
     expected = np.zeros(n, dtype=np.int64)
@@ -130,7 +132,7 @@ def score(
             needed[t] = _margin(unrestricted_needed(z, None, 0.0)[tok], tok == a)
             continue
         allowed = allowed_set(z, params)
-        g = gumbel(seed, t, vocab)
+        g = gumbel(seed, t if positions is None else int(positions[t]), vocab)
         s = z / params.temperature + g
         a = int(allowed[int(np.argmax(s[allowed]))])
         expected[t] = a
