@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -179,3 +180,19 @@ def test_removing_brick_marker_gives_a_stranger(
     assert reborn.derive_key("identity/ed25519") != secrets["identity seed"]
     with pytest.raises(PeerDataError):
         reborn.unseal("log", secrets["sealed"])
+
+
+def test_tamper_by_another_process_is_noticed(tmp_path: Path) -> None:
+    """The in-memory view of the brick marker is refreshed within a bounded delay."""
+    from ivp.device import soft
+
+    state = tmp_path / "dev"
+    dev = SoftDevice(state)
+    dev.seal("log", b"warm")  # a purpose key cached in memory
+    SoftDevice(state).tamper()  # the same device dir, tampered through another object
+    time.sleep(soft._RECHECK * 2)
+    assert dev.bricked
+    for op in OPS.values():
+        with pytest.raises(BrickedError):
+            op(dev)
+    assert dev._uid is None and dev._signing is None and not dev._aeads

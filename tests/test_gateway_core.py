@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,33 @@ def test_seeds_come_from_the_trng_and_tags_count_up(tmp_path: Path,
         assert sorted(r["ivp_tag"]["seq"] for r in rig.server.requests) == list(range(8))
         status = await rig.gw.status()
         assert status["pairs_served"] == 8
+        await rig.gw.close()
+    run(body())
+
+
+def test_a_tampered_row_among_draws_sharing_a_commit_undoes_no_other(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Draws released together share one savepoint; one whose sealed row was altered on
+    disk is refused (alarmed, left in the log) and the others still become audits 1..3."""
+    async def body() -> None:
+        rig = await started(make_rig(tmp_path, tiny_model_dir, epsilon=1.0))
+        await rig.upload()
+        replies = await asyncio.gather(*(rig.gw.complete("completions", COMPLETION)
+                                         for _ in range(4)))
+        db = sqlite3.connect(rig.log.path)
+        sealed = db.execute("SELECT sealed FROM pairs WHERE pos=2").fetchone()[0]
+        db.execute("UPDATE pairs SET sealed=? WHERE pos=2",
+                   (sealed[:-1] + bytes([sealed[-1] ^ 1]),))
+        db.commit()
+        db.close()
+        await asyncio.gather(*(r.after_release() for r in replies))  # one queued run
+        status = await rig.gw.status()
+        assert status["audits"] == 3 and status["pairs_served"] == 4
+        assert rig.log.pair_count() == 1  # the altered row stays for recovery
+        assert [a["kind"] for a in await rig.gw.alarms()] == ["log_corrupt"]
+        await flush(rig)
+        assert sorted(a.audit_seq for a in rig.recomputer.audits) == [1, 2, 3]
+        assert 2 not in {a.chain_pos for a in rig.recomputer.audits}
         await rig.gw.close()
     run(body())
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
+from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,6 +91,42 @@ def test_malformed_bodies_get_validation_errors_only(body: bytes, endpoint: str)
     except ValidationError:
         return
     assert r.params.max_tokens >= 1 and 0 <= r.params.temperature <= 100
+
+
+_FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**40), st.floats(),
+                          st.text(max_size=5), st.lists(st.integers(-2, 700), max_size=3),
+                          st.lists(st.fixed_dictionaries({"role": st.sampled_from(
+                              ["user", "system", "tool"]), "content": st.text(max_size=4)}),
+                              max_size=2))
+_BASE = {"completions": [("model", "m"), ("prompt", "hi")],
+         "chat.completions": [("model", "m"), ("messages", [{"role": "user", "content": "x"}])]}
+_PLAUSIBLE = {"model": st.text(max_size=4), "prompt": st.text(max_size=4),
+              "messages": st.just([{"role": "user", "content": "y", "name": "n"}]),
+              "max_tokens": st.integers(-1, 70000), "max_completion_tokens": st.integers(0, 9),
+              "temperature": st.floats(-1, 101), "top_p": st.floats(-0.5, 1.5),
+              "top_k": st.integers(-1, 5), "stream": st.booleans(), "user": st.text(max_size=3),
+              "n": st.integers(0, 2), "seed": st.none(), "stop": st.none(),
+              "logprobs": st.booleans(), "mirostat": st.integers()}
+_COMMON = ["model", "max_tokens", "temperature", "top_p", "top_k", "stream", "user"]
+_FIELD = st.sampled_from(sorted(_PLAUSIBLE) + _COMMON * 2).flatmap(
+    lambda k: st.tuples(st.just(k), st.one_of(_PLAUSIBLE[k], _PLAUSIBLE[k], _PLAUSIBLE[k],
+                                              _FIELD_VALUES)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(["completions", "chat.completions"]), st.lists(_FIELD, max_size=4))
+def test_fast_parse_accepts_only_what_the_checked_parse_accepts(
+        endpoint: str, extra: list[tuple[str, object]]) -> None:
+    """The strict decoder in front of the checked path never widens what is accepted,
+    and yields the same request (duplicate keys included: the last one counts)."""
+    fields = _BASE[endpoint] + extra
+    body = ("{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in fields)
+            + "}").encode()
+    try:
+        fast = proxy._STRICT[endpoint].decode(body)
+    except msgspec.DecodeError:  # refused here: the checked path decides, naming why
+        return
+    assert proxy._parse_checked(endpoint, body) == fast  # type: ignore[arg-type]
 
 
 def _srv(ids: list[int], finish: str = "length", tag: Tag = TAG, **extra: object) -> bytes:
@@ -179,3 +218,20 @@ def test_prompt_limits() -> None:
     r = proxy.parse_request("completions", b'{"model": "m", "prompt": [1], "max_tokens": 64}')
     with pytest.raises(ValidationError, match="context"):
         proxy.tokenize(r, None, LIMITS)  # type: ignore[arg-type]
+
+
+def test_whitelisted_tokenizer_ids_match_the_transformers_wrapper(tiny_model_dir: Path) -> None:
+    """The serving path's encoder (Rust backend, batch of one) gives the wrapper's ids."""
+    from ivp.engine.loading import load_tokenizer
+
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()
+             if p.is_file() and not p.name.endswith(".safetensors")}
+    wrapper = load_tokenizer(files)
+    tok = proxy.HFTokenizer(wrapper)
+    rng = random.Random(5)
+    pieces = [*"ab XY\t\n.,!?<>/é中😀\u200b", "<s>", "</s>", "  ", "the "]
+    for _ in range(500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        for special in (True, False):
+            assert tok._encode(text, special) == \
+                wrapper(text, add_special_tokens=special)["input_ids"], text

@@ -118,3 +118,55 @@ def test_dead_or_silent_servers_become_transport_errors() -> None:
         await quiet.close()
         await up.close()
     run(body)
+
+
+ANSWERS = {
+    "length": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    "chunked": b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"3;ext=1\r\nhel\r\n2\r\nlo\r\n0\r\nX-Trailer: t\r\n\r\n",
+    "close": b"HTTP/1.0 202 Accepted\r\n\r\nhello",
+    "extra": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\n",
+    "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nx\r\n",
+    "bad-crlf": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxyz",
+    "not-http": b"SSH-2.0-x\r\n\r\n",
+}
+
+
+def test_answers_arriving_byte_by_byte() -> None:
+    """Each framing parses whatever the packet boundaries; a connection that carried
+    bytes outside an answer is never reused; garbage is a TransportError."""
+    async def body() -> None:
+        peers: list[int] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer.get_extra_info("peername")[1])
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                kind = (await reader.readexactly(length)).decode()
+                step = len(ANSWERS[kind]) if kind == "extra" else 1  # extra: with the answer
+                for i in range(0, len(ANSWERS[kind]), step):
+                    writer.write(ANSWERS[kind][i:i + step])
+                    await writer.drain()
+                    await asyncio.sleep(0)
+                if kind in ("close", "not-http", "bad-crlf"):
+                    writer.close()
+                    return
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        up = HttpUpstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        try:
+            assert await up.post("/", b"length") == (200, b"hello")
+            assert await up.post("/", b"chunked") == (201, b"hello")
+            assert len(peers) == 1  # kept alive
+            assert await up.post("/", b"close") == (202, b"hello")
+            assert await up.post("/", b"extra") == (200, b"hello")
+            assert await up.post("/", b"length") == (200, b"hello")
+            assert len(peers) == 3  # neither the closed nor the talkative one was reused
+            for kind in ("bad-chunk", "bad-crlf", "not-http"):
+                with pytest.raises(TransportError, match="unreachable"):
+                    await up.post("/", kind.encode())
+        finally:
+            await up.close()
+            server.close()
+    run(body)

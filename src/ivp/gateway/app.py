@@ -141,9 +141,8 @@ async def _send(gateway: Gateway, request: web.Request, reply: Reply) -> web.Str
         log.info("client left before the response was written: %s", exc)
     finally:
         if reply.after_release is not None:
-            # a task of its own: the draw happens even if this handler is cancelled, and
-            # the connection's next request need not wait for the draw's commit (it is
-            # queued in tag order at once and shares the next group commit)
+            # releases here and now (the draw is queued in tag order and shares the next
+            # group commit); the connection's next request does not wait for it
             gateway.spawn(reply.after_release()).add_done_callback(_log_draw_failure)
     return resp
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ivp.device import Device
 from ivp.errors import ChainError, PeerDataError, StateError
-from ivp.protocol.chain import link
+from ivp.protocol.chain import link_bytes
 from ivp.protocol.encoding import canonical, decode
 from ivp.protocol.messages import AuditRecord, Checkpoint, PairRecord
 
@@ -229,8 +229,9 @@ class PairLog:
             for pair in pairs:
                 if pair.tag.boot_id != boot_id:
                     raise StateError("pair tagged for another boot")
-                prev, head, count = head, link(head, pair), count + 1
-                sealed = self.device.seal(_PAIR, canonical(pair), f"{boot_id}/{count}".encode())
+                data = canonical(pair)  # the bytes both chained and sealed
+                prev, head, count = head, link_bytes(head, data), count + 1
+                sealed = self.device.seal(_PAIR, data, f"{boot_id}/{count}".encode())
                 self._db.execute(
                     "INSERT INTO pairs(boot_id, pos, prev, head, sealed) VALUES (?,?,?,?,?)",
                     (boot_id, count, prev, head, sealed))
@@ -246,15 +247,20 @@ class PairLog:
             PeerDataError: the sealed bytes were altered or moved (AES-GCM tag).
             ChainError: the pair does not hash to its recorded link.
         """
+        found = self._open_pair(boot_id, pos)
+        return None if found is None else (found[0], decode(found[1], PairRecord))
+
+    def _open_pair(self, boot_id: str, pos: int) -> tuple[Link, bytes] | None:
+        """A logged pair's canonical bytes, unsealed and checked against its chain link
+        (the bytes themselves were hashed into the chain: no re-encoding needed)."""
         row = self._db.execute("SELECT prev, head, sealed FROM pairs WHERE boot_id=? AND pos=?",
                                (boot_id, pos)).fetchone()
         if row is None:
             return None
         raw = self.device.unseal(_PAIR, row[2], f"{boot_id}/{pos}".encode())
-        pair = decode(raw, PairRecord)
-        if link(row[0], pair) != row[1]:
+        if link_bytes(row[0], raw) != row[1]:
             raise ChainError(f"pair {boot_id}/{pos} does not match its chain link")
-        return Link(boot_id, pos, row[0], row[1]), pair
+        return Link(boot_id, pos, row[0], row[1]), raw
 
     def undecided(self) -> list[tuple[str, int]]:
         """Pairs still waiting for their sampling draw (after a crash): (boot_id, pos),
@@ -287,12 +293,15 @@ class PairLog:
         """
         now = time.time() if now is None else now
         with self._txn():
-            found = self.read_pair(boot_id, pos)
+            found = self._open_pair(boot_id, pos)  # a pair not kept is checked, not decoded
             if found is None:
                 return None
-            where, pair = found
+            where, raw = found
             record = None
             if keep:
+                pair = decode(raw, PairRecord)
+                if canonical(pair) != raw:  # the recomputer re-links the decoded pair
+                    raise ChainError(f"pair {boot_id}/{pos} does not re-encode to its bytes")
                 audits = self._db.execute("SELECT audits FROM boots WHERE boot_id=?",
                                           (boot_id,)).fetchone()[0]
                 record = AuditRecord(gateway_id=gateway_id, boot_id=boot_id,

@@ -29,7 +29,12 @@ def genesis(gateway_id: str, boot_id: str) -> str:
 
 
 def link(prev: str, pair: PairRecord) -> str:
-    return blake3.blake3(bytes.fromhex(prev) + canonical(pair)).hexdigest()
+    return link_bytes(prev, canonical(pair))
+
+
+def link_bytes(prev: str, pair_bytes: bytes) -> str:
+    """:func:`link` over a pair already in canonical bytes (as the gateway logs it)."""
+    return blake3.blake3(bytes.fromhex(prev) + pair_bytes).hexdigest()
 
 
 @dataclass

@@ -69,6 +69,7 @@ class SigningKey:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         self.verify_key = VerifyKey(raw)
+        self._keyid = key_id(raw)  # in every signature: hashed once, not per signature
 
     @classmethod
     def generate(cls) -> SigningKey:
@@ -103,7 +104,7 @@ class SigningKey:
 
     @property
     def keyid(self) -> str:
-        return self.verify_key.keyid
+        return self._keyid
 
     def sign(self, data: bytes) -> bytes:
         return self._private.sign(data)
