@@ -79,7 +79,7 @@ class BoundedHead:
         self.weight = weight.detach().float()  # (V, H), shared with the model
         self.weight16 = self.weight.to(torch.bfloat16)
         self.cap = cap
-        self.row_norm = self.weight.double().norm(dim=1).numpy()  # (V,) ‖w_i‖₂
+        self.row_norm = self.weight.double().norm(dim=1).cpu().numpy()  # (V,) ‖w_i‖₂
         self.row_norm_max = float(self.row_norm.max()) if self.row_norm.size else 0.0
         self.a, self.b = coefficients(int(self.weight.shape[1]), cap is not None)
 
@@ -138,6 +138,7 @@ class BoundedHead:
 
         gen = torch.Generator().manual_seed(0)
         hidden = torch.randn((samples, int(self.weight.shape[1])), generator=gen) * 4.0
+        hidden = hidden.to(self.weight.device)
         bits, norm = self.rows(hidden)
         approx = bf16_values(bits)
         bound = (self.a * norm[:, None] * self.row_norm[None, :] + self.b * np.abs(approx)

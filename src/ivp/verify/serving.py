@@ -137,6 +137,8 @@ class ServingPath:
             ids[b, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
             mask[b, width - len(r.prompt_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, P) positions from each first real token
+        device = next(self.model.parameters()).device  # a GPU server: inputs go there
+        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
         tokens: list[list[int]] = [[] for _ in batch]
         rows: list[list[np.ndarray]] = [[] for _ in batch]
         done = [False] * size
@@ -145,7 +147,7 @@ class ServingPath:
                              use_cache=True, logits_to_keep=1)
             t = 0
             while True:
-                logits = out.logits[:, -1].float().numpy()  # (B, V)
+                logits = out.logits[:, -1].float().cpu().numpy()  # (B, V)
                 step = []
                 for b, r in enumerate(batch):
                     if done[b]:
@@ -162,9 +164,11 @@ class ServingPath:
                 if all(done):
                     break
                 t += 1
-                mask = torch.cat([mask, torch.ones((size, 1), dtype=torch.long)], dim=1)
+                mask = torch.cat([mask, torch.ones((size, 1), dtype=torch.long, device=device)],
+                                 dim=1)
                 pos = pos[:, -1:] + 1
-                out = self.model(input_ids=torch.tensor(step, dtype=torch.long)[:, None],
+                out = self.model(input_ids=torch.tensor(step, dtype=torch.long,
+                                                        device=device)[:, None],
                                  attention_mask=mask, position_ids=pos, cache=out.cache,
                                  use_cache=True)
         served = []
