@@ -16,9 +16,18 @@ from ivp.whitelist import read_model_files
 pytest_plugins = ("test_recomputer_support",)
 
 
-@pytest.fixture(scope="module")
-def verifier(tiny_model_dir, tiny_manifest: Manifest) -> Verifier:
-    return Verifier([ModelSource(tiny_manifest, read_model_files(tiny_model_dir, tiny_manifest))])
+@pytest.fixture(scope="module", params=["plain head", "bf16 head"])
+def verifier(request: pytest.FixtureRequest, tiny_model_dir, tiny_manifest: Manifest
+             ) -> Verifier:
+    """Every test runs on both replay heads: the tiny vocabulary alone would replay on
+    the plain float32 head; ``bf16 head`` forces the bounded head and pruned scoring
+    that large vocabularies (Gemma) use."""
+    v = Verifier([ModelSource(tiny_manifest, read_model_files(tiny_model_dir, tiny_manifest))])
+    if request.param == "bf16 head":
+        for _, engine, _ in v._models.values():
+            engine.bounded_min_vocab = 0
+            assert engine.bounded_head is not None
+    return v
 
 
 def job(gw: ScriptedGateway, pair: PairRecord, audit_id: int = 1) -> VerifyJob:

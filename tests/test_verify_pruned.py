@@ -132,7 +132,19 @@ def test_restricted_sampling_is_scored_on_full_rows() -> None:
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> ReferenceEngine:
     model, tokenizer = load_from_dir(tiny_model_dir)
-    return ReferenceEngine(model, tokenizer)
+    engine = ReferenceEngine(model, tokenizer)
+    engine.bounded_min_vocab = 0  # the tiny vocabulary would replay on the plain head
+    return engine
+
+
+def test_small_vocabularies_replay_on_the_plain_head(tiny_model_dir: Path) -> None:
+    engine = ReferenceEngine(*load_from_dir(tiny_model_dir))
+    assert engine.vocab_size < engine.bounded_min_vocab and engine.bounded_head is None
+    prompt = engine.tokenizer("The gateway")["input_ids"]
+    out = engine.generate(prompt, SamplingParams(max_tokens=4), 1).token_ids
+    rows = engine.replay_bounded_batch([(prompt, out)])[0]
+    assert isinstance(rows, np.ndarray)
+    np.testing.assert_array_equal(rows, engine.replay(prompt, out))
 
 
 def test_engine_replays_bounded_rows_that_score_like_full_rows(engine: ReferenceEngine) -> None:

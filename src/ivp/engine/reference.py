@@ -70,13 +70,18 @@ class ReferenceEngine:
         )
         self._bounded_head: BoundedHead | bool | None = False  # False: not built yet
 
+    #: Vocabularies below this replay with the plain float32 head: there the head is
+    #: cheap and the pruned scoring's per-row work costs more than it saves.
+    bounded_min_vocab = 16_384
+
     @property
     def bounded_head(self) -> BoundedHead | None:
         """The bf16 output head with its error bound (engine.head), built on first use;
-        None for models whose head is not a plain linear layer on the hidden rows."""
+        None for small vocabularies and for models whose head is not a plain linear
+        layer on the hidden rows."""
         if self._bounded_head is False:
-            self._bounded_head = BoundedHead.of(self.model) if _head_only(self.model) \
-                else None
+            usable = _head_only(self.model) and self.vocab_size >= self.bounded_min_vocab
+            self._bounded_head = BoundedHead.of(self.model) if usable else None
         return self._bounded_head  # type: ignore[return-value]
 
     def _eos_ids(self) -> frozenset[int]:
