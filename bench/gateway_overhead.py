@@ -21,8 +21,11 @@ from /proc around every phase.
 
 Diagnostics that do not count toward the goals: ``gateway_sync_normal`` (``--sync
 NORMAL``, not durable against power loss: what the fsync costs; skip with
-``--no-sync-normal``) and, with ``--baseline-src DIR``, ``gateway_baseline``: the gateway
-of another checkout (its ``src`` directory, e.g. from ``git archive REV src``).
+``--no-sync-normal``); with ``--baseline-src DIR``, ``gateway_baseline``: the gateway
+of another checkout (its ``src`` directory, e.g. from ``git archive REV src``); with
+``--python-floor``, ``python_floor``: bench/passthrough_proxy.py, the gateway's HTTP
+server and upstream client forwarding and doing nothing else (the floor of a Python
+datapath).
 
     .venv/bin/python bench/gateway_overhead.py [--quick] [--rounds 3] [--seconds 4]
         [--baseline-src DIR]
@@ -168,6 +171,17 @@ def start_nginx(procs: list[Proc], work: Path, upstream: str) -> str:
     return url
 
 
+def start_passthrough(procs: list[Proc], work: Path, upstream: str) -> str:
+    """bench/passthrough_proxy.py: the gateway's HTTP stack forwarding, nothing else."""
+    port = free_port()
+    p = spawn("passthrough", [PY, str(BENCH / "passthrough_proxy.py"), "--port", str(port),
+                              "--upstream", upstream], work)
+    procs.append(p)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc=p.popen)
+    return url
+
+
 def start_gateway(procs: list[Proc], work: Path, sync: str, name: str,
                   src: str | None = None) -> str:
     """``ivp gateway`` (from ``src``, another checkout's src/ directory, when given)."""
@@ -278,6 +292,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets["gateway_baseline"] = Target(
                 start_gateway(procs, work, "FULL", "gateway-baseline", args.baseline_src),
                 procs[-1].popen.pid, None)
+        if args.python_floor:
+            targets["python_floor"] = Target(start_passthrough(procs, work, direct),
+                                             procs[-1].popen.pid, stub_pid)
         if args.sync_normal:
             targets["gateway_sync_normal"] = Target(
                 start_gateway(procs, work, "NORMAL", "gateway-normal"), procs[-1].popen.pid,
@@ -332,6 +349,12 @@ def ratios(result: dict[str, Any], connections: int) -> dict[str, Any]:
         out["baseline_added_p50_ms"] = round((b["c1"]["p50_us"] - d["c1"]["p50_us"]) / 1e3, 3)
         out["gateway_vs_baseline_throughput"] = round(g[cn]["rps"] / b[cn]["rps"], 2) \
             if b[cn]["rps"] else None
+    if "python_floor" in result:
+        f = result["python_floor"]
+        out["python_floor_vs_nginx_throughput"] = round(f[cn]["rps"] / n[cn]["rps"], 4) \
+            if n[cn]["rps"] else None
+        out["python_floor_added_p50_ms"] = round((f["c1"]["p50_us"] - d["c1"]["p50_us"]) / 1e3,
+                                                 3)
     return out
 
 
@@ -346,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-src", default=None,
                         help="also run the gateway of another checkout (its src/ directory, "
                              "e.g. from `git archive REV src`) as target gateway_baseline")
+    parser.add_argument("--python-floor", action="store_true",
+                        help="also bench/passthrough_proxy.py (diagnostic): the gateway's "
+                             "HTTP server and upstream client forwarding, no gateway work")
     parser.add_argument("--no-sync-normal", dest="sync_normal", action="store_false",
                         help="skip the diagnostic gateway run with --sync NORMAL (that run "
                              "does not count: it is not durable against power loss)")
