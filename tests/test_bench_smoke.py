@@ -100,3 +100,49 @@ def test_stub_server_speaks_the_server_protocol(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_passthrough_proxy_forwards_answers_unchanged() -> None:
+    """The Python floor of the gateway bench forwards the server's answers byte for byte."""
+    import socket
+    import time
+    import urllib.request
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    stub_port, proxy_port = port(), port()
+    stub = subprocess.Popen([sys.executable, str(BENCH / "stub_server.py"), "--port",
+                             str(stub_port)])
+    proxy = subprocess.Popen([sys.executable, str(BENCH / "passthrough_proxy.py"), "--port",
+                              str(proxy_port), "--upstream", f"http://127.0.0.1:{stub_port}"])
+
+    def call(p: int, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://127.0.0.1:{p}{path}", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert call(proxy_port, "/health")[0] == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        body = b'{"model": "m"}'
+        assert call(proxy_port, "/v1/completions", body) == \
+            call(stub_port, "/v1/completions", body)  # 503: not booted, same bytes
+        assert call(proxy_port, "/boot/manifest", b'{"model_id": "m", "total_size": 1}') == \
+            (200, b'{"state":"loading"}')
+    finally:
+        for proc in (proxy, stub):
+            proc.terminate()
+            proc.wait(timeout=10)
