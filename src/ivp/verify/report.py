@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from ivp.protocol.messages import SamplingParams
-from ivp.verify.scoring import Policy, score
+from ivp.verify.pruned import score_replayed
+from ivp.verify.scoring import Policy
 from ivp.verify.serving import ALL_CONFIGS, Request, ServingConfig, ServingPath
 from ivp.verify.structure import structural_problem
 
@@ -268,10 +269,13 @@ def _score_all(engine: Any, requests: Sequence[Request], claims: Sequence[tuple[
         size = groups[g % len(groups)]
         g += 1
         chunk = range(i, min(i + size, len(requests)))
-        replayed = engine.replay_batch([(requests[j].prompt_ids, claims[j][0]) for j in chunk])
+        # The recomputer's own path: bounded replay + pruned scoring (plain rows on
+        # small vocabularies), so the report's verdicts are the ones it would give.
+        replayed = engine.replay_bounded_batch(
+            [(requests[j].prompt_ids, claims[j][0]) for j in chunk])
         for j, logits in zip(chunk, replayed, strict=True):
             r, (ids, reason) = requests[j], claims[j]
-            scores = score(logits, list(ids), r.seed, r.params)
+            scores = score_replayed(logits, list(ids), r.seed, r.params)
             verdict = policy.judge(scores, r.params)
             needed = scores.needed_delta.copy()
             problem = structural_problem(ids, reason, r.params.max_tokens, engine.eos_ids)
