@@ -116,13 +116,9 @@ class _Conn(asyncio.Protocol):
         """Consume what has arrived; True once the whole answer is in."""
         buf = self._buf
         if not self._status:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise _BadAnswer("answer head over the limit")
+            head = self._take(b"\r\n\r\n", "answer head")
+            if head is None:
                 return False
-            head = bytes(buf[:end])
-            del buf[:end + 4]
             self._head(head)
         if self._mode == "length":
             if len(buf) < self._need:
@@ -135,6 +131,18 @@ class _Conn(asyncio.Protocol):
         if len(buf) > MAX_ANSWER:
             raise TransportError(f"server answer larger than {MAX_ANSWER} bytes: dropped")
         return False
+
+    def _take(self, end_mark: bytes, what: str) -> bytes | None:
+        """The bytes before ``end_mark``, consumed with it; None until it has arrived
+        (and an error once more than MAX_HEAD bytes arrived without it)."""
+        end = self._buf.find(end_mark)
+        if end < 0:
+            if len(self._buf) > MAX_HEAD:
+                raise _BadAnswer(f"{what} over the limit")
+            return None
+        out = bytes(self._buf[:end])
+        del self._buf[:end + len(end_mark)]
+        return out
 
     def _head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
@@ -164,13 +172,9 @@ class _Conn(asyncio.Protocol):
         buf = self._buf
         while True:
             if self._need < 0:  # a chunk-size line, or a trailer line after the last chunk
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise _BadAnswer("chunk line over the limit")
+                line = self._take(b"\r\n", "chunk line")
+                if line is None:
                     return False
-                line = bytes(buf[:end])
-                del buf[:end + 2]
                 if self._trailers:
                     if not line:
                         return True
