@@ -55,10 +55,13 @@ KNOCKED = {
 def demo_procs(tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[dict[str, subprocess.Popen[str]]]:
     """`ivp demo --attack NAME --json` for each of DEMOS, started (they run beside the
-    two runs of ``runs``: all of them mostly wait on their processes)."""
+    two runs of ``runs``: all of them mostly wait on their processes). 24 honest
+    requests at ε = 0.5: the chance that none is audited is 0.5^24 (12 at ε = 0.2 left
+    it at 7%, and the test then failed on an honest run)."""
     procs = {name: subprocess.Popen(
         [sys.executable, "-m", "ivp.cli", "demo", "--json", "--attack", name,
-         "--honest", "12", "--run-dir", str(tmp_path_factory.mktemp(f"demo-{name}"))],
+         "--honest", "24", "--epsilon", "0.5",
+         "--run-dir", str(tmp_path_factory.mktemp(f"demo-{name}"))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in DEMOS}
     yield procs
     for proc in procs.values():  # a demo nobody waited for (e.g. under -k): let it end
