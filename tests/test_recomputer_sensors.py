@@ -161,3 +161,32 @@ def test_sensors_over_http_with_enrolment(config, inspectors: Inspectors,
         assert again.sensors.heads == {f"rf-{i}": 1 for i in range(4)}
         again.store.close()
     run(main())
+
+
+def test_a_silent_sensor_alarms_and_heartbeats_keep_it_quiet(sim: SensorSimulator) -> None:
+    """Attack: cut or jam a sensor before doing what it would have seen."""
+    hub = SensorHub(SensorRules(heartbeat=60.0))
+    enrolled = list(sim.sensors)
+    assert hub.tick(T0, {}, enrolled) == []
+    feed(hub, sim, sim.heartbeat("seal-1"), T0 + 30)
+    feed(hub, sim, sim.seal("seal-1", "rack-1", intact=True), T0 + 70)
+    alarms = hub.tick(T0 + 61, {}, enrolled)
+    # every sensor but seal-1 (heard at +30) has been silent since +0
+    assert sorted(a.kind for a in alarms) == ["sensor_silent"] * (len(enrolled) - 1)
+    assert {a.detail.split("'")[1] for a in alarms} == set(enrolled) - {"seal-1"}
+    assert hub.tick(T0 + 62, {}, enrolled) == []  # raised once per silence
+    for sid in enrolled:  # the sensors come back
+        feed(hub, sim, sim.heartbeat(sid), T0 + 100)
+    assert hub.tick(T0 + 120, {}, enrolled) == []
+    [again] = [a for a in hub.tick(T0 + 200, {}, ["pwr-a"]) if "pwr-a" in a.detail]
+    assert again.kind == "sensor_silent" and "silent for 100 s" in again.detail
+
+
+def test_the_heartbeat_rule_can_be_turned_off_and_bad_rules_are_refused(
+        sim: SensorSimulator) -> None:
+    hub = SensorHub(SensorRules(heartbeat=0.0))
+    assert hub.tick(T0, {}, list(sim.sensors)) == []
+    assert hub.tick(T0 + 1e6, {}, list(sim.sensors)) == []
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="heartbeat"):
+            SensorRules(heartbeat=bad)

@@ -53,6 +53,8 @@ KINDS: dict[str, tuple[bool, str]] = {
     "relay_refused": (False, "a gateway refused an inspectors' instruction relayed to it"),
     "sensor_forged": (False, "a sensor event with a bad or unknown signature"),
     "sensor_gap": (False, "a sensor skipped event sequence numbers"),
+    "sensor_silent": (False, "an enrolled sensor sent nothing, not even a heartbeat, for "
+                             "too long (cut, jammed or removed)"),
     "power_silent": (True, "power on but the gateway is silent"),
     "traffic_power_off": (True, "gateway traffic while its power is reported off"),
     "rf_burst": (True, "radio-frequency burst detected"),

@@ -60,6 +60,13 @@ def recomputer(
     checkpoint_period: Annotated[float, typer.Option(
         help="The gateways' checkpoint period in seconds; 3 periods of silence from a "
              "serving gateway raise checkpoint_missing.")] = 60.0,
+    sensor_heartbeat: Annotated[float, typer.Option(
+        min=0.0, help="Seconds an enrolled sensor may stay silent (sensors send heartbeat "
+                      "readings when idle) before sensor_silent; 0 turns the rule off.")
+    ] = 600.0,
+    lone_grace: Annotated[float, typer.Option(
+        min=0.0, help="Seconds one person may be alone in a zone before lone_entry "
+                      "(the two-person rule).")] = 30.0,
     shutdown_on: Annotated[list[str] | None, typer.Option(
         help="Alarm kind that shuts gateways down, repeatable (default verify_fail). "
              "Only authenticated kinds are allowed (e.g. sequence_gap, audit_withheld, "
@@ -133,7 +140,8 @@ def recomputer(
             whitelist=whitelist.read_bytes() if whitelist else None, models=models,
             workers=workers, ray_actors=ray_actors, mode=mode,  # type: ignore[arg-type]
             rules=Rules(checkpoint_period=checkpoint_period),
-            sensor_rules=SensorRules(silence=3 * checkpoint_period),
+            sensor_rules=SensorRules(silence=3 * checkpoint_period,
+                                     heartbeat=sensor_heartbeat, lone_grace=lone_grace),
             shutdown_on=frozenset(kinds), shutdown_scope=shutdown_scope,  # type: ignore[arg-type]
             batch_size=batch_size, rate_limit=rate_limit, rate_burst=rate_burst,
             health_interval=health_interval, tamper_endpoint=allow_tamper_endpoint,

@@ -21,6 +21,10 @@ Rules (each names what it catches):
 * ``lone_entry`` — exactly one person in a zone for more than ``lone_grace``
   seconds: the two-person rule is broken. ``badge_anomaly`` — out without in, in
   twice, or an unknown direction of travel.
+* ``sensor_silent`` — an enrolled sensor sent nothing (not even a ``heartbeat``
+  reading) for ``heartbeat`` seconds: cut, jammed, unplugged or stolen. Sensors send a
+  heartbeat reading when they have had nothing else to say for a while; a sensor
+  enrolled but never heard counts from when the hub first saw it enrolled.
 
 :class:`SensorHub` is pure: readings and the time go in, alarms come out.
 """
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -86,7 +90,12 @@ class BadgeReading(_Reading, frozen=True, tag="badge"):
     direction: Literal["in", "out"]
 
 
-SensorReading = PowerReading | RfReading | SealReading | CameraReading | BadgeReading
+class HeartbeatReading(_Reading, frozen=True, tag="heartbeat"):
+    """Nothing to report, and still here (the ``sensor_silent`` rule's counterpart)."""
+
+
+SensorReading = (PowerReading | RfReading | SealReading | CameraReading | BadgeReading
+                 | HeartbeatReading)
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,14 @@ class SensorRules:
     rf_ref_dbm: float = -30.0  # received power at 1 m from the emitter (path-loss model)
     rf_exponent: float = 2.0  # path-loss exponent (2 = free space)
     lone_grace: float = 30.0
+    heartbeat: float = 600.0  # a sensor silent this long -> sensor_silent (0: rule off)
+
+    def __post_init__(self) -> None:
+        for name in ("silence", "power_grace", "rf_window", "lone_grace", "heartbeat"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"sensor rule {name} must be a finite number >= 0, "
+                                 f"got {value!r}")
 
 
 @dataclass
@@ -117,6 +134,7 @@ class SensorHub:
     alone_since: dict[str, float] = field(default_factory=dict)
     rf: list[tuple[float, str, float, float, float]] = field(default_factory=list)
     last_fix: dict[str, Any] | None = None
+    last_seen: dict[str, float] = field(default_factory=dict)  # sensor -> last receive time
     _raised: set[tuple[str, str]] = field(default_factory=set)
 
     def admit(self, item: Any, sensor_keys: Mapping[str, Any], now: float
@@ -158,6 +176,7 @@ class SensorHub:
     def apply(self, r: SensorReading, now: float) -> list[Alarm]:
         """Advance the state with an admitted reading; alarms it raises at once."""
         self.heads[r.sensor_id] = r.seq
+        self.last_seen[r.sensor_id] = now
         alarms: list[Alarm] = []
         if isinstance(r, PowerReading):
             prev = self.power.get(r.target)
@@ -216,9 +235,20 @@ class SensorHub:
         """Metres from the emitter, by the log-distance path-loss model."""
         return float(10 ** ((self.rules.rf_ref_dbm - dbm) / (10 * self.rules.rf_exponent)))
 
-    def tick(self, now: float, gateways: Mapping[str, tuple[str, float | None]]) -> list[Alarm]:
-        """Timed rules. ``gateways``: id -> (state, last uplink receive time or None)."""
+    def tick(self, now: float, gateways: Mapping[str, tuple[str, float | None]],
+             sensors: Iterable[str] = ()) -> list[Alarm]:
+        """Timed rules. ``gateways``: id -> (state, last uplink receive time or None);
+        ``sensors``: the enrolled sensors' ids."""
         due: dict[tuple[str, str], Alarm] = {}
+        if self.rules.heartbeat:
+            for sid in sensors:  # enrolled but never heard: counted from now
+                self.last_seen.setdefault(sid, now)
+            for sid, seen in self.last_seen.items():
+                if now - seen > self.rules.heartbeat:
+                    due[("sensor_silent", sid)] = Alarm(
+                        "sensor_silent", None, None,
+                        f"sensor {sid!r} silent for {now - seen:.0f} s (cut, jammed, "
+                        "unplugged or removed?)", now)
         for gw, p in self.power.items():
             state, seen = gateways.get(gw, ("unknown", None))
             if p.on and state not in ("shutdown", "unknown"):
@@ -341,6 +371,9 @@ class SensorSimulator:
         return self.sensor(sensor_id).sign(BadgeReading, self.clock(), zone=zone, person=person,
                                            direction=direction)
 
+    def heartbeat(self, sensor_id: str) -> dict[str, Any]:
+        return self.sensor(sensor_id).sign(HeartbeatReading, self.clock())
+
     def rf_emitter(self, x: float, y: float, tx_dbm_at_1m: float | None = None,
                    frequency_mhz: float = 2400.0) -> list[dict[str, Any]]:
         """Every RF sensor's reading of a transmitter at (x, y) (log-distance path loss,
@@ -360,6 +393,7 @@ class SensorSimulator:
 
 
 __all__ = [
-    "BadgeReading", "CameraReading", "PowerReading", "RfReading", "SealReading", "SensorHub",
+    "BadgeReading", "CameraReading", "HeartbeatReading", "PowerReading", "RfReading",
+    "SealReading", "SensorHub",
     "SensorReading", "SensorRules", "SensorSimulator", "triangulate",
 ]

@@ -696,7 +696,9 @@ class Recomputer:
                     alarms = self.ingest.tick(now)
                     alarms += self.sensors.tick(now, {
                         g.gateway_id: (g.state, g.last_seen)
-                        for g in self.ingest.gateways.values()})
+                        for g in self.ingest.gateways.values()},
+                        [d.device_id for d in self.ingest.devices.values()
+                         if d.kind == "sensor"])
                     if alarms:
                         await self._db(self.store.add_alarms, alarms)
                         self.metrics.alarms(alarms)
