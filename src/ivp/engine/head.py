@@ -69,6 +69,19 @@ def bf16_values(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
+def soft_cap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """A final-logit soft cap ``cap·tanh(z / cap)`` (Gemma 2); ``z`` itself without one."""
+    import torch
+
+    return z if cap is None else torch.tanh(z / cap) * cap
+
+
+def final_cap(model: PreTrainedModel) -> float | None:
+    """The model's final-logit soft cap from its config, if it has one."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
 class BoundedHead:
     """A bias-free linear output head ``z = cap·tanh(W x / cap)`` (cap optional) in bf16
     with its error bound. Holds a bf16 copy of W (half the float32 head's memory)."""
@@ -91,14 +104,11 @@ class BoundedHead:
         weight = getattr(head, "weight", None)
         if weight is None or getattr(head, "bias", None) is not None or weight.ndim != 2:
             return None
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        bounded = cls(weight, float(cap) if cap else None)
+        bounded = cls(weight, final_cap(model))
         return bounded if bounded.self_check() else None
 
     def _cap(self, z: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        return z if self.cap is None else torch.tanh(z / self.cap) * self.cap
+        return soft_cap(z, self.cap)
 
     def rows(self, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(N, H) float32 hidden rows -> approx logits as bf16 bit patterns (N, V) int16
@@ -150,7 +160,7 @@ class BoundedHead:
 class BoundedLogits:
     """The logits rows of one replayed pair, as bf16 approximations ẑ with the bound
     |ẑ_ti − z_ti| ≤ A‖x_t‖‖w_i‖ + B|ẑ_ti| + ABSOLUTE (module doc). ``candidates``,
-    ``lower`` and ``upper`` use it; ``exact`` and ``full_rows`` give exact logits."""
+    ``bounds`` and ``magnitude`` use it; ``exact`` and ``full_rows`` give exact logits."""
 
     bits: np.ndarray  # (n, V) int16: bf16 patterns of ẑ
     norm: np.ndarray  # (n,) float64: ‖x_t‖₂ of the hidden rows
@@ -217,4 +227,4 @@ class BoundedLogits:
 
 
 __all__ = ["ABSOLUTE", "BoundedHead", "BoundedLogits", "bf16_bits", "bf16_values",
-           "coefficients"]
+           "coefficients", "final_cap", "soft_cap"]

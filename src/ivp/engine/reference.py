@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from ivp.engine.head import BoundedHead, BoundedLogits
+from ivp.engine.head import BoundedHead, BoundedLogits, final_cap, soft_cap
 from ivp.errors import ValidationError
 from ivp.protocol.messages import SamplingParams
 from ivp.protocol.sampler import choose
@@ -234,21 +234,14 @@ class ReferenceEngine:
             if _head_only(self.model):
                 hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
                 rows = torch.cat([hidden[b, s : s + n] for b, (s, n) in enumerate(spans)])
+                ends = np.cumsum([n for _, n in spans])
+                parts = [slice(end - n, end) for (_, n), end in zip(spans, ends, strict=True)]
                 head = self.bounded_head if bounded else None
                 if head is not None:
                     bits, norm = head.rows(rows)  # (sum n, V) bf16 patterns, (sum n,)
-                    out_b, at = [], 0
-                    for _, n in spans:
-                        out_b.append(BoundedLogits(bits[at : at + n], norm[at : at + n],
-                                                   rows[at : at + n], head))
-                        at += n
-                    return out_b  # type: ignore[return-value]
+                    return [BoundedLogits(bits[p], norm[p], rows[p], head) for p in parts]
                 logits = _head(self.model, rows).float().cpu().numpy()  # (sum n, V)
-                out, at = [], 0
-                for _, n in spans:
-                    out.append(logits[at : at + n])
-                    at += n
-                return out  # type: ignore[return-value]
+                return [logits[p] for p in parts]
             first = min(s for s, _ in spans)  # generic path: keep from the earliest row
             full = self.model(input_ids=ids, use_cache=False,
                               logits_to_keep=width - first).logits.float().cpu()
@@ -269,13 +262,7 @@ def _head_only(model: PreTrainedModel) -> bool:
 
 def _head(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The model's output head on (N, H) hidden states: (N, V) logits."""
-    import torch
-
-    logits: torch.Tensor = model.lm_head(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return soft_cap(model.lm_head(hidden), final_cap(model))
 
 
 def decode_prefill_gap(engine: ReferenceEngine, prompt_ids: Sequence[int],

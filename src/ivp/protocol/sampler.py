@@ -81,12 +81,21 @@ def uniforms(seed: int, position: int, vocab_size: int) -> np.ndarray:
     counter[:, 0] = np.arange(blocks, dtype=np.uint32)
     counter[:, 1] = np.uint32(position)
     words = philox4x32_10(counter, seed_key(seed)).reshape(-1)[:vocab_size]
+    return _uniform(words)
+
+
+def _uniform(words: np.ndarray) -> np.ndarray:
+    """u = (w + 0.5) / 2^32 in (0, 1), float64, from 32-bit Philox output words."""
     return (words.astype(np.float64) + 0.5) / 2.0**32
+
+
+def _gumbel(u: np.ndarray) -> np.ndarray:
+    return -np.log(-np.log(u))
 
 
 def gumbel(seed: int, position: int, vocab_size: int) -> np.ndarray:
     """g_i = -log(-log u_i), float64, shape (vocab_size,)."""
-    return -np.log(-np.log(uniforms(seed, position, vocab_size)))
+    return _gumbel(uniforms(seed, position, vocab_size))
 
 
 def gumbel_at(seed: int, position: int, ids: np.ndarray) -> np.ndarray:
@@ -97,7 +106,7 @@ def gumbel_at(seed: int, position: int, ids: np.ndarray) -> np.ndarray:
     counter[:, 0] = blocks.astype(np.uint32)
     counter[:, 1] = np.uint32(position)
     words = philox4x32_10(counter, seed_key(seed))[inverse, ids & 3]
-    return -np.log(-np.log((words.astype(np.float64) + 0.5) / 2.0**32))
+    return _gumbel(_uniform(words))
 
 
 def gumbel_pairs(seed: int, positions: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -107,22 +116,22 @@ def gumbel_pairs(seed: int, positions: np.ndarray, ids: np.ndarray) -> np.ndarra
     ids = np.asarray(ids, dtype=np.int64)
     positions = np.broadcast_to(np.asarray(positions, dtype=np.int64), ids.shape)
     key = seed_key(seed)
-    words = np.empty(ids.shape[0], dtype=np.float64)
+    words = np.empty(ids.shape[0], dtype=np.uint64)
     for start in range(0, ids.shape[0], _CHUNK):
         part = ids[start : start + _CHUNK]
         c0 = (part >> 2).astype(np.uint64)
         c1 = positions[start : start + _CHUNK].astype(np.uint64)
         out = np.stack(_rounds(c0, c1, np.zeros_like(c0), np.zeros_like(c0), key))
         words[start : start + _CHUNK] = out[part & 3, np.arange(part.shape[0])]
-    return -np.log(-np.log((words + 0.5) / 2.0**32))
+    return _gumbel(_uniform(words))
 
 
 _CHUNK = 1 << 16
 
 
-# Every g lies in [G_MIN, G_MAX]: u = (w + 0.5)/2^32 with w a 32-bit word.
-G_MAX = float(-np.log(-np.log1p(-(2.0**-33))))
-G_MIN = float(-np.log(-np.log(2.0**-33)))
+# Every g lies in [G_MIN, G_MAX]: the noise of the smallest and largest 32-bit word,
+# computed as the spec computes every g.
+G_MIN, G_MAX = (float(g) for g in _gumbel(_uniform(np.array([0, 2**32 - 1], np.uint64))))
 
 
 def ranked(z: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from ivp.engine.head import BoundedLogits
 from ivp.protocol.messages import SamplingParams
 from ivp.protocol.sampler import G_MAX, G_MIN, gumbel_pairs
 from ivp.verify.bounds import ROUNDING, restricted
-from ivp.verify.scoring import _TIE, Scores, score
+from ivp.verify.scoring import Scores, _margin, score
 
 SLACK = 1e-3  # added to every candidate threshold: float32 rounding of the comparisons
 
@@ -117,9 +117,9 @@ def _score_bounded(rows: BoundedLogits, claimed: np.ndarray, seed: int,
         expected[t] = a
         if a == tok[t]:
             continue  # the spec's choice: margin 0, explained at δ = 0
-        margins[t] = _margin(s_max - s_tok[t])
+        margins[t] = _margin(s_max - s_tok[t], False)
         tol = ROUNDING * scale * (max(abs(s_max), float(magnitude[t])) + 1.0)
-        needed[t] = _margin(max(0.0, scale * (s_max - float(s_tok[t])) - tol))
+        needed[t] = _margin(max(0.0, scale * (s_max - float(s_tok[t])) - tol), False)
     if dense.any():
         rows_d = np.flatnonzero(dense)
         full = score(rows.full_rows(rows_d), [int(x) for x in tok[rows_d]], seed,
@@ -131,10 +131,6 @@ def _score_bounded(rows: BoundedLogits, claimed: np.ndarray, seed: int,
     expected[bad], margins[bad], needed[bad] = -1, np.inf, np.inf
     return Scores(expected=expected, margins=margins, outside=bad.copy(),
                   outside_gap=np.where(bad, np.inf, 0.0), needed_delta=needed)
-
-
-def _margin(diff: float) -> float:
-    return float(diff) if diff > 0 else _TIE
 
 
 __all__ = ["score_replayed"]
