@@ -46,6 +46,7 @@ from ivp.gateway.errors import (
     UnknownModelError,
     UploadRefusedError,
 )
+from ivp.gateway.upstream import read_capped
 
 log = logging.getLogger("ivp.gateway")
 
@@ -120,13 +121,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLargeError(f"request body of {request.content_length} bytes is over the "
                                 f"{limit}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLargeError(f"request body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_capped(request.content, limit, lambda: BodyTooLargeError(
+        f"request body is over the {limit}-byte limit"))
 
 
 async def _send(gateway: Gateway, request: web.Request, reply: Reply) -> web.StreamResponse:

@@ -31,7 +31,7 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -70,31 +70,24 @@ class HttpUplink:
         self._session: aiohttp.ClientSession | None = None
 
     async def post(self, body: bytes) -> bytes:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        try:
-            async with self._session.post(
-                self.url, data=body, headers={"Content-Type": "application/json"}
-            ) as resp:
-                data = await resp.read()
-                if resp.status != 200:
-                    raise TransportError(
-                        f"recomputer answered HTTP {resp.status}: {data[:200]!r}")
-                return data
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransportError(f"recomputer unreachable at {self.url}: {exc}") from None
+        return await self._call("POST", self.url, "recomputer", data=body,
+                                headers={"Content-Type": "application/json"})
 
     async def cursor(self, gateway_id: str, boot_id: str | None) -> bytes:
         """``GET <recomputer>/uplink/cursor?gateway_id=&boot_id=``: the raw answer."""
+        params = {"gateway_id": gateway_id, **({"boot_id": boot_id} if boot_id else {})}
+        return await self._call("GET", self.url + "/cursor", "recomputer cursor",
+                                params=params)
+
+    async def _call(self, method: str, url: str, who: str, **kwargs: Any) -> bytes:
+        """One request; the answer's bytes if it is a 200, else TransportError."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        params = {"gateway_id": gateway_id, **({"boot_id": boot_id} if boot_id else {})}
         try:
-            async with self._session.get(self.url + "/cursor", params=params) as resp:
+            async with self._session.request(method, url, **kwargs) as resp:
                 data = await resp.read()
                 if resp.status != 200:
-                    raise TransportError(
-                        f"recomputer cursor answered HTTP {resp.status}: {data[:200]!r}")
+                    raise TransportError(f"{who} answered HTTP {resp.status}: {data[:200]!r}")
                 return data
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"recomputer unreachable at {self.url}: {exc}") from None

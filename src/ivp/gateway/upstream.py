@@ -13,7 +13,7 @@ cap: a server cannot exhaust the gateway's memory with an endless answer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -277,13 +277,8 @@ class HttpUpstream:
         return self._session
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
-        chunks, size = [], 0
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            size += len(chunk)
-            if size > MAX_ANSWER:
-                raise TransportError(f"server answer larger than {MAX_ANSWER} bytes: dropped")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_capped(resp.content, MAX_ANSWER, lambda: TransportError(
+            f"server answer larger than {MAX_ANSWER} bytes: dropped"))
 
     async def get(self, path: str, *, timeout: float = 10.0) -> tuple[int, bytes]:
         try:
@@ -325,6 +320,19 @@ class HttpUpstream:
 
     async def close(self) -> None:
         await self.reset()
+
+
+async def read_capped(stream: aiohttp.StreamReader, limit: int,
+                      too_large: Callable[[], Exception]) -> bytes:
+    """A body stream (a request's or an answer's) read whole; ``too_large()`` is raised
+    as soon as more than ``limit`` bytes arrive, so an endless body costs no memory."""
+    chunks, size = [], 0
+    async for chunk in stream.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _unreachable(path: str, exc: BaseException) -> str:
