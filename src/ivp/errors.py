@@ -8,6 +8,9 @@ side sent garbage" from "the network is down" from "this is a bug / wrong state"
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 
 class IvpError(Exception):
     """Root of every error ivp raises on purpose."""
@@ -71,3 +74,16 @@ class RateLimitedError(MisuseError):
 
 class BrickedError(StateError):
     """The device was tampered with; it is bricked for good and does nothing."""
+
+
+# --- HTTP answers -----------------------------------------------------------------------
+def http_status(exc: IvpError, table: Iterable[tuple[type[IvpError], int]],
+                default: int = 500) -> int:
+    """The status of the first (type, status) of ``table`` that ``exc`` is an instance
+    of (so a table lists subclasses before their roots), else ``default``."""
+    return next((status for kind, status in table if isinstance(exc, kind)), default)
+
+
+def error_json(message: str, type_: str) -> dict[str, Any]:
+    """The one error shape of every ivp HTTP answer: ``{"error": {"message", "type"}}``."""
+    return {"error": {"message": message, "type": type_}}

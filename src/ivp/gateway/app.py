@@ -37,6 +37,8 @@ from ivp.errors import (
     SignatureError,
     StateError,
     TransportError,
+    error_json,
+    http_status,
 )
 from ivp.gateway.core import Gateway, Reply
 from ivp.gateway.errors import (
@@ -75,8 +77,8 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
 def error_body(exc: IvpError) -> tuple[int, dict[str, Any]]:
     """HTTP status and JSON body for an ivp error."""
-    status = next(s for t, s in STATUS if isinstance(exc, t))
-    body: dict[str, Any] = {"error": {"message": str(exc), "type": type(exc).__name__}}
+    status = http_status(exc, STATUS)
+    body = error_json(str(exc), type(exc).__name__)
     if isinstance(exc, UploadRefusedError):
         body.update(state="power_kill", file=exc.file, reason=exc.reason)
         if exc.reason == "server":
@@ -103,13 +105,11 @@ async def errors_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response(
-            {"error": {"message": exc.reason, "type": "HTTPError"}}, status=exc.status)
+        return web.json_response(error_json(exc.reason, "HTTPError"), status=exc.status)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        return web.json_response(
-            {"error": {"message": "internal gateway error", "type": "InternalError"}},
-            status=500)
+        return web.json_response(error_json("internal gateway error", "InternalError"),
+                                 status=500)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

@@ -26,6 +26,8 @@ from ivp.errors import (
     StateError,
     TransportError,
     ValidationError,
+    error_json,
+    http_status,
 )
 from ivp.protocol.encoding import to_builtins
 from ivp.recomputer.metrics import CONTENT_TYPE
@@ -55,12 +57,12 @@ _STATUS: tuple[tuple[type[IvpError], int], ...] = (
 
 
 def status_of(exc: IvpError) -> int:
-    return next((code for t, code in _STATUS if isinstance(exc, t)), 500)
+    return http_status(exc, _STATUS)
 
 
 def error_body(exc: IvpError) -> dict[str, Any]:
     cause = exc.cause if isinstance(exc, AdminRefusedError) else exc
-    body: dict[str, Any] = {"error": {"message": str(cause), "type": type(cause).__name__}}
+    body = error_json(str(cause), type(cause).__name__)
     if isinstance(exc, AdminRefusedError):
         body.update(accepted=False, log_seq=exc.log_seq)
     return body

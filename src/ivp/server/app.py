@@ -30,7 +30,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from ivp.engine.reference import ReferenceEngine
-from ivp.errors import IvpError, StateError, ValidationError
+from ivp.errors import IvpError, StateError, ValidationError, error_json, http_status
 from ivp.protocol.encoding import convert, decode, to_builtins
 from ivp.protocol.messages import Manifest, SamplingParams, Tag
 from ivp.server.attacks import Attack
@@ -43,7 +43,7 @@ _COMMON = {"model", "max_tokens", "temperature", "top_k", "top_p", "seed", "stre
            "ivp_tag", "user", "n", "stop", "stream_options", "logprobs", "echo"}
 _FIELDS = {"completions": _COMMON | {"prompt"},
            "chat": _COMMON | {"messages", "max_completion_tokens"}}
-_STATUS = {ValidationError: 400, StateError: 503}
+_STATUS = ((ValidationError, 400), (StateError, 503))
 
 Endpoint = Literal["completions", "chat"]
 State = Literal["empty", "loading", "ready"]
@@ -52,7 +52,7 @@ State = Literal["empty", "loading", "ready"]
 # --- errors ----------------------------------------------------------------------------------
 def error_response(status: int, message: str, type_: str) -> web.Response:
     """The one error shape of ivp: {"error": {"message", "type"}}."""
-    return web.json_response({"error": {"message": message, "type": type_}}, status=status)
+    return web.json_response(error_json(message, type_), status=status)
 
 
 @web.middleware
@@ -63,8 +63,7 @@ async def errors_middleware(
     try:
         return await handler(request)
     except IvpError as exc:
-        status = next((s for t, s in _STATUS.items() if isinstance(exc, t)), 500)
-        return error_response(status, str(exc), type(exc).__name__)
+        return error_response(http_status(exc, _STATUS), str(exc), type(exc).__name__)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
