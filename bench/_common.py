@@ -267,3 +267,19 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
 __all__ = ["BENCH", "PY", "ROOT", "Proc", "cpu_seconds", "durable_commit_ms", "emit",
            "ensure_apt", "free_port", "gateway_args", "http_json", "machine", "median", "note",
            "processes", "spawn", "tiny_whitelisted", "wait_http", "whitelist_for", "work_dir"]
+
+
+def gemma_dir(arg: str | None) -> Path:
+    """The converted Gemma-3-270M: ``arg``, else $IVP_CACHE/gemma-3-270m (without
+    IVP_CACHE, ~/.cache/ivp or an existing /tmp/ivpwork/gemma-3-270m); converted once
+    if absent."""
+    from ivp.engine.gemma import default_gemma_dir, is_complete, prepare_gemma
+
+    path = Path(arg) if arg else default_gemma_dir()
+    if not is_complete(path) and Path("/tmp/ivpwork/gemma-3-270m").is_dir() and not arg \
+            and "IVP_CACHE" not in os.environ:
+        path = Path("/tmp/ivpwork/gemma-3-270m")
+    if not is_complete(path):
+        note(f"converting Gemma-3-270M into {path} (once)")
+        path = prepare_gemma(path)
+    return path

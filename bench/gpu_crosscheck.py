@@ -35,7 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # no install needed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit, gemma_dir, machine, note
 
 LENGTHS = (32, 128, 512)
 SERVE_TOKENS = 48
@@ -77,7 +80,7 @@ def timing(engine: Any, prompt: list[int], lengths: list[int]) -> dict[str, Any]
     out: dict[str, Any] = {}
     for n in lengths:
         out[str(n)] = _time_length(engine, prompt, n)
-        print(f"[gpu] n={n}: {out[str(n)]}", file=sys.stderr, flush=True)
+        note(f"n={n}: {out[str(n)]}")
     return out
 
 
@@ -131,7 +134,7 @@ def serve(args: argparse.Namespace) -> None:
                                                  dtype=torch.float32)
     digest = weights_digest(model)
     model = model.to(args.device).eval()
-    result: dict[str, Any] = {"bench": "gpu_crosscheck.serve",
+    result: dict[str, Any] = {"bench": "gpu_crosscheck.serve", "machine": machine(),
                               "device": torch.cuda.get_device_name()
                               if args.device == "cuda" else args.device,
                               "torch": torch.__version__, "weights_blake3": digest,
@@ -153,8 +156,8 @@ def serve(args: argparse.Namespace) -> None:
             for b in range(0, len(requests), 8):  # batch sizes 1..8 in turn
                 size = 1 + (b // 8) % 8
                 served += path.serve(requests[b : b + 8], ServingConfig(batch_size=size))
-            print(f"[gpu] served {len(served)} {precision} T={temperature} in "
-                  f"{time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+            note(f"served {len(served)} {precision} T={temperature} in "
+                 f"{time.perf_counter() - t:.1f} s")
             pairs += [{"precision": precision, "prompt": list(r.prompt_ids),
                        "output": list(s.token_ids), "finish": s.finish_reason,
                        "seed": r.seed, "temperature": temperature, "max_tokens": SERVE_TOKENS,
@@ -164,7 +167,7 @@ def serve(args: argparse.Namespace) -> None:
     (out / "pairs.json").write_text(json.dumps({"weights_blake3": digest, "pairs": pairs}))
     result["pairs"] = len(pairs)
     (out / "gpu.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+    emit(result)
 
 
 def verify(args: argparse.Namespace) -> None:
@@ -176,7 +179,7 @@ def verify(args: argparse.Namespace) -> None:
     from ivp.verify import Policy, score_replayed
 
     data = json.loads(Path(args.pairs).read_text())
-    model, tokenizer = load_from_dir(Path(args.gemma_dir))
+    model, tokenizer = load_from_dir(gemma_dir(args.gemma_dir))
     digest = weights_digest(model)
     engine = ReferenceEngine(model, tokenizer)
     groups: dict[str, list[float]] = {}
@@ -188,7 +191,7 @@ def verify(args: argparse.Namespace) -> None:
         key = f"{p['precision']} T={p['temperature']:g}"
         groups.setdefault(key, []).append(scores.max_needed_delta)
         exact_ok[key] = exact_ok.get(key, 0) + Policy("exact").judge(scores, params).passed
-    result: dict[str, Any] = {"bench": "gpu_crosscheck.verify",
+    result: dict[str, Any] = {"bench": "gpu_crosscheck.verify", "machine": machine(),
                               "same_weights": digest == data["weights_blake3"],
                               "manifest_delta": args.delta, "groups": {}}
     for key, needed in sorted(groups.items()):
@@ -198,7 +201,7 @@ def verify(args: argparse.Namespace) -> None:
             "pass_at_manifest_delta": int(np.sum(arr <= args.delta)),
             "max_needed_delta": float(arr.max()), "median_needed_delta": float(np.median(arr)),
         }
-    print(json.dumps(result))
+    emit(result)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--device", default="cuda")
     v = sub.add_parser("verify", help="here: replay the GPU pairs with the CPU recomputer")
     v.add_argument("pairs", help="pairs.json written by serve")
-    v.add_argument("--gemma-dir", default="/tmp/ivpwork/gemma-3-270m")
+    v.add_argument("--gemma-dir", default=None,
+                   help="converted Gemma-3-270M (default as bench/replay_vs_generate.py)")
     v.add_argument("--delta", type=float, default=2.1e-4,
                    help="the manifest's δ (default: the calibrated CPU δ of VERIFICATION.md)")
     args = parser.parse_args(argv)

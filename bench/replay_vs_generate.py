@@ -39,7 +39,6 @@ The last stdout line is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, machine, note, work_dir
+from _common import emit, gemma_dir, machine, note, work_dir
 
 PROMPTS = (
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -238,19 +237,6 @@ def _passed(outcomes: Sequence[Any]) -> int:
     from ivp.protocol.messages import Verdict
 
     return sum(1 for o in outcomes if o.verdict is not None and decode(o.verdict, Verdict).passed)
-
-
-def gemma_dir(arg: str | None) -> Path:
-    from ivp.engine.gemma import default_gemma_dir, is_complete, prepare_gemma
-
-    path = Path(arg) if arg else default_gemma_dir()
-    if not is_complete(path) and Path("/tmp/ivpwork/gemma-3-270m").is_dir() and not arg \
-            and "IVP_CACHE" not in os.environ:
-        path = Path("/tmp/ivpwork/gemma-3-270m")
-    if not is_complete(path):
-        note(f"converting Gemma-3-270M into {path} (once)")
-        path = prepare_gemma(path)
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:
