@@ -22,7 +22,7 @@ def datacenter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     Shared by every integration test: tests must not shut its gateways down or leave
     it in a state the next test would trip over (use a private datacenter for that).
     """
-    from ivp.demo.datacenter import LoopbackDatacenter
+    from ivp.datacenter import LoopbackDatacenter
 
     dc = LoopbackDatacenter(tmp_path_factory.mktemp("datacenter"), gateways=2, epsilon=0.5)
     with dc:

@@ -1,7 +1,7 @@
 """The red-team suite: every attack of the note, and on the protocol, run live.
 
 ``ivp attack list`` names the scenarios; ``ivp attack run NAME|all`` plays them
-against loopback datacenters (``ivp.demo.datacenter``) and reports, for each, whether
+against loopback datacenters (``ivp.datacenter``) and reports, for each, whether
 the live system noticed — from its alarms, verdicts, status and refusals only — how
 fast, after how many requests, and which defence did it. docs/THREATS.md describes
 each attack, its defence, the measured figure and what remains open.

@@ -1,7 +1,7 @@
 """What a red-team scenario is, what it reports, and how it reads the live system.
 
 A :class:`Scenario` is one attack of the note or on the protocol, played against a
-running :class:`~ivp.demo.datacenter.LoopbackDatacenter`. It acts as the attacker
+running :class:`~ivp.datacenter.LoopbackDatacenter`. It acts as the attacker
 would (a cheating server, the operator on the wire, a forged sensor, ...) and then
 *asks the system* whether it noticed: the recomputer's ``/alarms`` and ``/verdicts``,
 a gateway's ``/status`` and ``/alarms``, or the HTTP refusal of the endpoint it
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from ivp.attacks.tap import UplinkTap
-    from ivp.demo.datacenter import LoopbackDatacenter
+    from ivp.datacenter import LoopbackDatacenter
     from ivp.recomputer.sensors import SensorSimulator
 
 #: what a scenario needs from the session: nothing of its own, a fresh gateway it may

@@ -191,7 +191,7 @@ def tamper_gateway(ctx: Context, result: Result) -> None:
 
 def tamper_recomputer(ctx: Context, result: Result) -> None:
     """Open the recomputer's case (after some honest, verified traffic)."""
-    from ivp.demo.datacenter import verdict_counts
+    from ivp.datacenter import verdict_counts
 
     answers = ctx.dc.send(12, concurrency=4, max_tokens=16)
     result.requests_sent += len(answers)

@@ -57,7 +57,7 @@ class AttackSession:
     def __init__(self, root: Path, settings: Settings, *, tamper_endpoint: bool = False,
                  workers: int = 1) -> None:
         from ivp.attacks import physical
-        from ivp.demo.datacenter import LoopbackDatacenter
+        from ivp.datacenter import LoopbackDatacenter
 
         self.root = Path(root)
         self.settings = settings
@@ -191,7 +191,7 @@ class AttackSession:
 
     def honest_counts(self) -> dict[str, Any]:
         """Verdict counts of the gateways whose server carries no cheat."""
-        from ivp.demo.datacenter import verdict_counts
+        from ivp.datacenter import verdict_counts
 
         verdicts = [v for v in self.dc.verdicts() if v["gateway_id"] not in self.cheaters]
         counts: dict[str, Any] = verdict_counts(verdicts)

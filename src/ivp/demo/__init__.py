@@ -1,1 +1,1 @@
-"""The loopback datacenter and `ivp demo`."""
+"""`ivp demo`: a whole datacenter on loopback (``ivp.datacenter``), watched live."""

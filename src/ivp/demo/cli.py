@@ -89,7 +89,7 @@ def demo(
 def run_scenario(session: AttackSession, scenario: Scenario, *, honest: int, max_tokens: int,
                  concurrency: int, say: Any) -> dict[str, Any]:
     """Honest phase over every serving gateway, then the scenario; the summary."""
-    from ivp.demo.datacenter import verdict_counts
+    from ivp.datacenter import verdict_counts
 
     dc = session.dc
     victim = session.provision(scenario) if scenario.needs == "gateway" else None
@@ -115,7 +115,7 @@ def _attack_summary(session: AttackSession, scenario: Scenario, result: Result,
                     victim: int | None, seen: set[tuple[str, str, int]],
                     alarms_before: int) -> dict[str, Any]:
     """The attack half of ``ivp demo --json`` (what the live system shows now)."""
-    from ivp.demo.datacenter import verdict_counts
+    from ivp.datacenter import verdict_counts
 
     dc = session.dc
     counts, alarms, recomputer = {"audited": 0, "failed": 0}, 0, "up"

@@ -1,4 +1,5 @@
-"""The gateway (SNG) as one object: its modes and life cycle, over pluggable I/O.
+"""The gateway (SNG) as one object: its modes and life cycle — and SNG property 1, a
+tamper bricks it for good (``Gateway.tamper``) — over pluggable I/O.
 
 :class:`Gateway` owns the state every part shares — the mode, the current boot, the
 inspectors' settings — and hands each kind of work to the module that owns it:

@@ -109,7 +109,7 @@ class Datapath:
                           prompt_ids: list[int], tag: Tag,
                           seed: int) -> tuple[proxy.ServerOutput, float]:
         gw = self.gw
-        body = proxy.server_request(boot.model_id, prompt_ids, request.params, seed,
+        body = proxy.server_request(boot.manifest.model_id, prompt_ids, request.params, seed,
                                     tag, request.stream)
         t = time.monotonic()
         status, raw = await gw.upstream.post("/v1/completions", body,

@@ -1,4 +1,5 @@
-"""The serving proxy's pure parts: client request in, server request out, and back.
+"""The serving proxy's pure parts (SNG property 3's framing): client request in, server
+request out, and back.
 
 The gateway is the note's "inputter trusted for the delimiter" and the output copier:
 

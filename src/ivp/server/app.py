@@ -11,8 +11,10 @@ ids: the gateway re-serialises the client's response from them. Generation runs 
 a worker thread under one lock, so the event loop keeps answering ``/health`` and
 boot requests while a long generation runs.
 
-Cheats for demos and tests (``ivp.server.attacks``) are switched on by
-``--attack NAME`` and fire once ``--attack-trigger FILE`` exists.
+Cheats for demos and tests are switched on by ``--attack NAME`` and fire once
+``--attack-trigger FILE`` exists. This module defines only the hook a cheat fills in
+(:class:`Attack`); the cheats themselves (``ivp.server.attacks``) depend on the server,
+never the server on them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 
@@ -33,7 +35,9 @@ from ivp.engine.reference import ReferenceEngine
 from ivp.errors import IvpError, StateError, ValidationError, error_json, http_status
 from ivp.protocol.encoding import convert, decode, to_builtins
 from ivp.protocol.messages import Manifest, SamplingParams, Tag
-from ivp.server.attacks import Attack
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 NOT_BOOTED = "no model loaded: this server boots only from weights streamed to it by its gateway"
 STREAM_CHUNK = 1 << 20
@@ -183,6 +187,22 @@ def parse_inference(body: dict[str, Any], endpoint: Endpoint) -> InferenceReques
 
 
 # --- the server -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Attack:
+    """One cheat: what it does to the weights and/or to the sampling seed.
+
+    ``alter_model`` runs once, when the trigger fires; ``alter_seed`` maps the
+    gateway's seed to the one sampled with; ``install`` runs once at server start
+    (``ivp.server.attacks.get_attack``) for cheats that act before any inference.
+    """
+
+    name: str
+    help: str
+    alter_model: Callable[[PreTrainedModel], None] | None = None
+    alter_seed: Callable[[int], int] | None = None
+    install: Callable[[], None] | None = None  # at server start (get_attack)
+
+
 @dataclass
 class InferenceServer:
     """State of one server process: what is loaded, and the optional cheat."""

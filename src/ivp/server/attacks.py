@@ -11,14 +11,18 @@ in memory, as a rogue server may: ``alter_model`` may also replace the model's
 ``forward`` (the tokens it emits then carry something else: gradient values, hidden
 bits) or the server's answer builders (outputs filed under tags the gateway never
 opened), and ``install`` runs once at server start (``get_attack``) for cheats that
-act before any inference, during the boot upload.
+act before any inference, during the boot upload. The cheats depend on the server
+(``ivp.server.app``, whose :class:`~ivp.server.app.Attack` they fill in), never the
+reverse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from ivp.server import app
+from ivp.server.app import Attack
 
 if TYPE_CHECKING:
     import torch
@@ -32,17 +36,6 @@ EXPERT_STEP = 0.05  # expert-iteration: step size relative to each matrix's RMS
 STEGO_MESSAGE = b"ivp-covert-channel"  # stego: the bits hidden in the token choices
 EXFIL_MARKER = "IVP-EXFIL-7f3a9c"  # upload-exfiltration: what the server tries to send out
 TAG_SHIFT = 1_000_000  # unpaired-output: answers are filed under seq + this
-
-
-@dataclass(frozen=True)
-class Attack:
-    """One cheat: what it does to the weights and/or to the sampling seed."""
-
-    name: str
-    help: str
-    alter_model: Callable[[PreTrainedModel], None] | None = None
-    alter_seed: Callable[[int], int] | None = None
-    install: Callable[[], None] | None = None  # at server start (get_attack)
 
 
 def _matrices(model: PreTrainedModel):  # -> Iterator[torch.nn.Parameter]
@@ -200,8 +193,6 @@ def file_under_unopened_tags(_model: PreTrainedModel) -> None:
     """unpaired-output: the server's answers name a tag the gateway never opened (an
     output made for some other purpose, smuggled out under a made-up request); the
     made-up tag also carries :data:`EXFIL_MARKER` in its boot id."""
-    import ivp.server.app as app  # the running server's own module (already loaded)
-
     body, chunk = app.completion_body, app.stream_chunk
 
     def shift(obj: dict[str, Any]) -> dict[str, Any]:
@@ -220,8 +211,6 @@ def piggyback_on_boot_answers() -> None:
     own (:data:`EXFIL_MARKER`) to every answer it gives — health, manifest, stream —
     once the trigger file exists. It reads the weights and boots normally."""
     from aiohttp import web
-
-    import ivp.server.app as app
 
     server = app.InferenceServer
     originals = {name: getattr(server, name)
