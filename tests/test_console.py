@@ -192,7 +192,7 @@ def test_token_login_and_no_secret_on_any_page(config: Config, inspectors: Inspe
             cookie = r.cookies["ivp_console"]
             assert cookie["httponly"] and cookie["samesite"] == "Strict"
             secret = (Path(config.state_dir) / "device" / "uid.secret").read_bytes()
-            for path in PAGES + ("/audits/1", "/audits/4"):
+            for path in (*PAGES, "/audits/1", "/audits/4"):
                 page = await ui.get(path)
                 assert page.status == 200, path
                 text = await page.text()

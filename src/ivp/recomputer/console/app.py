@@ -130,8 +130,8 @@ class Console:
                            now=time.time())
 
     def tokenizer_decode(self, manifest_digest: str) -> Any:
-        """The whitelisted tokenizer of a loaded model, as ``ids -> text`` (None: the
-        recomputer holds no copy of that model)."""
+        """The whitelisted tokenizer of a loaded model as (``ids -> text``, ``id ->
+        vocabulary piece``); (None, None): the recomputer holds no copy of that model."""
         from ivp.engine.loading import load_tokenizer
 
         if manifest_digest not in self._tokenizers:
@@ -139,7 +139,10 @@ class Console:
             tok = load_tokenizer(source.files) if source is not None else None
             self._tokenizers[manifest_digest] = tok
         tok = self._tokenizers[manifest_digest]
-        return None if tok is None else (lambda ids: tok.decode(ids, skip_special_tokens=False))
+        if tok is None:
+            return None, None
+        return (lambda ids: tok.decode(ids, skip_special_tokens=False),
+                lambda i: str(tok.convert_ids_to_tokens(i)))
 
     def deltas(self) -> dict[str, float]:
         wl = self.rec.whitelist.current
@@ -200,10 +203,11 @@ async def audit_page(request: web.Request) -> web.Response:
     enrolled = (await c.read(c.reader.enrolled, "gateway")).get(row.gateway_id)
 
     def build() -> dict[str, Any]:
-        decode_ids = c.tokenizer_decode(row.manifest_digest)
+        decode_ids, piece = c.tokenizer_decode(row.manifest_digest)
         verdict = row.verdict or {}
         detail = views.audit_detail(row, enrolled["public_key"] if enrolled else None,
-                                    decode_ids, c.deltas().get(str(verdict.get("model_id"))))
+                                    decode_ids, c.deltas().get(str(verdict.get("model_id"))),
+                                    piece)
         detail["chart"] = charts.delta_per_position(detail["tokens"], detail["delta"])
         detail["model_loaded"] = decode_ids is not None
         return detail
@@ -243,7 +247,7 @@ async def admin_page(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: ``alarm``, ``fleet``, ``open`` and ``trouble`` (see ``live``)."""
+    """Server-sent events: ``alarm``, ``fleet``, ``count`` and ``trouble`` (see ``live``)."""
     c = _console(request)
     c.rec.check_alive()
     try:

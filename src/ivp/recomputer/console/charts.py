@@ -101,7 +101,7 @@ def delta_per_position(tokens: Sequence[Token], delta: float) -> str:
         body.append(f'<text class="tick" x="{LEFT + (p + 0.5) * bw:.1f}" y="{TOP + PH + 14}" '
                     f'text-anchor="middle">{p}</text>')
     return _frame("δ* per output position", "output position",
-                  "δ* / δ" if relative else "δ* (δ = 0: exact mode)", ticks, top, body)
+                  "δ* / δ" if relative else "δ* (δ = 0)", ticks, top, body)
 
 
 def margin_histogram(ratios: Sequence[float], bins: int = 20) -> str:
@@ -161,11 +161,11 @@ def audit_rate(points: Sequence[dict[str, Any]], alpha: float, min_pairs: int) -
             f'y2="{y(eps * n_max):.1f}"/>']
     for p in points:
         cls = "dot" if p["plausible"] else "dot fail"
+        tip = (f'{p["gateway_id"]} boot {p["boot_id"][:12]}: {p["audits"]} audits of '
+               f'{p["pairs"]} pairs, {p["received"]} received (expected {p["expected"]:.1f} '
+               f'at ε = {p["epsilon"]:g}; p = {p["p"]:.2g})')
         body.append(f'<circle class="{cls}" cx="{x(p["pairs"]):.1f}" cy="{y(p["audits"]):.1f}" '
-                    f'r="5"><title>{escape(p["gateway_id"])} boot {escape(p["boot_id"][:12])}: '
-                    f'{p["audits"]} audits of {p["pairs"]} pairs, {p["received"]} received (expected '
-                    f'{p["expected"]:.1f} at ε = {p["epsilon"]:g}; p = {p["p"]:.2g})'
-                    f'</title></circle>')
+                    f'r="5"><title>{escape(tip)}</title></circle>')
     for t in xt:
         body.append(f'<text class="tick" x="{x(t):.1f}" y="{TOP + PH + 14}" '
                     f'text-anchor="middle">{escape(_fmt(t))}</text>')

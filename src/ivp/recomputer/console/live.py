@@ -5,7 +5,7 @@ half second it asks the read-only store whether an alarm was raised, repeated or
 acknowledged, and every two seconds it reads each enrolled gateway's ``GET /status``
 and re-renders the fleet table. Each change goes to every subscriber as one SSE
 event: ``alarm`` (the row, server-rendered, and the open count), ``fleet`` (the
-table body) or ``open`` (the count alone, after an acknowledgement).
+table body) or ``count`` (the open count alone, after an acknowledgement).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class Feed:
             self._send("alarm", {"id": a.id, "html": self._render_alarm(a),
                                  "open": open_count}, event_id=a.id)
         if marks[2] != previous[2] or not changed:
-            self._send("open", {"open": open_count})
+            self._send("count", {"open": open_count})
 
     async def catch_up(self, after: int, since: float) -> list[str]:
         """Events for what a page that subscribed just now has not shown: alarms raised
@@ -171,7 +171,7 @@ class Feed:
         for a in alarms:
             data = {"id": a.id, "html": self._render_alarm(a), "open": open_count}
             out.append(f"event: alarm\nid: {a.id}\ndata: {json.dumps(data)}\n\n")
-        out.append(f"event: open\ndata: {json.dumps({'open': open_count})}\n\n")
+        out.append(f"event: count\ndata: {json.dumps({'open': open_count})}\n\n")
         return out
 
 

@@ -137,18 +137,26 @@ class Token:
     delta_star: float | None  # δ*_t (None: not replayed)
     failed: bool
     shade: float  # 0..1: δ*_t relative to δ (1 = at δ or beyond)
+    raw: bool = False  # ``text`` is the vocabulary piece (the token adds no whole character)
 
 
 def token_texts(decode_ids: Callable[[list[int]], str], ids: Sequence[int],
-                window: int = 6) -> list[str]:
-    """The text each token adds: decoding with a few tokens of left context, so that
-    word-piece spaces and multi-byte characters come out as a reader sees them."""
+                piece: Callable[[int], str] | None = None, window: int = 6
+                ) -> list[tuple[str, bool]]:
+    """(text, raw) per token: the text it adds, decoded with a few tokens of left context
+    so that word-piece spaces come out as a reader sees them; where that is nothing or
+    a broken character (one byte of a multi-byte one), the token's own vocabulary
+    piece instead (``raw``), so that every position stays visible."""
     out = []
     for i in range(len(ids)):
         lo = max(0, i - window)
         before = decode_ids(list(ids[lo:i]))
         upto = decode_ids(list(ids[lo:i + 1]))
-        out.append(upto[len(before):] if upto.startswith(before) else decode_ids([ids[i]]))
+        text = upto[len(before):] if upto.startswith(before) else decode_ids([ids[i]])
+        if piece is not None and (not text or "\ufffd" in text):
+            out.append((piece(ids[i]), True))
+        else:
+            out.append((text, False))
     return out
 
 
@@ -162,7 +170,8 @@ def shade(delta_star: float | None, delta: float) -> float:
 
 def audit_detail(row: AuditRow, enrolled_key: str | None,
                  decode_ids: Callable[[list[int]], str] | None,
-                 whitelist_delta: float | None) -> dict[str, Any]:
+                 whitelist_delta: float | None,
+                 piece: Callable[[int], str] | None = None) -> dict[str, Any]:
     """Everything the explorer shows of one audit record.
 
     The signature is checked again here, over the envelope as stored, against the key
@@ -175,12 +184,12 @@ def audit_detail(row: AuditRow, enrolled_key: str | None,
     delta = float(verdict["delta"]) if "delta" in verdict else (whitelist_delta or 0.0)
     figures: list[float] = list(verdict.get("position_delta") or [])
     failed = set(verdict.get("failed_positions") or [])
-    texts = (token_texts(decode_ids, pair.output_token_ids) if decode_ids
-             else [f"#{t}" for t in pair.output_token_ids])
+    texts = (token_texts(decode_ids, pair.output_token_ids, piece) if decode_ids
+             else [(f"#{t}", True) for t in pair.output_token_ids])
     tokens = []
-    for t, (tid, text) in enumerate(zip(pair.output_token_ids, texts, strict=True)):
+    for t, (tid, (text, raw)) in enumerate(zip(pair.output_token_ids, texts, strict=True)):
         ds = figures[t] if t < len(figures) else None
-        tokens.append(Token(t, tid, text, ds, t in failed, shade(ds, delta)))
+        tokens.append(Token(t, tid, text, ds, t in failed, shade(ds, delta), raw))
     head = link(record.chain_prev, pair)
     return {
         "row": row, "record": record, "pair": pair, "verdict": verdict, "delta": delta,
@@ -252,7 +261,9 @@ def health(passed: Sequence[Mapping[str, Any]], boots: Sequence[BootRow],
         judged_at = Counter(float(v.get("delta", 0.0)) for v in mine if v.get("position_delta"))
         delta = deltas.get(model, judged_at.most_common(1)[0][0] if judged_at else 0.0)
         maxima = [max(v["position_delta"]) for v in mine if v.get("position_delta")]
-        ratios = [m / delta for m in maxima if delta > 0 and m < BIG]
+        # an audit reproduced exactly sits at 0 whatever δ is (also δ = 0: exact serving)
+        ratios = [0.0 if m == 0 else m / delta for m in maxima
+                  if m == 0 or (delta > 0 and m < BIG)]
         points = []
         for b in boots:
             if b.model_id != model or b.pairs_served is None:

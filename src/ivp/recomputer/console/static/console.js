@@ -42,6 +42,7 @@
   function placeAlarm(data) {
     for (const feed of document.querySelectorAll("[data-alarm-feed]")) {
       const row = parseRow(data.html);
+      row.dataset.shownAt = String(Date.now()); // when this page showed it (tests read it)
       const old = feed.querySelector("#alarm-" + data.id);
       if (old) {
         old.replaceWith(row);
@@ -68,7 +69,7 @@
   const source = new EventSource("/events?after=" + encodeURIComponent(after) +
                                  "&since=" + encodeURIComponent(body.dataset.now));
   source.addEventListener("alarm", (ev) => placeAlarm(JSON.parse(ev.data)));
-  source.addEventListener("open", (ev) => setOpen(JSON.parse(ev.data).open));
+  source.addEventListener("count", (ev) => setOpen(JSON.parse(ev.data).open));
   source.addEventListener("fleet", (ev) => {
     const tbody = document.getElementById("fleet-body");
     if (tbody) { tbody.innerHTML = JSON.parse(ev.data).html; tick(); }
