@@ -14,4 +14,4 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
-/usr/bin/chromium --version
+echo "install-browser: chromium and chromium-driver installed"

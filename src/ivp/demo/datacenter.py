@@ -235,6 +235,8 @@ class LoopbackDatacenter:
         for i in range(self.gateways):
             self.handles.append(self._new_handle(attack=self.attacks.get(i)))
         self.wait_http(self.recomputer_url + "/status", "recomputer")
+        if self.console_url:
+            self.log(f"inspectors' console (read-only): {self.console_url}")
         self.log("enrolling the gateways (quorum of US + CN inspectors)")
         for h in self.handles:
             self.enrol(h)
