@@ -24,7 +24,7 @@ test: $(STAMP)
 # The console's pictures in docs/img/ (docs/CONSOLE.md), taken by its browser tests.
 screenshots: $(STAMP)
 	bash scripts/install-browser.sh
-	IVP_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q tests/test_console_browser.py
+	IVP_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q -s tests/test_console_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
