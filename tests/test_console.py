@@ -126,7 +126,7 @@ def test_pages_render_what_the_recomputer_holds_and_write_nothing(
             assert "verify_fail" in fleet and "verify_fail" in pages["/alarms"]
             failed_id = re.findall(r'href="/audits/(\d+)"', pages["/audits?status=failed"])[0]
             audit = await (await ui.get(f"/audits/{failed_id}")).text()
-            marked = re.findall(r'class="tok [^"]*failed" data-position="(\d+)"', audit)
+            marked = re.findall(r'class="tok [^"]*\bfailed\b[^"]*" data-position="(\d+)"', audit)
             [failed] = [v for v in found["verdicts"] if not v["passed"]]
             assert [int(p) for p in marked] == failed["failed_positions"]
             assert "✓ valid, by enrolled key" in audit and "✓ head = link(prev, pair)" in audit

@@ -106,7 +106,8 @@ class StoreReader:
                limit: int = 50, before: int | None = None) -> list[AuditRow]:
         """Audit records newest first, optionally of one gateway and one status
         (``passed``, ``failed``, ``queued``), with ids below ``before``."""
-        where, args = ["1"], []
+        where: list[str] = ["1"]
+        args: list[Any] = []
         if gateway_id:
             where.append("a.gateway_id = ?")
             args.append(gateway_id)
