@@ -189,12 +189,8 @@ def parse_inference(body: dict[str, Any], endpoint: Endpoint) -> InferenceReques
 # --- the server -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Attack:
-    """One cheat: what it does to the weights and/or to the sampling seed.
-
-    ``alter_model`` runs once, when the trigger fires; ``alter_seed`` maps the
-    gateway's seed to the one sampled with; ``install`` runs once at server start
-    (``ivp.server.attacks.get_attack``) for cheats that act before any inference.
-    """
+    """One cheat (``ivp.server.attacks``): ``alter_model`` once the trigger fires,
+    ``alter_seed`` on every request, ``install`` once at server start."""
 
     name: str
     help: str
