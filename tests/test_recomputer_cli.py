@@ -22,7 +22,8 @@ from ivp.protocol.keys import SigningKey
 from ivp.recomputer.app import make_app
 from ivp.recomputer.service import Recomputer
 
-runner = CliRunner()
+PASSPHRASE = "inspector passphrase"
+runner = CliRunner(env={"IVP_KEY_PASSPHRASE": PASSPHRASE})
 
 pytest_plugins = ("test_recomputer_support",)
 
@@ -63,7 +64,7 @@ def keyfiles(tmp_path: Path, inspectors: Inspectors) -> dict[str, str]:
     out = {}
     for name, key in (("us", inspectors.us), ("cn", inspectors.cn)):
         path = tmp_path / f"{name}.key"
-        key.save(path)
+        key.save(path, passphrase=PASSPHRASE.encode())
         out[name] = str(path)
     return out
 
@@ -127,6 +128,21 @@ def test_admin_parties_sign_separately_then_send(live, tmp_path, inspectors) -> 
     assert result.exit_code == 0, result.output
     assert "chain ok: 2 entries" in result.output
     assert "refused  set_epsilon" in result.output and "ACCEPTED set_epsilon" in result.output
+
+
+def test_admin_key_needs_its_passphrase(live, tmp_path, inspectors) -> None:
+    """An inspector key file at rest is encrypted: without the passphrase it signs
+    nothing, and the request never leaves (the recomputer's log does not move)."""
+    url, rec = live
+    keys = keyfiles(tmp_path, inspectors)
+    before = rec.ingest.epsilon
+    for env, text in (({"IVP_KEY_PASSPHRASE": None}, "is encrypted"),
+                      ({"IVP_KEY_PASSPHRASE": "guess"}, "wrong passphrase")):
+        result = CliRunner(env=env).invoke(app, [
+            "admin", "set-epsilon", url, "--epsilon", "0.07", "--key", keys["us"],
+            "--key", keys["cn"]])
+        assert result.exit_code == 2 and text in result.output, result.output
+    assert rec.ingest.epsilon == before
 
 
 def test_admin_request_outside_the_list_is_refused_locally(tmp_path) -> None:

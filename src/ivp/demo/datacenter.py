@@ -62,11 +62,18 @@ class Inspectors:
 
     @classmethod
     def create(cls, out_dir: Path) -> Inspectors:
+        """Two inspectors' keys, held in memory, and saved encrypted under a random
+        passphrase in ``out_dir/passphrase`` (a demo stand-in for each inspector's own:
+        ``IVP_KEY_PASSPHRASE_FILE=out_dir/passphrase ivp admin ... --key out_dir/us-1.key``)."""
         out_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(24)
+        fd = os.open(out_dir / "passphrase", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
         keys, entries = [], []
         for name, party in (("us-1", "US"), ("cn-1", "CN")):
             key = SigningKey.generate()
-            key.save(out_dir / f"{name}.key")
+            key.save(out_dir / f"{name}.key", passphrase=secret.encode())
             keys.append(key)
             entries.append(InspectorKey(keyid=key.keyid, party=party,
                                         public_key=key.verify_key.hex, name=name))

@@ -24,8 +24,9 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def gateway(
-    state: Annotated[Path, typer.Option(help="State directory: device/ (the emulated UID) "
-                                              "and log.sqlite (sealed pair log + spool).")],
+    state: Annotated[Path, typer.Option(help="State directory: device/ (the device's "
+                                              "state) and log.sqlite (sealed pair log + "
+                                              "spool).")],
     gateway_id: Annotated[str | None, typer.Option(
         help="This gateway's id (in every tag and record). Default: gw-<keyid prefix>.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -37,8 +38,9 @@ def gateway(
         help="Recomputer base URL; audit/BOOT/checkpoint envelopes go to <URL>/uplink. "
              "Without it they stay in the durable spool.")] = None,
     recomputer_key: Annotated[str | None, typer.Option(
-        help="The recomputer's Ed25519 public key (hex): the only key whose Shutdown and "
-             "Readmit envelopes this gateway obeys.")] = None,
+        help="The recomputer's public key (its --print-identity: 64 hex for Ed25519, "
+             "ecdsa-p256:<hex> for P-256): the only key whose Shutdown and Readmit "
+             "envelopes this gateway obeys.")] = None,
     policy: Annotated[Path | None, typer.Option(
         help="Quorum policy JSON (inspector keys) the whitelist must be signed under.")] = None,
     whitelist: Annotated[Path | None, typer.Option(
@@ -65,6 +67,14 @@ def gateway(
     sync: Annotated[str, typer.Option(
         help="SQLite synchronous mode of the pair log (FULL: fsync before every release).")
     ] = "FULL",
+    device_kind: Annotated[str, typer.Option(
+        "--device", help="soft: the development default, whose UID secret is a FILE in "
+             "STATE/device (whoever reads it can sign as this gateway); tpm: the keys are "
+             "made inside a TPM 2.0 and never leave it (see --tpm, docs/TRUST.md).")
+    ] = "soft",
+    tpm: Annotated[str | None, typer.Option(
+        help="With --device tpm: the TPM's TCTI, e.g. device:/dev/tpmrm0 (default) or "
+             "swtpm:host=127.0.0.1,port=2321 (scripts/swtpm.sh start).")] = None,
     print_identity: Annotated[bool, typer.Option(
         "--print-identity", help="Print {gateway_id, public_key, keyid} as JSON and exit "
                                  "(for enrolment by the inspectors).")] = False,
@@ -81,10 +91,13 @@ def gateway(
     Readmit (after the inspectors' quorum) lifts it; POST /tamper (the emulated tamper
     mesh) bricks it for good. See docs/GATEWAY.md.
     """
-    from ivp.device import SoftDevice
+    from ivp.device import open_device
     from ivp.errors import BrickedError, IvpError
 
-    device = SoftDevice(state / "device")
+    try:
+        device = open_device(device_kind, state / "device", tpm)
+    except IvpError as exc:
+        _fail(str(exc))
     if print_identity:
         try:
             key = device.public_key

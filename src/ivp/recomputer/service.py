@@ -115,7 +115,7 @@ class Config:
 
 
 class _SignaturePool:
-    """Ed25519 checks of large uplink batches in worker processes.
+    """Signature checks of large uplink batches in worker processes.
 
     In one process the GIL keeps signature checks serial, and they are most of what
     ingestion costs. The pool starts on the first batch that needs it (tests and small
@@ -590,7 +590,7 @@ class Recomputer:
         now = time.time()
         order = Shutdown(gateway_id=gateway_id, reason=reason[:1000], time=now,
                          nonce=secrets.token_hex(16))
-        data = canonical(env.sign_message(env.SHUTDOWN, order, self.device.signing_key()))
+        data = canonical(env.sign_message(env.SHUTDOWN, order, self.device.signer()))
         await self._db(self.store.set_gateway, gateway_id, "shutdown", reason[:1000], now,
                        True, data)
         self.ingest.shut_down(gateway_id, reason[:1000])
@@ -820,14 +820,14 @@ class Recomputer:
         message = Readmit(gateway_id=gateway_id, shutdown_nonce=shutdown_nonce,
                           reason=f"re-admitted by inspectors (admin log {seq})", time=now,
                           nonce=secrets.token_hex(16))
-        return canonical(env.sign_message(env.READMIT, message, self.device.signing_key()))
+        return canonical(env.sign_message(env.READMIT, message, self.device.signer()))
 
     async def admin_log(self) -> dict[str, Any]:
         """The admin log with its head signed by the recomputer's device key."""
         rows = await self._db(self.store.admin_log)
         head = adm.verify_log(rows)
         head_doc = {"seq": len(rows), "hash": head, "time": time.time()}
-        signed = env.sign(adm.LOG_HEAD, canonical(head_doc), [self.device.signing_key()])
+        signed = env.sign(adm.LOG_HEAD, canonical(head_doc), [self.device.signer()])
         return {"entries": [{**json.loads(raw), "hash": h} for _, raw, h in rows],
                 "head": to_builtins(signed)}
 
