@@ -128,6 +128,7 @@ class GatewayHandle:
     trigger: Path | None = None
     uplink_url: str | None = None
     reboot_interval: float = 0.0
+    device_args: list[str] = field(default_factory=list)  # e.g. --device tpm --tpm TCTI
 
 
 @dataclass
@@ -147,6 +148,8 @@ class LoopbackDatacenter:
             ``recomputer`` sub-command (default ``-m ivp.cli``; the attack suite's own
             tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
         prebuilt_model: an already built model directory to use instead of building one.
+        device: the gateways' device: "soft" (key in a file) or "tpm" (each gateway gets
+            a software TPM of its own, swtpm, which the datacenter starts and stops).
     """
 
     root: Path
@@ -160,6 +163,7 @@ class LoopbackDatacenter:
     recomputer_args: list[str] = field(default_factory=list)
     recomputer_launcher: tuple[str, ...] = ("-m", "ivp.cli")
     prebuilt_model: Path | None = None
+    device: str = "soft"
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -170,6 +174,7 @@ class LoopbackDatacenter:
         self.recomputer_key = ""
         self._lock = threading.Lock()  # add_gateway may run in several threads
         self._named = 0
+        self._tpms: list[Any] = []  # ivp.device.swtpm.Swtpm, one per TPM gateway
 
     # --- set-up ---------------------------------------------------------------------------
     def prepare_model(self) -> Path:
@@ -256,10 +261,19 @@ class LoopbackDatacenter:
             i, self._named = self._named, self._named + 1
         gid = f"gw-{chr(ord('a') + i)}" if i < 26 else f"gw-{i}"
         state = self.root / gid
-        ident = self._identity(["gateway", "--state", str(state), "--gateway-id", gid])
+        device_args = []
+        if self.device == "tpm":
+            from ivp.device.swtpm import Swtpm
+
+            tpm = Swtpm(self.root / "tpms" / gid)
+            with self._lock:
+                self._tpms.append(tpm)
+            device_args = ["--device", "tpm", "--tpm", tpm.tcti]
+        ident = self._identity(["gateway", "--state", str(state), "--gateway-id", gid,
+                                *device_args])
         return GatewayHandle(gid, f"http://127.0.0.1:{free_port()}", state,
                              ident["public_key"], attack=attack, uplink_url=uplink_url,
-                             reboot_interval=reboot_interval)
+                             reboot_interval=reboot_interval, device_args=device_args)
 
     def start_gateway(self, h: GatewayHandle, policy: str) -> None:
         server_cmd = f"{sys.executable} -m ivp.cli server --port {{port}}"
@@ -274,7 +288,7 @@ class LoopbackDatacenter:
             "--whitelist", str(self.whitelist_path), "--epsilon", str(self.epsilon),
             "--server-port", str(free_port()), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
-            "--reboot-interval", str(h.reboot_interval),
+            "--reboot-interval", str(h.reboot_interval), *h.device_args,
         ])
 
     def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,
@@ -508,6 +522,8 @@ class LoopbackDatacenter:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+        for tpm in self._tpms:
+            tpm.stop()
 
     def __enter__(self) -> LoopbackDatacenter:
         try:

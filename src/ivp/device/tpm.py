@@ -129,9 +129,9 @@ class TpmDevice:
         """Flush transient objects an earlier process left (without a resource manager
         they stay loaded and fill the TPM's few object slots)."""
         t = _tpm()
-        handles = self._esys.get_capability(
-            t.TPM2_CAP.HANDLES, t.TPM2_HC.TRANSIENT_FIRST, 64)[1].data.handles
-        for handle in list(handles.handle)[: handles.count]:
+        _, capability = self._esys.get_capability(  # keep it: the list lives inside it
+            t.TPM2_CAP.HANDLES, t.TPM2_HC.TRANSIENT_FIRST, 64)
+        for handle in list(capability.data.handles):
             try:
                 self._esys.flush_context(self._esys.tr_from_tpmpublic(handle))
             except t.TSS2_Exception:
