@@ -150,6 +150,8 @@ class LoopbackDatacenter:
         prebuilt_model: an already built model directory to use instead of building one.
         device: the gateways' device: "soft" (key in a file) or "tpm" (each gateway gets
             a software TPM of its own, swtpm, which the datacenter starts and stops).
+        isolate: start every gateway with ``--isolate`` (root only): each server in its
+            own network namespace, cgroup and bubblewrap sandbox.
     """
 
     root: Path
@@ -164,6 +166,7 @@ class LoopbackDatacenter:
     recomputer_launcher: tuple[str, ...] = ("-m", "ivp.cli")
     prebuilt_model: Path | None = None
     device: str = "soft"
+    isolate: bool = False
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -276,7 +279,9 @@ class LoopbackDatacenter:
                              reboot_interval=reboot_interval, device_args=device_args)
 
     def start_gateway(self, h: GatewayHandle, policy: str) -> None:
-        server_cmd = f"{sys.executable} -m ivp.cli server --port {{port}}"
+        server_cmd = f"{sys.executable} -m ivp.cli server --host {{host}} --port {{port}}"
+        if self.isolate:
+            server_cmd += " --weights-dir {weights}"
         if h.attack:
             h.trigger = self.root / f"{h.gateway_id}.attack"
             server_cmd += f" --attack {h.attack} --attack-trigger {h.trigger}"
@@ -289,6 +294,7 @@ class LoopbackDatacenter:
             "--server-port", str(free_port()), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
             "--reboot-interval", str(h.reboot_interval), *h.device_args,
+            *(["--isolate"] if self.isolate else []),
         ])
 
     def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,
