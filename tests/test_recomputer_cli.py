@@ -2,62 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
-from aiohttp import web
 from test_recomputer_support import Inspectors
 from typer.testing import CliRunner
 
 from ivp.cli import app
 from ivp.protocol.encoding import canonical
 from ivp.protocol.keys import SigningKey
-from ivp.recomputer.app import make_app
-from ivp.recomputer.service import Recomputer
 
 PASSPHRASE = "inspector passphrase"
 runner = CliRunner(env={"IVP_KEY_PASSPHRASE": PASSPHRASE})
 
 pytest_plugins = ("test_recomputer_support",)
-
-
-@pytest.fixture
-def live(config: Any) -> Iterator[tuple[str, Recomputer]]:
-    """A recomputer served from a background thread on a free port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rec = Recomputer(config)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-
-        async def start() -> None:
-            holder["runner"] = web.AppRunner(make_app(rec))
-            await holder["runner"].setup()
-            await web.TCPSite(holder["runner"], "127.0.0.1", port).start()
-            ready.set()
-
-        loop.run_until_complete(start())
-        loop.run_forever()
-        loop.run_until_complete(holder["runner"].cleanup())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(60)
-    yield f"http://127.0.0.1:{port}", rec
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(30)
 
 
 def keyfiles(tmp_path: Path, inspectors: Inspectors) -> dict[str, str]:

@@ -23,9 +23,12 @@ admin_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `recomputer` and `admin` to the root CLI."""
+    """Add `recomputer`, `admin` and `watch` to the root CLI."""
+    from ivp.recomputer.watch import watch
+
     app.command(name="recomputer", no_args_is_help=False)(recomputer)
     app.add_typer(admin_app, name="admin")
+    app.command(name="watch", no_args_is_help=True)(watch)
 
 
 def _fail(message: str) -> NoReturn:

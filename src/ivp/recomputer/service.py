@@ -61,6 +61,8 @@ from ivp.recomputer.ingest import (
     signature_tasks,
     verify_signatures,
 )
+from ivp.recomputer.notices import MAX_BATCH as MAX_NOTICES
+from ivp.recomputer.notices import NoticeLog
 from ivp.recomputer.routing import RateLimiter, Route, Router
 from ivp.recomputer.sensors import SensorHub, SensorReading, SensorRules
 from ivp.recomputer.sensors import batch_items as sensor_items
@@ -203,6 +205,9 @@ class Recomputer:
         if self.device.bricked:
             raise BrickedError("recomputer device is bricked (tamper detected): it does nothing")
         self.store = Store(Path(config.state_dir) / "recomputer.sqlite")
+        self.notices = NoticeLog(Path(config.state_dir) / "notices.sqlite",
+                                 self.device.signer())
+        self._notice_wake = asyncio.Event()
         self.whitelist = TrustedWhitelist(config.policy)
         self._install_whitelists()
         self.sources = self._load_models()
@@ -320,6 +325,7 @@ class Recomputer:
             self.store.put_served(self.router.last_served)
         self._db_exec.shutdown(wait=True)
         self.store.close()
+        self.notices.close()
 
     # --- helpers ----------------------------------------------------------------------------
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -703,6 +709,7 @@ class Recomputer:
                         await self._db(self.store.add_alarms, alarms)
                         self.metrics.alarms(alarms)
                         await self._enforce_all(alarms)
+                await self.publish_notices()
                 if now - last_health >= self.config.health_interval:
                     last_health = now
                     await self.health_check()
@@ -887,6 +894,40 @@ class Recomputer:
             "last_served": dict(self.router.last_served),
             "sensors": self.sensors.view(),
         }
+
+    # --- notices: signed alarms and verdicts for inspectors -----------------------------------
+    async def publish_notices(self) -> int:
+        """Sign and append every alarm and verdict stored since the last call (the
+        ticker calls it each tick); wakes waiting subscribers."""
+        alarms = await self._db(self.store.alarms_after, self.notices.cursor("alarm"))
+        verdicts = await self._db(self.store.verdicts_after, self.notices.cursor("verdict"))
+        items = [("alarm", a.id, a.time, a.to_json()) for a in alarms]
+        items += [("verdict", audit_id, t, json.loads(raw))
+                  for audit_id, t, raw in verdicts]
+        items.sort(key=lambda item: (item[2], item[0], item[1]))
+        new = await self._db(self.notices.publish, items) if items else 0
+        if new:
+            self._notice_wake.set()
+            self._notice_wake = asyncio.Event()
+        return new
+
+    async def notice_feed(self, after: int, wait: float) -> dict[str, Any]:
+        """``GET /notices``: the signed notices after ``after`` (waiting up to ``wait``
+        seconds for one), and a heartbeat signed now naming the head.
+
+        Raises:
+            BrickedError: the device was tampered with (nothing is signed any more).
+        """
+        self.check_alive()
+        await self.publish_notices()
+        batch = await self._db(self.notices.after, after)
+        if not batch and wait > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._notice_wake.wait(), min(wait, 60.0))
+            batch = await self._db(self.notices.after, after)
+        beat = await self._db(self.notices.heartbeat)
+        return {"notices": [json.loads(b) for b in batch],
+                "more": len(batch) >= MAX_NOTICES, "heartbeat": json.loads(beat)}
 
     async def verdicts(self, gateway_id: str | None = None) -> list[Any]:
         self.check_alive()
