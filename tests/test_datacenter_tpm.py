@@ -12,8 +12,7 @@ from ivp.device.swtpm import Swtpm
 
 def test_tpm_gateway_is_enrolled_audited_and_passes(tmp_path: Path, swtpm: Swtpm) -> None:
     swtpm.stop()  # the fixture only proves swtpm is here; each gateway gets its own
-    with LoopbackDatacenter(tmp_path / "dc", gateways=1, epsilon=1.0, device="tpm",
-                            checkpoint_interval=1.0) as dc:
+    with LoopbackDatacenter(tmp_path / "dc", gateways=1, epsilon=1.0, device="tpm") as dc:
         [h] = dc.handles
         assert h.public_key.startswith("ecdsa-p256:")
         assert not (h.state_dir / "device" / "uid.secret").exists()  # no key file at all

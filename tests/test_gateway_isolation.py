@@ -266,8 +266,7 @@ def test_isolated_datacenter_serves_and_audits_honest_traffic(tmp_path: Path) ->
         pytest.skip(missing)
     from ivp.demo.datacenter import LoopbackDatacenter
 
-    with LoopbackDatacenter(tmp_path / "dc", gateways=1, epsilon=1.0, isolate=True,
-                            checkpoint_interval=1.0) as dc:
+    with LoopbackDatacenter(tmp_path / "dc", gateways=1, epsilon=1.0, isolate=True) as dc:
         box = Sandbox.for_state(dc.handles[0].state_dir)
         assert os.path.ismount(box.ram) and list(box.ram.glob("*.safetensors"))
         answers = dc.send(4, concurrency=2, max_tokens=8)
