@@ -114,8 +114,11 @@ def gateway(
             key = device.public_key
         except BrickedError as exc:
             _fail(str(exc))
+        from ivp.protocol.hpke import kem_public_hex
+
         gid = gateway_id or f"gw-{key.keyid[:12]}"
-        typer.echo(json.dumps({"gateway_id": gid, "public_key": key.hex, "keyid": key.keyid}))
+        typer.echo(json.dumps({"gateway_id": gid, "public_key": key.hex, "keyid": key.keyid,
+                               "kem_public_key": kem_public_hex(device)}))
         return
     if policy is None or whitelist is None:
         _fail("--policy and --whitelist are required (the gateway boots only whitelisted "
@@ -256,6 +259,10 @@ def upload(
     model_dir: Annotated[Path, typer.Argument(help="Model directory (config, tokenizer, "
                                                    "safetensors shards).")],
     model_id: Annotated[str, typer.Option(help="The model's id on the whitelist.")],
+    encrypt_to: Annotated[str | None, typer.Option(
+        help="Encrypt the stream (HPKE, RFC 9180) to this gateway KEM public key (hex, "
+             "its --print-identity kem_public_key): only that gateway can read the "
+             "weights on the way.")] = None,
 ) -> None:
     """Operator: stream a model's files (manifest order) through a gateway to its server.
 
@@ -290,10 +297,15 @@ def upload(
                   TransferSpeedColumn(), TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task(f"upload {model_id}", total=total)
         try:
-            result = asyncio.run(upload_model(gateway_url, model_dir, model_id, files=order,
-                                              progress=lambda n: bar.advance(task, n)))
+            result = asyncio.run(upload_model(
+                gateway_url, model_dir, model_id, files=order,
+                progress=lambda n: bar.advance(task, n),
+                encrypt_to=bytes.fromhex(encrypt_to) if encrypt_to else None))
         except (OSError, aiohttp.ClientError) as exc:
             console.print(f"[red]ivp upload:[/red] gateway unreachable: {exc}")
+            raise typer.Exit(2) from None
+        except (IvpError, ValueError) as exc:  # a bad --encrypt-to
+            console.print(f"[red]ivp upload:[/red] --encrypt-to: {exc}")
             raise typer.Exit(2) from None
     typer.echo(json.dumps(result, sort_keys=True))
     if result.get("state") == "serving":
