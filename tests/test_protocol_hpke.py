@@ -51,6 +51,8 @@ def test_round_trip_across_frames(device: SoftDevice) -> None:
     stream = _sealed(device, data)
     assert stream.startswith(MAGIC) and data[:64] not in stream
     assert len(stream) == len(MAGIC) + 32 + 3 * (4 + 16) + len(data)
+    exact = _sealed(device, data[:2 * FRAME])  # whole frames, then an empty last one
+    assert len(exact) == len(MAGIC) + 32 + 3 * (4 + 16) + 2 * FRAME
     assert _open(device, stream) == data
     assert _open(device, _sealed(device, b"")) == b""
 

@@ -70,16 +70,25 @@ class StreamSealer:
         self._pending = bytearray()
 
     def push(self, chunk: bytes) -> list[bytes]:
-        """Frames for every full ``FRAME`` of plaintext so far."""
-        self._pending += chunk
+        """Frames for every full ``FRAME`` of plaintext so far (one copy per frame)."""
         out = []
-        while len(self._pending) > FRAME:
-            out.append(_frame(self._ctx.seal(bytes(self._pending[:FRAME]), AAD_MORE), False))
-            del self._pending[:FRAME]
+        view = memoryview(chunk)
+        if self._pending:
+            take = FRAME - len(self._pending)
+            self._pending += view[:take]
+            view = view[take:]
+            if len(self._pending) < FRAME:
+                return out
+            out.append(_frame(self._ctx.seal(bytes(self._pending), AAD_MORE), False))
+            self._pending = bytearray()
+        while len(view) >= FRAME:
+            out.append(_frame(self._ctx.seal(bytes(view[:FRAME]), AAD_MORE), False))
+            view = view[FRAME:]
+        self._pending += view
         return out
 
     def close(self) -> bytes:
-        """The last frame (whatever plaintext is left, maybe none)."""
+        """The last frame: whatever plaintext is left, maybe none."""
         last = _frame(self._ctx.seal(bytes(self._pending), AAD_LAST), True)
         self._pending = bytearray()
         return last
@@ -142,7 +151,7 @@ class StreamOpener:
                 raise ValidationError(f"encrypted upload: frame of {size} bytes")
             if len(self._buf) < 4 + size:
                 break
-            ciphertext = bytes(self._buf[4:4 + size])
+            ciphertext = bytes(memoryview(self._buf)[4:4 + size])
             del self._buf[:4 + size]
             out.append(self._open(ciphertext, last))
         if self.done and self._buf:
