@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench report clean sysdeps
+.PHONY: demo test screenshots lint bench report clean sysdeps
 
 # Debian packages (swtpm, the TPM2 TSS, iproute2): quick when installed.
 sysdeps:
@@ -26,7 +26,13 @@ demo: $(STAMP)
 	$(BIN)/ivp demo
 
 test: sysdeps $(STAMP)
+	bash scripts/install-browser.sh
 	$(BIN)/python -m pytest -q
+
+# The console's pictures in docs/img/ (docs/CONSOLE.md), taken by its browser tests.
+screenshots: $(STAMP)
+	bash scripts/install-browser.sh
+	IVP_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q -s tests/test_console_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -148,6 +148,8 @@ class LoopbackDatacenter:
             ``recomputer`` sub-command (default ``-m ivp.cli``; the attack suite's own
             tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
         prebuilt_model: an already built model directory to use instead of building one.
+        console: serve the recomputer's read-only inspectors' console on 127.0.0.1
+            (``console_url``).
         device: the gateways' device: "soft" (key in a file) or "tpm" (each gateway gets
             a software TPM of its own, swtpm, which the datacenter starts and stops).
         isolate: start every gateway with ``--isolate`` (root only): each server in its
@@ -165,6 +167,7 @@ class LoopbackDatacenter:
     recomputer_args: list[str] = field(default_factory=list)
     recomputer_launcher: tuple[str, ...] = ("-m", "ivp.cli")
     prebuilt_model: Path | None = None
+    console: bool = True
     device: str = "soft"
     isolate: bool = False
 
@@ -174,6 +177,7 @@ class LoopbackDatacenter:
         self.handles: list[GatewayHandle] = []
         self.model_id = "tiny-llama" if self.model == "tiny" else self.model
         self.recomputer_url = ""
+        self.console_url = ""
         self.recomputer_key = ""
         self._lock = threading.Lock()  # add_gateway may run in several threads
         self._named = 0
@@ -236,12 +240,18 @@ class LoopbackDatacenter:
             "--model", f"{self.model_id}={self.model_dir}", "--workers", str(self.workers),
             "--checkpoint-period", str(self.checkpoint_interval), *self.recomputer_args,
         ]
+        if self.console:
+            console_port = free_port()
+            self.console_url = f"http://127.0.0.1:{console_port}"
+            self._recomputer_args += ["--console", "--console-port", str(console_port)]
         self.recomputer = self._spawn("recomputer", self._recomputer_args,
                                       self.recomputer_launcher)
 
         for i in range(self.gateways):
             self.handles.append(self._new_handle(attack=self.attacks.get(i)))
         self.wait_http(self.recomputer_url + "/status", "recomputer")
+        if self.console_url:
+            self.log(f"inspectors' console (read-only): {self.console_url}")
         self.log("enrolling the gateways (quorum of US + CN inspectors)")
         for h in self.handles:
             self.enrol(h)

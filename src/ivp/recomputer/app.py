@@ -6,6 +6,7 @@ answer is ``{"error": {"message", "type"}}`` (docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -221,7 +222,9 @@ async def notices(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     rec = request.app[KEY]
     rec.check_alive()
-    data = rec.metrics.render(rec.queue_depth(), [g.state for g in rec.ingest.gateways.values()])
+    open_alarms = collections.Counter(a["kind"] for a in await rec.alarms(open_only=True))
+    data = rec.metrics.render(rec.queue_depth(), [g.state for g in rec.ingest.gateways.values()],
+                              open_alarms=open_alarms)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -86,6 +86,19 @@ def recomputer(
     allow_tamper_endpoint: Annotated[bool, typer.Option(
         help="DEMO/TEST ONLY: POST /tamper stands for the tamper mesh and bricks the "
              "device.")] = False,
+    console: Annotated[bool, typer.Option(
+        "--console/--no-console", help="Serve the read-only inspectors' console (fleet, "
+        "alarms, audit explorer, verification health, admin log; docs/CONSOLE.md) on its "
+        "own address.")] = False,
+    console_host: Annotated[str, typer.Option(
+        help="Address of the console. Any other than a loopback address needs "
+             "--console-token-file.")] = "127.0.0.1",
+    console_port: Annotated[int, typer.Option(
+        help="TCP port of the console (0: --port + 1).")] = 0,
+    console_token_file: Annotated[Path | None, typer.Option(
+        help="File holding the token inspectors log in to the console with (at least 16 "
+             "characters; kept out of the command line, which other users can read).")
+    ] = None,
     print_identity: Annotated[bool, typer.Option(
         "--print-identity", help="Print {\"public_key\", \"keyid\"} of the device key "
                                  "and exit.")] = False,
@@ -97,6 +110,7 @@ def recomputer(
     Routes: POST /v1/completions, POST /v1/chat/completions (INPUT), POST /uplink
     (gateways), POST /admin (inspectors), GET /admin/log, GET /identity, /status,
     /verdicts, /alarms, /metrics (see docs/ARCHITECTURE.md and docs/ADMIN.md).
+    With --console, the inspectors' console on its own address (docs/CONSOLE.md).
     Prints "ivp recomputer: listening on http://HOST:PORT" once it accepts.
     """
     import logging
@@ -149,12 +163,18 @@ def recomputer(
             batch_size=batch_size, rate_limit=rate_limit, rate_burst=rate_burst,
             health_interval=health_interval, tamper_endpoint=allow_tamper_endpoint,
         )
+        console_settings = None
+        if console:
+            from ivp.recomputer.console import ConsoleSettings
+
+            token = console_token_file.read_text().strip() if console_token_file else None
+            console_settings = ConsoleSettings(console_host, console_port or port + 1, token)
     except (OSError, IvpError) as exc:
         _fail(str(exc))
-    run(config, host, port)
+    run(config, host, port, console_settings)
 
 
-def run(config: Any, host: str, port: int) -> None:
+def run(config: Any, host: str, port: int, console: Any = None) -> None:
     """Open the recomputer and serve until SIGINT/SIGTERM."""
     import asyncio
     import contextlib
@@ -177,9 +197,17 @@ def run(config: Any, host: str, port: int) -> None:
         await site.start()
         typer.echo(f"ivp recomputer: listening on http://{host}:{port} "
                    f"(keyid {rec.identity()['keyid']})")
+        shown = None
+        if console is not None:
+            from ivp.recomputer.console import start_console
+
+            shown = await start_console(rec, console)
+            typer.echo(f"ivp recomputer: console on {console.url}")
         try:
             await asyncio.Event().wait()
         finally:
+            if shown is not None:
+                await shown.cleanup()
             await runner.cleanup()
 
     with contextlib.suppress(KeyboardInterrupt, web.GracefulExit):

@@ -934,6 +934,6 @@ class Recomputer:
         rows = await self._db(self.store.verdicts, gateway_id)
         return [json.loads(r) for r in rows]
 
-    async def alarms(self) -> list[dict[str, Any]]:
+    async def alarms(self, open_only: bool = False) -> list[dict[str, Any]]:
         self.check_alive()
-        return [a.to_json() for a in await self._db(self.store.alarms)]
+        return [a.to_json() for a in await self._db(self.store.alarms, open_only)]
