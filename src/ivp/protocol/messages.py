@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from ivp.protocol.envelope import Envelope
+from ivp.protocol.keys import PublicKeyText
 
 VERSION = 1
 
@@ -414,7 +415,7 @@ class AdminArgs(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
 class EnrolArgs(AdminArgs, frozen=True):
     device_id: Name
-    public_key: Hex256
+    public_key: PublicKeyText
     kind: Literal["gateway", "sensor"] = "gateway"
     url: Annotated[str, Meta(max_length=2000)] = ""
 
@@ -443,7 +444,7 @@ class ReadmitArgs(AdminArgs, frozen=True):
 
 class RotateKeyArgs(AdminArgs, frozen=True):
     device_id: Name
-    public_key: Hex256
+    public_key: PublicKeyText
 
 
 ADMIN_ARGS: dict[str, type[AdminArgs]] = {

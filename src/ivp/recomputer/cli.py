@@ -23,9 +23,12 @@ admin_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `recomputer` and `admin` to the root CLI."""
+    """Add `recomputer`, `admin` and `watch` to the root CLI."""
+    from ivp.recomputer.watch import watch
+
     app.command(name="recomputer", no_args_is_help=False)(recomputer)
     app.add_typer(admin_app, name="admin")
+    app.command(name="watch", no_args_is_help=True)(watch)
 
 
 def _fail(message: str) -> NoReturn:
@@ -213,7 +216,8 @@ def run(config: Any, host: str, port: int, console: Any = None) -> None:
 
 # --- ivp admin -------------------------------------------------------------------------------
 KeyOpt = Annotated[list[Path] | None, typer.Option(
-    "--key", help="Inspector private key (PEM), repeatable: each signs the request.")]
+    "--key", help="Inspector private key file, repeatable: each signs the request (its "
+                  "passphrase: $IVP_KEY_PASSPHRASE_FILE, $IVP_KEY_PASSPHRASE or a prompt).")]
 ExpiresOpt = Annotated[float, typer.Option(
     help="Seconds the request stays valid (at most 7 days).")]
 OutOpt = Annotated[Path | None, typer.Option(
@@ -223,9 +227,9 @@ NoSendOpt = Annotated[bool, typer.Option(
 
 
 def _keys(paths: list[Path] | None) -> list[Any]:
-    from ivp.protocol.keys import SigningKey
+    from ivp.whitelist.keyfiles import load_signing_key
 
-    return [SigningKey.load(p) for p in paths or []]
+    return [load_signing_key(p) for p in paths or []]
 
 
 def _send(url: str, body: bytes) -> tuple[int, Any]:
@@ -335,7 +339,8 @@ def admin_enrol(
     url: Annotated[str | None, typer.Argument(help="Recomputer URL.")] = None,
     device_id: Annotated[str, typer.Option(help="The device's id, e.g. gw-a.")] = "",
     public_key: Annotated[str, typer.Option(
-        help="Its Ed25519 public key (64 hex; from `--print-identity`).")] = "",
+        help="Its public key, from its `--print-identity` (64 hex: Ed25519; "
+             "ecdsa-p256:<66 hex>: a TPM's P-256 key).")] = "",
     identity: Annotated[Path | None, typer.Option(
         help="Or: a file holding the device's `--print-identity` JSON.")] = None,
     gateway_url: Annotated[str, typer.Option(
@@ -359,7 +364,8 @@ def admin_enrol(
 def admin_rotate_key(
     url: Annotated[str | None, typer.Argument(help="Recomputer URL.")] = None,
     device_id: Annotated[str, typer.Option(help="The enrolled device.")] = "",
-    public_key: Annotated[str, typer.Option(help="Its new public key (64 hex).")] = "",
+    public_key: Annotated[str, typer.Option(
+        help="Its new public key (as --print-identity prints it).")] = "",
     key: KeyOpt = None, expires_in: ExpiresOpt = 3600.0, out: OutOpt = None,
     no_send: NoSendOpt = False,
 ) -> None:
