@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ivp.demo.datacenter import LoopbackDatacenter
+from ivp.datacenter import LoopbackDatacenter
 from ivp.device.swtpm import Swtpm
 
 

@@ -264,7 +264,7 @@ def test_isolated_datacenter_serves_and_audits_honest_traffic(tmp_path: Path) ->
         if os.environ.get("CI"):
             pytest.fail(missing)
         pytest.skip(missing)
-    from ivp.demo.datacenter import LoopbackDatacenter
+    from ivp.datacenter import LoopbackDatacenter
 
     with LoopbackDatacenter(tmp_path / "dc", gateways=1, epsilon=1.0, isolate=True) as dc:
         box = Sandbox.for_state(dc.handles[0].state_dir)
