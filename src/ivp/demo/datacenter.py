@@ -121,6 +121,7 @@ class GatewayHandle:
     trigger: Path | None = None
     uplink_url: str | None = None
     reboot_interval: float = 0.0
+    server_port: int = 0
 
 
 @dataclass
@@ -140,6 +141,8 @@ class LoopbackDatacenter:
             ``recomputer`` sub-command (default ``-m ivp.cli``; the attack suite's own
             tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
         prebuilt_model: an already built model directory to use instead of building one.
+        engine: the servers' engine, "reference" or "vllm" (run with vLLM's own
+            Python, ``ivp.engine.vllm_env``); ``server_args``: more ``ivp server`` flags.
     """
 
     root: Path
@@ -153,6 +156,8 @@ class LoopbackDatacenter:
     recomputer_args: list[str] = field(default_factory=list)
     recomputer_launcher: tuple[str, ...] = ("-m", "ivp.cli")
     prebuilt_model: Path | None = None
+    engine: str = "reference"
+    server_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -255,17 +260,24 @@ class LoopbackDatacenter:
                              reboot_interval=reboot_interval)
 
     def start_gateway(self, h: GatewayHandle, policy: str) -> None:
-        server_cmd = f"{sys.executable} -m ivp.cli server --port {{port}}"
+        python = sys.executable
+        if self.engine == "vllm":
+            from ivp.engine.vllm_env import require_vllm_python
+
+            python = require_vllm_python()
+        server_cmd = " ".join([python, "-m", "ivp.cli", "server", "--port", "{port}",
+                               "--engine", self.engine, *self.server_args])
         if h.attack:
             h.trigger = self.root / f"{h.gateway_id}.attack"
             server_cmd += f" --attack {h.attack} --attack-trigger {h.trigger}"
         port = h.url.rsplit(":", 1)[1]
+        h.server_port = free_port()
         h.process = self._spawn(h.gateway_id, [
             "gateway", "--state", str(h.state_dir), "--gateway-id", h.gateway_id,
             "--port", port, "--recomputer", h.uplink_url or self.recomputer_url,
             "--recomputer-key", self.recomputer_key, "--policy", policy,
             "--whitelist", str(self.whitelist_path), "--epsilon", str(self.epsilon),
-            "--server-port", str(free_port()), "--server-cmd", server_cmd,
+            "--server-port", str(h.server_port), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
             "--reboot-interval", str(h.reboot_interval),
         ])
