@@ -26,6 +26,7 @@ rm -rf "$VENV"
 # ivp itself, without its heavy extras (ray, matplotlib, the Gemma wheels): the server
 # side needs only these, and vLLM already brought torch, transformers and numpy.
 "$VENV/bin/pip" install --quiet --no-deps -e .
-"$VENV/bin/pip" install --quiet msgspec blake3 cryptography typer rich aiohttp safetensors
+"$VENV/bin/pip" install --quiet msgspec blake3 cryptography typer rich aiohttp safetensors \
+    pytest pytest-timeout hypothesis  # tests/vllm_side runs here
 "$VENV/bin/python" -c "import vllm, ivp.engine.vllm_sampler; print('vLLM', vllm.__version__, 'ready')"
 echo "installed $PACKAGE into $VENV in $(( $(date +%s) - start )) s"

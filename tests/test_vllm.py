@@ -1,7 +1,7 @@
 """vLLM behind ivp: one shared vLLM server (a tiny random Llama) powered by a gateway.
 
 The module's datacenter is a recomputer and one gateway whose server runs
-``ivp server --engine vllm`` in vLLM's own environment (``make .venv-vllm``), booted
+``ivp server --engine vllm`` in vLLM's own environment (``make vllm``), booted
 by the gateway's ordinary upload, with ε = 1 (every pair audited). The server also
 records every logits row its spec v1 processor chose from (``--record-logits``), so
 the conformance test checks vLLM's own rows, not a recomputation. Tests that need a
@@ -33,7 +33,7 @@ from ivp.protocol.sampler import choose
 if vllm_python() is None:
     if os.environ.get("CI"):
         raise RuntimeError("CI must run the vLLM tests: `make test` installs .venv-vllm")
-    pytest.skip("vLLM is not installed (make .venv-vllm)", allow_module_level=True)
+    pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
 
 PARAMS = (
     {"temperature": 1.0},
@@ -214,3 +214,18 @@ def _pgid(pid: int) -> int:
         return os.getpgid(pid)
     except ProcessLookupError:
         return -1
+
+
+def test_fast_chooser_equals_choose_in_vllms_environment() -> None:
+    """The processor's compiled chooser (numba, only in .venv-vllm) picks choose's token:
+    tests/vllm_side, run with that environment's pytest."""
+    import subprocess
+    import sys
+
+    python = vllm_python()
+    assert python is not None
+    side = Path(__file__).parent / "vllm_side"
+    out = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(side)],
+                         capture_output=True, text=True, timeout=900)
+    sys.stdout.write(out.stdout[-2000:])
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

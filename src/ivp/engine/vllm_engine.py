@@ -79,8 +79,9 @@ class VllmBackend:
     name: Literal["vllm"] = "vllm"
 
     def __init__(self, engine: Any, tokenizer: Any, vocab_size: int, eos_ids: frozenset[int],
-                 max_len: int) -> None:
+                 max_len: int, weights: dict[str, bytes] | None = None) -> None:
         self.engine = engine
+        self.weights = weights  # kept only by a cheating server (``cheats``)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = eos_ids
@@ -93,8 +94,10 @@ class VllmBackend:
                     max_model_len: int = DEFAULT_MAX_MODEL_LEN,
                     kv_cache_mb: int = DEFAULT_KV_CACHE_MB,
                     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-                    record_logits: str | None = None) -> VllmBackend:
-        """Start vLLM on ``files`` (consumed) in the manifest's dtype.
+                    record_logits: str | None = None, cheats: bool = False) -> VllmBackend:
+        """Start vLLM on ``files`` (consumed) in the manifest's dtype. ``cheats`` (a server
+        started with ``--attack``) keeps a copy of the files and lets :meth:`fire` swap
+        the weights vLLM serves.
 
         Raises:
             ValidationError: the files do not make a model vLLM can serve.
@@ -108,16 +111,17 @@ class VllmBackend:
         tokenizer = load_tokenizer(files)
         vocab, eos_ids, context = model_facts(files, tokenizer)
         max_len = min(max_model_len, context)
+        kept = dict(files) if cheats else None
         ram = RamModelDir(files)  # empties ``files``
         try:
             engine = await asyncio.to_thread(_start_engine, str(ram.path), dtype, max_len,
-                                             kv_cache_mb, max_num_seqs, record_logits)
+                                             kv_cache_mb, max_num_seqs, record_logits, cheats)
         except Exception as exc:  # vLLM raises many kinds: say so in ivp's vocabulary
             raise ValidationError(f"vLLM did not start on the streamed model: "
                                   f"{type(exc).__name__}: {exc}") from None
         finally:
             ram.close()  # vLLM holds the weights in its own memory now
-        return cls(engine, tokenizer, vocab, eos_ids, max_len)
+        return cls(engine, tokenizer, vocab, eos_ids, max_len, kept)
 
     # --- checks ---------------------------------------------------------------------------
     def check_ids(self, ids: Sequence[int], what: str) -> None:
@@ -176,9 +180,21 @@ class VllmBackend:
 
     # --- cheats and shutdown --------------------------------------------------------------
     async def fire(self, attack: Attack) -> None:
-        if attack.alter_model is not None:
-            raise StateError(f"attack {attack.name} alters a transformers model; the vLLM "
-                             "engine has its own cheats (ivp.server.vllm_attacks)")
+        """Weight cheats: the attack alters a transformers copy of the whitelisted model
+        (``ivp.server.attacks``: noise, int8, one training step), and vLLM's workers
+        load the result in place of the weights they serve."""
+        if attack.alter_model is None:
+            return
+        if attack.name not in WEIGHT_ATTACKS or self.weights is None:
+            raise StateError(f"attack {attack.name} has no vLLM form (weight attacks: "
+                             f"{', '.join(sorted(WEIGHT_ATTACKS))})")
+        from ivp.engine.ramdir import RamModelDir
+
+        altered = await asyncio.to_thread(_altered_weights, self.weights, attack)
+        with RamModelDir({"altered.safetensors": altered}) as ram:
+            await self.engine.collective_rpc("ivp_load_weights",
+                                             args=(str(ram.path / "altered.safetensors"),))
+        await self.engine.reset_prefix_cache()  # no KV computed with the old weights
 
     async def close(self) -> None:
         if not self._closed:
@@ -186,12 +202,34 @@ class VllmBackend:
             await asyncio.to_thread(self.engine.shutdown)
 
 
+#: Attacks of ``ivp.server.attacks`` whose alter_model changes only the weights (the
+#: others rewrite a transformers model's forward, which vLLM does not run).
+WEIGHT_ATTACKS = frozenset({"rogue-model-persists", "int8", "expert-iteration"})
+
+
+def _altered_weights(files: dict[str, bytes], attack: Attack) -> bytes:
+    """safetensors bytes of the model in ``files`` after ``attack.alter_model``."""
+    from safetensors.torch import save
+
+    from ivp.engine.loading import load_model
+
+    model = load_model(dict(files))
+    assert attack.alter_model is not None
+    attack.alter_model(model)
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():  # tied tensors once (vLLM ties again)
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.detach().contiguous()
+    return save(tensors)
+
+
 def _request_id(key: str) -> str:
     return key or secrets.token_hex(12)
 
 
 def _start_engine(path: str, dtype: str, max_len: int, kv_cache_mb: int, max_num_seqs: int,
-                  record_logits: str | None) -> Any:
+                  record_logits: str | None, cheats: bool) -> Any:
     """vLLM's AsyncLLM on ``path`` (blocks while it loads: run in a thread)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -205,6 +243,7 @@ def _start_engine(path: str, dtype: str, max_len: int, kv_cache_mb: int, max_num
         skip_tokenizer_init=True, seed=0, max_num_seqs=max_num_seqs,
         kv_cache_memory_bytes=kv_cache_mb << 20,
         logits_processors=[RECORDER if record_logits else PROCESSOR],
+        worker_extension_cls="ivp.engine.vllm_worker.CheatExtension" if cheats else "",
         disable_log_stats=True)
     return AsyncLLM.from_engine_args(args)
 

@@ -1,4 +1,4 @@
-"""Where vLLM lives: its own environment, ``.venv-vllm`` (``make .venv-vllm``).
+"""Where vLLM lives: its own environment, ``.venv-vllm`` (``make vllm``).
 
 vLLM pins transformers and numpy versions of its own, so ivp installs it beside the
 main environment rather than in it (``scripts/install-vllm.sh``); ``ivp server
@@ -18,19 +18,19 @@ REPO = Path(__file__).resolve().parents[3]  # src/ivp/engine/ -> the checkout
 
 def vllm_python() -> str | None:
     """The Python that imports vLLM: $IVP_VLLM_PYTHON, else .venv-vllm/bin/python of
-    this checkout; None when neither exists."""
+    this checkout once its install finished; None when neither exists."""
     given = os.environ.get(ENV)
     if given:
         return given if Path(given).exists() else None
-    default = REPO / ".venv-vllm" / "bin" / "python"
-    return str(default) if default.exists() else None
+    venv = REPO / ".venv-vllm"
+    return str(venv / "bin" / "python") if (venv / ".installed").exists() else None
 
 
 def require_vllm_python() -> str:
     """:func:`vllm_python`, or RuntimeError saying how to install vLLM."""
     python = vllm_python()
     if python is None:
-        raise RuntimeError("vLLM is not installed: run `make .venv-vllm` (or set "
+        raise RuntimeError("vLLM is not installed: run `make vllm` (or set "
                            f"{ENV} to a Python that imports vllm)")
     return python
 

@@ -6,7 +6,8 @@ that carry ``SamplingParams.extra_args[ARGS]`` — the gateway's seed and sampli
 parameters, put there by ``ivp server --engine vllm`` — are sent to vLLM with
 temperature 0 (greedy), and this processor, which vLLM runs on every step's logits
 before its greedy argmax, replaces each such row by one where only the token
-``ivp.protocol.sampler.choose`` picks is finite. vLLM then emits exactly that token.
+``ivp.protocol.sampler.choose`` picks is finite (computed by the equivalent, faster
+``ivp.engine.spec_v1_fast.choose_row``). vLLM then emits exactly that token.
 
 Why this holds whatever vLLM does around it:
 
@@ -20,7 +21,7 @@ Why this holds whatever vLLM does around it:
   what the verifier compares its replay with.
 
 Requests without the extra argument (plain vLLM traffic, benches) pass untouched.
-This module imports vLLM: load it only in vLLM's environment (``make .venv-vllm``).
+This module imports vLLM: load it only in vLLM's environment (``make vllm``).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from vllm import SamplingParams as VllmSamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from ivp.engine.spec_v1_fast import choose_row
 from ivp.errors import ValidationError
 from ivp.protocol.encoding import convert, to_builtins
 from ivp.protocol.messages import SamplingParams
-from ivp.protocol.sampler import choose
 
 ARGS = "ivp_spec_v1"  # the extra_args key: {"seed", "params", "key"}
 RECORD_ENV = "IVP_RECORD_LOGITS"  # RecordingSpecV1 writes rows under this directory
@@ -108,7 +109,7 @@ class SpecV1LogitsProcessor(LogitsProcessor):
         for j, index in enumerate(indices):
             row = self.rows[index]
             self.observe(row, host[j])
-            chosen.append(choose(host[j], row.seed, len(row.output), row.params))
+            chosen.append(choose_row(host[j], row.seed, len(row.output), row.params))
         where = torch.tensor(indices, device=logits.device)
         logits[where] = float("-inf")
         logits[where, torch.tensor(chosen, device=logits.device)] = 0.0

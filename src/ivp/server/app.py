@@ -225,6 +225,9 @@ class InferenceServer:
     async def boot_manifest(self, request: web.Request) -> web.Response:
         """Accept the manifest of the model about to be streamed; drop any loaded one."""
         manifest = decode(await request.read(), Manifest)
+        if manifest.engine != self.engine_name:  # a deployment error: say so, boot nothing
+            raise ValidationError(f"this server runs the {self.engine_name} engine; the "
+                                  f"manifest is for {manifest.profile}")
         async with self.lock:
             old, self.engine, self.manifest, self.attack_active = \
                 self.engine, None, manifest, False

@@ -33,7 +33,7 @@ def server(
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
     engine: Annotated[str, typer.Option(
         help="reference (ivp's transformers engine, one request at a time) or vllm (vLLM's "
-             "continuous batching; needs vLLM installed: make .venv-vllm, then run this "
+             "continuous batching; needs vLLM installed: make vllm, then run this "
              "command with .venv-vllm/bin/python -m ivp.cli). Both follow sampler spec v1 "
              "and the same boot protocol.")] = "reference",
     max_model_len: Annotated[int, typer.Option(
@@ -76,12 +76,13 @@ def server(
     if engine == "vllm":
         options = {"max_model_len": max_model_len, "kv_cache_mb": kv_cache_mb,
                    "max_num_seqs": max_num_seqs,
-                   "record_logits": str(record_logits) if record_logits else None}
+                   "record_logits": str(record_logits) if record_logits else None,
+                   "cheats": chosen is not None}
         try:
             import vllm  # noqa: F401
         except ImportError as exc:
             raise typer.BadParameter(f"--engine vllm: vLLM does not import here ({exc}); "
-                                     "run `make .venv-vllm` and use .venv-vllm/bin/python") \
+                                     "run `make vllm` and use .venv-vllm/bin/python") \
                 from None
     if threads:
         import torch
