@@ -208,7 +208,7 @@ class LoopbackDatacenter:
         self.log("building and whitelisting the model")
         self.model_dir = self.prepare_model()
         self.inspectors = Inspectors.create(self.root / "inspectors")
-        self.manifest = make_manifest(self.model_dir, self.model_id)
+        self.manifest = make_manifest(self.model_dir, self.model_id, engine=self.engine)
         whitelist = Whitelist(version=1, expires=time.time() + 30 * 86400,
                               manifests=[self.manifest])
         self.whitelist_path = self.root / "whitelist.json"
@@ -279,7 +279,7 @@ class LoopbackDatacenter:
             "--whitelist", str(self.whitelist_path), "--epsilon", str(self.epsilon),
             "--server-port", str(h.server_port), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
-            "--reboot-interval", str(h.reboot_interval),
+            "--reboot-interval", str(h.reboot_interval), "--engine", self.engine,
         ])
 
     def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,

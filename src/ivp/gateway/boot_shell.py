@@ -62,13 +62,10 @@ class BootShell:
         gw._check_alive()
         if self.uploading:
             raise StateError("an upload is already in progress on this gateway")
-        manifest = gw.whitelist.manifest(model_id)
+        manifest = gw.whitelist.manifest(model_id, engine=gw.config.engine,
+                                         dtype=gw.config.dtype or None)
         if manifest is None:
-            listed = sorted(m.model_id for m in (gw.whitelist.current.manifests
-                                                 if gw.whitelist.current else []))
-            raise UnknownModelError(
-                f"model {model_id!r} is not on the installed whitelist "
-                f"(whitelisted: {', '.join(listed) or 'none'})")
+            raise UnknownModelError(_not_whitelisted(gw, model_id))
         self.uploading = True
         aborting = False
         try:
@@ -379,6 +376,22 @@ def _tokenizer_size(tokenizer: proxy.Tokenizer) -> int:
         return len(inner)
     except TypeError:
         return 2**31 - 1
+
+
+def _not_whitelisted(gw: Gateway, model_id: str) -> str:
+    """Why no manifest boots: the model is not listed, or not for this deployment's
+    engine and dtype (whose profiles it has)."""
+    profiles = gw.whitelist.manifests_for(model_id)
+    wanted = f"engine {gw.config.engine}" + (f", dtype {gw.config.dtype}" if gw.config.dtype
+                                              else "")
+    if profiles:
+        named = ", ".join(f"{m.engine}/{m.dtype}" for m in profiles)
+        return (f"model {model_id!r} is whitelisted only for {named}, not for this "
+                f"gateway's {wanted}: refusing to boot it")
+    listed = sorted({m.model_id for m in (gw.whitelist.current.manifests
+                                          if gw.whitelist.current else [])})
+    return (f"model {model_id!r} is not on the installed whitelist "
+            f"(whitelisted: {', '.join(listed) or 'none'})")
 
 
 __all__ = ["BootShell", "load_whitelisted_tokenizer"]

@@ -65,6 +65,13 @@ def gateway(
     sync: Annotated[str, typer.Option(
         help="SQLite synchronous mode of the pair log (FULL: fsync before every release).")
     ] = "FULL",
+    engine: Annotated[str, typer.Option(
+        help="Deployment: the inference engine this gateway's server runs (reference, "
+             "vllm). Only the whitelist's manifest for (model, engine, dtype) boots, and "
+             "its δ is the one the recomputer judges by.")] = "reference",
+    dtype: Annotated[str, typer.Option(
+        help="Deployment: the server's compute dtype (empty = the model's only profile "
+             "for --engine).")] = "",
     print_identity: Annotated[bool, typer.Option(
         "--print-identity", help="Print {gateway_id, public_key, keyid} as JSON and exit "
                                  "(for enrolment by the inspectors).")] = False,
@@ -100,7 +107,8 @@ def gateway(
     try:
         built = _build(device, state, gateway_id, host, port, url, recomputer, recomputer_key,
                        policy, whitelist, epsilon, server_port, server_cmd,
-                       checkpoint_interval, reboot_interval, release_grid_ms, sync)
+                       checkpoint_interval, reboot_interval, release_grid_ms, sync,
+                       engine, dtype)
     except (IvpError, OSError, ValueError) as exc:
         _fail(str(exc))
         return
@@ -120,7 +128,7 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
            url: str | None, recomputer: str | None, recomputer_key: str | None,
            policy: Path, whitelist: Path, epsilon: float, server_port: int, server_cmd: str,
            checkpoint_interval: float, reboot_interval: float, release_grid_ms: float,
-           sync: str) -> _Built:
+           sync: str, engine: str = "reference", dtype: str = "") -> _Built:
     import socket
 
     from ivp.gateway.app import build_app
@@ -148,7 +156,7 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
     config = GatewayConfig(
         gateway_id=gateway_id, epsilon=epsilon, url=url or f"http://{host}:{port}",
         checkpoint_interval=checkpoint_interval, reboot_interval=reboot_interval,
-        release_grid=release_grid_ms / 1000.0,
+        release_grid=release_grid_ms / 1000.0, engine=engine, dtype=dtype,
     )
     state.mkdir(parents=True, exist_ok=True)
     log = PairLog(state / "log.sqlite", device, synchronous=sync)  # type: ignore[arg-type]
