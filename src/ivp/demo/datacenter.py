@@ -31,7 +31,7 @@ import aiohttp
 from ivp.protocol.encoding import canonical, to_builtins
 from ivp.protocol.envelope import ADMIN, sign
 from ivp.protocol.keys import SigningKey, VerifyKey
-from ivp.protocol.messages import AdminRequest, Whitelist
+from ivp.protocol.messages import AdminRequest, NoiseBound, Whitelist
 from ivp.protocol.quorum import InspectorKey, QuorumPolicy
 from ivp.whitelist import make_manifest, sign_whitelist
 
@@ -142,7 +142,8 @@ class LoopbackDatacenter:
             tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
         prebuilt_model: an already built model directory to use instead of building one.
         engine: the servers' engine, "reference" or "vllm" (run with vLLM's own
-            Python, ``ivp.engine.vllm_env``); ``server_args``: more ``ivp server`` flags.
+            Python, ``ivp.engine.vllm_env``); ``server_args``: more ``ivp server`` flags;
+            ``noise_bound``: the δ the whitelisted manifest carries (calibrated for it).
     """
 
     root: Path
@@ -158,6 +159,7 @@ class LoopbackDatacenter:
     prebuilt_model: Path | None = None
     engine: str = "reference"
     server_args: tuple[str, ...] = ()
+    noise_bound: NoiseBound | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -174,9 +176,10 @@ class LoopbackDatacenter:
         if self.prebuilt_model is not None:
             return Path(self.prebuilt_model)
         if self.model == "tiny":
-            from ivp.engine.tiny import build_tiny_model
+            from ivp.engine.tiny import HEAD_DIM, VLLM_HEAD_DIM, build_tiny_model
 
-            return build_tiny_model(self.root / "model")
+            return build_tiny_model(self.root / "model", head_dim=VLLM_HEAD_DIM
+                                    if self.engine == "vllm" else HEAD_DIM)
         if self.model == "gemma-3-270m":
             from ivp.engine.gemma import prepare_gemma
 
@@ -208,7 +211,8 @@ class LoopbackDatacenter:
         self.log("building and whitelisting the model")
         self.model_dir = self.prepare_model()
         self.inspectors = Inspectors.create(self.root / "inspectors")
-        self.manifest = make_manifest(self.model_dir, self.model_id, engine=self.engine)
+        self.manifest = make_manifest(self.model_dir, self.model_id, engine=self.engine,
+                                      noise_bound=self.noise_bound)
         whitelist = Whitelist(version=1, expires=time.time() + 30 * 86400,
                               manifests=[self.manifest])
         self.whitelist_path = self.root / "whitelist.json"

@@ -62,10 +62,7 @@ class BootShell:
         gw._check_alive()
         if self.uploading:
             raise StateError("an upload is already in progress on this gateway")
-        manifest = gw.whitelist.manifest(model_id, engine=gw.config.engine,
-                                         dtype=gw.config.dtype or None)
-        if manifest is None:
-            raise UnknownModelError(_not_whitelisted(gw, model_id))
+        manifest = _profile(gw, model_id)
         self.uploading = True
         aborting = False
         try:
@@ -376,6 +373,26 @@ def _tokenizer_size(tokenizer: proxy.Tokenizer) -> int:
         return len(inner)
     except TypeError:
         return 2**31 - 1
+
+
+def _profile(gw: Gateway, model_id: str) -> Manifest:
+    """The whitelisted manifest for (model, this deployment's engine and dtype).
+
+    Raises:
+        UnknownModelError: the model is not whitelisted, not for this engine or dtype,
+            or (no dtype configured) for several dtypes of this engine.
+    """
+    engine, dtype = gw.config.engine, gw.config.dtype or None
+    found = [m for m in gw.whitelist.manifests_for(model_id)
+             if m.engine == engine and (dtype is None or m.dtype == dtype)]
+    if not found:
+        raise UnknownModelError(_not_whitelisted(gw, model_id))
+    if len(found) > 1:
+        raise UnknownModelError(
+            f"model {model_id!r} is whitelisted for {engine} in dtypes "
+            f"{', '.join(m.dtype for m in found)}: this gateway's deployment must name one "
+            "(--dtype)")
+    return found[0]
 
 
 def _not_whitelisted(gw: Gateway, model_id: str) -> str:

@@ -182,4 +182,46 @@ def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> No
     raise RuntimeError(f"the vLLM server did not answer at {url} within {timeout:.0f} s")
 
 
-__all__ = ["CONCURRENCY", "Served", "boot", "measure_server", "serve", "vllm_server"]
+
+
+def cached_noise_bound(model_dir: Path, model_id: str, dtype: str = "float32", *,
+                       cache: Path | None = None, say: Any = lambda _m: None) -> Any:
+    """A δ for (model, vllm, dtype) from a short calibration (6 prompts x 3 parameter sets
+    x 16 tokens, concurrency 1 and 8), kept under $IVP_CACHE/calibration keyed by the
+    model's file digests: what ``ivp demo --engine vllm`` whitelists. A deployment
+    calibrates with ``ivp calibrate --engine vllm`` (more prompts, concurrency to 32)."""
+    import json
+    import os
+
+    from ivp.engine.loading import load_from_dir
+    from ivp.engine.reference import ReferenceEngine
+    from ivp.protocol.encoding import canonical, decode
+    from ivp.protocol.messages import NoiseBound, SamplingParams, manifest_digest
+    from ivp.verify import calibrate as cal
+    from ivp.verify.prompts import CALIBRATION, encode_prompts
+    from ivp.whitelist.manifest import make_manifest
+
+    manifest = make_manifest(model_dir, model_id, engine="vllm", dtype=dtype)
+    digest = manifest_digest(manifest)[:16]
+    root = cache or Path(os.environ.get("IVP_CACHE", Path.home() / ".cache" / "ivp"))
+    path = root / "calibration" / f"{model_id}-vllm-{dtype}-{digest}.json"
+    if path.is_file():
+        return decode(path.read_bytes(), NoiseBound)
+    model, tokenizer = load_from_dir(model_dir)
+    engine = ReferenceEngine(model, tokenizer)
+    ids = encode_prompts(tokenizer, CALIBRATION[:6],
+                         chat=bool(getattr(tokenizer, "chat_template", None)))
+    params = tuple(SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                  max_tokens=16) for p in cal.CALIBRATION_PARAMS)
+    with vllm_server(manifest, model_dir, kv_cache_mb=512) as (url, record):
+        result = measure_server(url, record, engine, cal.calibration_requests(ids, params),
+                                (1, 8), dtype=dtype)
+    bound = cal.noise_bound(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json.loads(canonical(bound)), indent=1) + "\n")
+    say(f"δ = {bound.delta:.3g} (observed {result.observed:.3g} over {result.samples} "
+        f"positions)")
+    return bound
+
+__all__ = ["CONCURRENCY", "Served", "boot", "cached_noise_bound", "measure_server", "serve",
+           "vllm_server"]
