@@ -12,6 +12,7 @@ service.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -173,9 +174,9 @@ def test_vllm_server_refuses_what_spec_v1_does_not_define(vllm_dc: Any) -> None:
 
 def test_weights_are_in_ram_only_and_power_kill_frees_them(vllm_dc: Any) -> None:
     """The server and vLLM's processes hold the weights in memory only: no open file
-    outside memfds and sockets, no link directory left; POWER_KILL (the gateway's
-    SIGKILL of the server's process group) leaves no vLLM process behind. Runs last:
-    it power-cycles the shared server."""
+    outside memfds and sockets, no link directory left; a SIGKILL of the server alone
+    (its gateway's death signal) leaves no vLLM process behind, nor would POWER_KILL
+    (SIGKILL of the whole group). Runs last: it kills the shared server."""
     pid = _server_pid(vllm_dc.handles[0].server_port)
     group = os.getpgid(pid)
     members = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
@@ -186,12 +187,15 @@ def test_weights_are_in_ram_only_and_power_kill_frees_them(vllm_dc: Any) -> None
             target = os.readlink(fd) if fd.is_symlink() else ""
             assert not target.endswith(".safetensors"), (member, target)
     assert not list(Path("/dev/shm").glob(f"ivp-model-{pid}-*"))
-    os.killpg(group, signal.SIGKILL)  # what the gateway's power switch does
+    # the server alone killed (its gateway died: the death signal): vLLM's processes
+    # go with it (the group guard), then what is left of the group is the power switch's
+    os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(Path(f"/proc/{m}").exists()
-                                              and _pgid(m) == group for m in members):
+    while time.monotonic() < deadline and any(_alive_in(group, m) for m in members):
         time.sleep(0.2)
-    assert not [m for m in members if Path(f"/proc/{m}").exists() and _pgid(m) == group]
+    assert not [m for m in members if _alive_in(group, m)]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)  # what the gateway's power switch does
 
 
 def _server_pid(port: int) -> int:
@@ -207,6 +211,15 @@ def _server_pid(port: int) -> int:
                 argv[argv.index(b"--port") + 1] == str(port).encode():
             return int(proc.name)
     raise AssertionError(f"no server process on port {port}")
+
+
+def _alive_in(group: int, pid: int) -> bool:
+    """``pid`` runs (not a zombie awaiting its reaper) in process group ``group``."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and _pgid(pid) == group
 
 
 def _pgid(pid: int) -> int:

@@ -224,6 +224,36 @@ def _altered_weights(files: dict[str, bytes], attack: Attack) -> bytes:
     return save(tensors)
 
 
+# Runs beside a vLLM server in its process group: when the server dies (even by
+# SIGKILL, e.g. its gateway's death signal), the kernel signals this process, which
+# kills the whole group — vLLM's engine processes do not watch their parent.
+_GROUP_GUARD = (
+    "import ctypes, os, signal, sys, time\n"
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, int(signal.SIGTERM))\n"
+    "end = lambda *_: os.killpg(os.getpgrp(), signal.SIGKILL)\n"
+    "signal.signal(signal.SIGTERM, end)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    end()\n"
+    "while True:\n"
+    "    time.sleep(3600)\n"
+)
+
+
+def guard_process_group() -> bool:
+    """Make vLLM's processes die with this server: start the group guard above. Only
+    for a process-group leader (as the gateway starts its server), so it never kills
+    processes it does not own; call from the main thread (the death signal follows
+    the creating thread). True when the guard runs."""
+    import subprocess
+    import sys
+
+    if os.getpgrp() != os.getpid():
+        return False
+    subprocess.Popen([sys.executable, "-c", _GROUP_GUARD, str(os.getpid())],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
+    return True
+
+
 def _request_id(key: str) -> str:
     return key or secrets.token_hex(12)
 
@@ -249,4 +279,4 @@ def _start_engine(path: str, dtype: str, max_len: int, kv_cache_mb: int, max_num
 
 
 __all__ = ["DEFAULT_KV_CACHE_MB", "DEFAULT_MAX_MODEL_LEN", "DEFAULT_MAX_NUM_SEQS",
-           "VllmBackend", "model_facts"]
+           "VllmBackend", "guard_process_group", "model_facts"]

@@ -80,10 +80,15 @@ def server(
                    "cheats": chosen is not None}
         try:
             import vllm  # noqa: F401
+
+            from ivp.engine.vllm_engine import guard_process_group
         except ImportError as exc:
             raise typer.BadParameter(f"--engine vllm: vLLM does not import here ({exc}); "
                                      "run `make vllm` and use .venv-vllm/bin/python") \
                 from None
+    if engine == "vllm" and not guard_process_group():
+        typer.echo("ivp server: not a process-group leader: vLLM's processes will not be "
+                   "killed with this server (the gateway starts it as one)", err=True)
     if threads:
         import torch
 
