@@ -45,11 +45,11 @@ def test_whitelist_holds_one_manifest_per_profile(tiny_model_dir: Path) -> None:
     assert wl.manifest(MODEL_ID, "vllm", "bfloat16") == vllm16
     assert wl.manifest(MODEL_ID, "sglang") is None
     assert wl.manifests_for(MODEL_ID) == [vllm32, ref, vllm16]
-    with pytest.raises(ValueError, match="each"):
+    with pytest.raises(ValueError, match="unique"):
         Whitelist(version=1, expires=2e9, manifests=[vllm32, vllm32])
     doubled = json.loads(canonical(wl))
     doubled["manifests"].append(doubled["manifests"][0])
-    with pytest.raises(ValidationError, match="each"):
+    with pytest.raises(ValidationError, match="unique"):
         decode(json.dumps(doubled).encode(), Whitelist)
 
 

@@ -11,8 +11,9 @@ replay fails an audit, raises ``verify_fail`` and shuts the gateway down.
   weight-only quantization computes them);
 * an ignored seed: ``seed-ignored``.
 
-The weight cheats alter a transformers copy of the whitelisted model and load it into
-vLLM's workers (``ivp.engine.vllm_worker``), i.e. vLLM really serves other weights.
+The weight cheats alter a transformers copy of the whitelisted model and have vLLM's
+workers load it (vLLM's in-place ``reload_weights``), i.e. vLLM really serves other
+weights.
 """
 
 from __future__ import annotations

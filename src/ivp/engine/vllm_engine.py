@@ -115,7 +115,7 @@ class VllmBackend:
         ram = RamModelDir(files)  # empties ``files``
         try:
             engine = await asyncio.to_thread(_start_engine, str(ram.path), dtype, max_len,
-                                             kv_cache_mb, max_num_seqs, record_logits, cheats)
+                                             kv_cache_mb, max_num_seqs, record_logits)
         except Exception as exc:  # vLLM raises many kinds: say so in ivp's vocabulary
             raise ValidationError(f"vLLM did not start on the streamed model: "
                                   f"{type(exc).__name__}: {exc}") from None
@@ -191,9 +191,11 @@ class VllmBackend:
         from ivp.engine.ramdir import RamModelDir
 
         altered = await asyncio.to_thread(_altered_weights, self.weights, attack)
-        with RamModelDir({"altered.safetensors": altered}) as ram:
-            await self.engine.collective_rpc("ivp_load_weights",
-                                             args=(str(ram.path / "altered.safetensors"),))
+        # vLLM's own in-place reload (its RL weight-sync path): loads checkpoint-format
+        # tensors and redoes the CPU kernels' weight repacking
+        with RamModelDir({"model.safetensors": altered}) as ram:
+            await self.engine.collective_rpc("reload_weights",
+                                             kwargs={"weights_path": str(ram.path)})
         await self.engine.reset_prefix_cache()  # no KV computed with the old weights
 
     async def close(self) -> None:
@@ -259,7 +261,7 @@ def _request_id(key: str) -> str:
 
 
 def _start_engine(path: str, dtype: str, max_len: int, kv_cache_mb: int, max_num_seqs: int,
-                  record_logits: str | None, cheats: bool) -> Any:
+                  record_logits: str | None) -> Any:
     """vLLM's AsyncLLM on ``path`` (blocks while it loads: run in a thread)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -273,7 +275,6 @@ def _start_engine(path: str, dtype: str, max_len: int, kv_cache_mb: int, max_num
         skip_tokenizer_init=True, seed=0, max_num_seqs=max_num_seqs,
         kv_cache_memory_bytes=kv_cache_mb << 20,
         logits_processors=[RECORDER if record_logits else PROCESSOR],
-        worker_extension_cls="ivp.engine.vllm_worker.CheatExtension" if cheats else "",
         disable_log_stats=True)
     return AsyncLLM.from_engine_args(args)
 

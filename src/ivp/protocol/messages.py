@@ -350,7 +350,8 @@ class Whitelist(_Msg, frozen=True):
         super().__post_init__()
         keys = [(m.model_id, m.engine, m.dtype) for m in self.manifests]
         if len(set(keys)) != len(keys):
-            raise ValueError("a whitelist names each (model id, engine, dtype) once")
+            raise ValueError("(model id, engine, dtype) must be unique in a whitelist: one "
+                             "manifest per serving profile")
 
     def manifests_for(self, model_id: str) -> list[Manifest]:
         """Every serving profile of ``model_id``, in whitelist order."""

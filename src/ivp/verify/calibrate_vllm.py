@@ -54,14 +54,19 @@ class Served:
 
 def boot(url: str, manifest: Manifest, model_dir: Path, timeout: float = 900.0) -> None:
     """Play the gateway's boot: the manifest, then its files concatenated."""
+    import urllib.error
     import urllib.request
 
     for path, data in (("/boot/manifest", canonical(manifest)),
                        ("/boot/stream", b"".join((Path(model_dir) / f.name).read_bytes()
                                                  for f in manifest.files))):
         req = urllib.request.Request(url + path, data=data, method="POST")
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            resp.read()
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"the vLLM server refused {path}: HTTP {exc.code} "
+                               f"{exc.read()[:2000].decode(errors='replace')}") from None
 
 
 async def _serve(url: str, requests: Sequence[Request], concurrency: int) -> list[dict[str, Any]]:

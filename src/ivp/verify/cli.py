@@ -137,12 +137,17 @@ def calibrate(
 def _calibrate_vllm(model_dir: Path, model_id: str, engine: Any, requests: Any, dtype: str,
                     concurrency: str, safety: float) -> tuple[Any, str]:
     """Calibration against a recording vLLM server booted with the model."""
+    import os
+    import tempfile
+
     from ivp.verify import calibrate_vllm
     from ivp.whitelist.manifest import make_manifest
 
     levels = tuple(int(c) for c in concurrency.split(","))
     manifest = make_manifest(model_dir, model_id, engine="vllm", dtype=dtype or None)
-    with calibrate_vllm.vllm_server(manifest, model_dir) as (url, record):
+    log = Path(tempfile.gettempdir()) / f"ivp-calibrate-vllm-{os.getpid()}.log"
+    _err(f"vLLM server log: {log}")
+    with calibrate_vllm.vllm_server(manifest, model_dir, log=log) as (url, record):
         result = calibrate_vllm.measure_server(url, record, engine, requests, levels,
                                                safety=safety, dtype=manifest.dtype)
     return result, manifest.dtype
