@@ -39,10 +39,12 @@ class RamModelDir:
     """``files`` (name -> bytes) as memfds behind a private directory of links.
 
     Entries are moved out of ``files`` as they are copied, so the peak memory is the
-    model plus one file. Use as a context manager, or call :meth:`close`.
+    model plus one file. A value that is a ``Path`` (a shard the server already keeps
+    in the gateway's RAM-only mount, ``ivp server --weights-dir``) is linked as it is.
+    Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes | Path]) -> None:
         root = _link_root()
         _sweep(root)
         self.path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))  # 0700
@@ -51,9 +53,13 @@ class RamModelDir:
             for name in sorted(files):
                 if "/" in name or name in ("", ".", ".."):
                     raise ValueError(f"bad file name {name!r}")
+                data = files.pop(name)
+                if isinstance(data, Path):
+                    os.symlink(data.resolve(), self.path / name)
+                    continue
                 fd = os.memfd_create(name, os.MFD_CLOEXEC)
                 self._fds.append(fd)
-                _write_all(fd, files.pop(name))
+                _write_all(fd, data)
                 os.symlink(f"/proc/{os.getpid()}/fd/{fd}", self.path / name)
         except BaseException:
             self.close()

@@ -90,7 +90,7 @@ class VllmBackend:
         self._closed = False
 
     @classmethod
-    async def start(cls, files: dict[str, bytes], manifest: Manifest, *,
+    async def start(cls, files: dict[str, Any], manifest: Manifest, *,
                     max_model_len: int = DEFAULT_MAX_MODEL_LEN,
                     kv_cache_mb: int = DEFAULT_KV_CACHE_MB,
                     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,

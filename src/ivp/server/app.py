@@ -196,6 +196,7 @@ class InferenceServer:
     trigger: Path | None = None
     engine_name: EngineName = "reference"
     options: dict[str, Any] = field(default_factory=dict)
+    weights_dir: Path | None = None  # keep shards here (the gateway's RAM-only mount)
     state: State = "empty"
     manifest: Manifest | None = None
     engine: Backend | None = None
@@ -248,7 +249,9 @@ class InferenceServer:
         if self.state != "loading" or manifest is None:
             return error_response(409, "POST /boot/manifest first: no boot in progress",
                                   StateError.__name__)
-        files = await read_files(request, manifest)
+        files: dict[str, Any] = await read_files(request, manifest)
+        if self.weights_dir is not None:
+            files = await asyncio.to_thread(keep_shards_in, self.weights_dir, files)
         try:
             engine = await load_backend(self.engine_name, files, manifest, self.options)
         except ValidationError as exc:
@@ -371,6 +374,24 @@ async def read_files(request: web.Request, manifest: Manifest) -> dict[str, byte
     return files
 
 
+def keep_shards_in(directory: Path, files: dict[str, bytes]) -> dict[str, Any]:
+    """Write the safetensors shards to ``directory`` (replacing any earlier model's)
+    and name them by path: the model then lives in that mount's pages (a RAM-only,
+    never-swapped ramfs under ``--isolate``), memory-mapped."""
+    for old in directory.glob("*.safetensors"):
+        old.unlink()
+    out: dict[str, Any] = {}
+    for name, data in files.items():
+        if name.endswith(".safetensors") and Path(name).name == name:
+            path = directory / name
+            path.write_bytes(data)
+            out[name] = path
+        else:
+            out[name] = data
+    return out
+
+
+
 # --- inference helpers -----------------------------------------------------------------
 def prompt_token_ids(engine: Backend, req: InferenceRequest) -> list[int]:
     """Token ids of the prompt: as given, tokenised, or the chat template applied."""
@@ -465,11 +486,11 @@ def log(message: str) -> None:
 
 
 def make_app(attack: Attack | None = None, trigger: Path | None = None,
-             engine: EngineName = "reference", options: dict[str, Any] | None = None
-             ) -> web.Application:
+             weights_dir: Path | None = None, engine: EngineName = "reference",
+             options: dict[str, Any] | None = None) -> web.Application:
     """The aiohttp application of one server (tests use it with aiohttp's test client)."""
-    return InferenceServer(attack=attack, trigger=trigger, engine_name=engine,
-                           options=dict(options or {})).app()
+    return InferenceServer(attack=attack, trigger=trigger, weights_dir=weights_dir,
+                           engine_name=engine, options=dict(options or {})).app()
 
 
 __all__ = ["NOT_BOOTED", "InferenceServer", "make_app", "parse_inference", "read_files",
@@ -477,12 +498,14 @@ __all__ = ["NOT_BOOTED", "InferenceServer", "make_app", "parse_inference", "read
 
 
 async def run_server(host: str, port: int, attack: Attack | None = None,
-                     trigger: Path | None = None, engine: EngineName = "reference",
+                     trigger: Path | None = None, weights_dir: Path | None = None,
+                     engine: EngineName = "reference",
                      options: dict[str, Any] | None = None) -> None:
     """Serve until SIGINT/SIGTERM; print the bound address on stdout once listening."""
     import signal
 
-    runner = web.AppRunner(make_app(attack, trigger, engine, options), access_log=None)
+    runner = web.AppRunner(make_app(attack, trigger, weights_dir, engine, options),
+                           access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -45,6 +45,10 @@ def server(
     record_logits: Annotated[Path | None, typer.Option(
         help="vllm, CALIBRATION/TESTS ONLY: also save every logits row spec v1 chose from "
              "as DIR/<request id>/<t>.npy.")] = None,
+    weights_dir: Annotated[Path | None, typer.Option(
+        help="Keep the streamed shards as files here and memory-map them (an isolated "
+             "gateway passes its RAM-only, never-swapped mount: {weights}). Default: in "
+             "process memory.")] = None,
 ) -> None:
     """Reference inference server (OpenAI-compatible, token ids in every answer).
 
@@ -95,4 +99,7 @@ def server(
         torch.set_num_threads(threads)
     from ivp.server.app import run_server
 
-    asyncio.run(run_server(host, port, chosen, attack_trigger, engine, options))  # type: ignore[arg-type]
+    if weights_dir is not None and not weights_dir.is_dir():
+        raise typer.BadParameter(f"--weights-dir {weights_dir}: not a directory")
+    asyncio.run(run_server(host, port, chosen, attack_trigger, weights_dir,  # type: ignore[arg-type]
+                           engine, options))
