@@ -85,6 +85,23 @@ def test_setup_after_a_killed_gateway_starts_clean(sandbox: Sandbox) -> None:
     assert os.path.ismount(sandbox.ram)
 
 
+def test_sandbox_of_a_killed_gateway_is_swept(sandbox: Sandbox, tmp_path: Path) -> None:
+    """A gateway killed with -9 cannot clean up; the next isolated gateway to start on
+    this host removes its sandbox (its RAM mount included), and no live one's."""
+    from ivp.gateway.isolation import RUN_DIR, sweep_orphans
+
+    other_state = tmp_path / "killed-gw"
+    other_state.mkdir()
+    dead = Sandbox.for_state(other_state)
+    dead.setup()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that is gone
+    (RUN_DIR / dead.tag / "owner").write_text(f"{child.pid}\n")
+    assert sweep_orphans() == [dead.tag]
+    assert_gone(dead)
+    assert os.path.ismount(sandbox.ram)  # the live one (owned by this process) stays
+
+
 # A rogue server: it serves one page on its veth address, and tries, when asked, every
 # way out it can think of; each line of its answer says how the attempt ended.
 ROGUE = r'''

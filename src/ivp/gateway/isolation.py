@@ -81,6 +81,24 @@ def check_can_isolate() -> None:
         raise MisuseError("--isolate needs a cgroup v2 hierarchy (mount -t cgroup2)")
 
 
+def sweep_orphans() -> list[str]:
+    """Tear down every sandbox whose gateway is dead (killed with -9, so it could not
+    clean up: its namespace, table, cgroup and RAM mount would stay). Returns the tags."""
+    swept = []
+    for owner in RUN_DIR.glob("*/owner"):
+        try:
+            pid = int(owner.read_text())
+            os.kill(pid, 0)
+            continue  # alive (or a recycled pid: left alone, to be safe)
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue
+        Sandbox(owner.parent.name).teardown()
+        swept.append(owner.parent.name)
+    return swept
+
+
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(args, capture_output=True, text=True)
     if check and done.returncode != 0:
@@ -201,9 +219,11 @@ class Sandbox:
         RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
         with open(_LOCK, "w") as lock:  # gateways starting at once pick subnets apart
             fcntl.flock(lock, fcntl.LOCK_EX)
+            sweep_orphans()
             self.teardown()
             try:
                 self._create()
+                (RUN_DIR / self.tag / "owner").write_text(f"{os.getpid()}\n")
             except BaseException:
                 self.teardown()
                 raise
@@ -294,6 +314,9 @@ class Sandbox:
         _run("ip", "netns", "del", self.netns, check=False)
         with contextlib.suppress(OSError):
             self.ram.rmdir()
+        with contextlib.suppress(OSError):
+            (RUN_DIR / self.tag / "owner").unlink()
+        with contextlib.suppress(OSError):
             self.ram.parent.rmdir()
 
     # --- the server's side --------------------------------------------------------------------
@@ -407,4 +430,4 @@ class IsolatedPower(ProcessPower):
                 await self.check_counters()
 
 
-__all__ = ["IsolatedPower", "NetCounters", "Sandbox", "check_can_isolate"]
+__all__ = ["IsolatedPower", "NetCounters", "Sandbox", "check_can_isolate", "sweep_orphans"]
