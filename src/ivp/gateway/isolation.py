@@ -301,21 +301,35 @@ class Sandbox:
                 raise StateError(f"isolation: processes {self.processes()} survive a kill")
             time.sleep(0.01)
 
+    def _remove_cgroup(self, timeout: float = 5.0) -> None:
+        """rmdir the cgroup: it stays busy until its killed processes are reaped."""
+        deadline = time.monotonic() + timeout
+        while self.cgroup.exists():
+            try:
+                self.cgroup.rmdir()
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.02)
+
     def teardown(self) -> None:
         """Remove everything of this sandbox; quiet about what is already gone."""
         with contextlib.suppress(MisuseError, StateError, OSError):
             self.kill()
         with contextlib.suppress(OSError, StateError):
             self.unmount_ram()
-        with contextlib.suppress(OSError, MisuseError):
-            self.cgroup.rmdir()
+        with contextlib.suppress(MisuseError):
+            self._remove_cgroup()
         _run("nft", "delete", "table", "inet", self.table, check=False)
         _run("ip", "link", "del", self.host_if, check=False)
         _run("ip", "netns", "del", self.netns, check=False)
         with contextlib.suppress(OSError):
             self.ram.rmdir()
-        with contextlib.suppress(OSError):
-            (RUN_DIR / self.tag / "owner").unlink()
+        with contextlib.suppress(OSError, MisuseError):
+            if not self.cgroup.exists():  # else left for a later sweep to finish
+                (RUN_DIR / self.tag / "owner").unlink()
         with contextlib.suppress(OSError):
             self.ram.parent.rmdir()
 
