@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test screenshots lint bench report clean sysdeps
 
-# Debian packages (swtpm, the TPM2 TSS, iproute2): quick when installed.
+# Debian packages (swtpm, the TPM2 TSS, iproute2, nftables, bubblewrap): quick when
+# installed.
 sysdeps:
 	@scripts/system-deps.sh
 
