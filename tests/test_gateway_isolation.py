@@ -293,3 +293,30 @@ def test_isolated_datacenter_serves_and_audits_honest_traffic(tmp_path: Path) ->
         assert len(verdicts) == 4 and all(v["passed"] for v in verdicts), verdicts[:2]
         assert dc.alarms() == []
     assert_gone(box)  # the gateway removed its sandbox when it stopped
+
+
+def test_each_counted_attempt_becomes_the_gateway_alarm_server_network() -> None:
+    """The CLI's wiring: what IsolatedPower reports is raised as the signed gateway
+    alarm server_network (which the uplink carries to the recomputer)."""
+    from ivp.gateway.cli import _alarm_on_network_attempts
+
+    raised: list[tuple[str, str]] = []
+
+    class Core:
+        async def alarm(self, kind: str, message: str) -> None:
+            raised.append((kind, message))
+
+    class Power:
+        def on_net_attempt(self, callback):  # type: ignore[no-untyped-def]
+            self.callback = callback
+
+    power = Power()
+    _alarm_on_network_attempts(Core(), power)
+
+    async def body() -> None:
+        power.callback("1 TCP connection attempt(s)")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(body())
+    assert raised == [("server_network", "1 TCP connection attempt(s)")]
