@@ -10,7 +10,8 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: demo test screenshots lint bench report clean sysdeps vllm
 
-# Debian packages (swtpm, the TPM2 TSS, iproute2): quick when installed.
+# Debian packages (swtpm, the TPM2 TSS, iproute2, nftables, bubblewrap): quick when
+# installed.
 sysdeps:
 	@scripts/system-deps.sh
 

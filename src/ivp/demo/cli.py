@@ -54,6 +54,10 @@ def demo(
                                "(vLLM's continuous batching, from .venv-vllm: `make vllm`). "
                                "For vllm the whitelisted manifest carries a δ calibrated "
                                "against vLLM first (cached under $IVP_CACHE)."),
+    isolate: bool | None = typer.Option(
+        None, "--isolate/--no-isolate", help="Each server in its own network namespace, "
+        "cgroup and sandbox (ivp gateway --isolate). Default: on when run as root with "
+        "the tools installed (scripts/system-deps.sh), else off."),
 ) -> None:
     """Run a datacenter on 127.0.0.1 — a recomputer, an honest gateway and (for attacks
     on a server or a gateway) a second gateway, each powering a reference server, as
@@ -74,7 +78,21 @@ def demo(
     def say(message: str) -> None:
         err.print(f"[dim]·[/dim] {message}")
 
-    settings = Settings(model=model, epsilon=epsilon, cap=cap, say=say, engine=engine)
+    if isolate is None and engine == "vllm":
+        isolate = False  # vLLM under the gateway's sandbox was not tried: off unless asked
+    if isolate is None:
+        from ivp.errors import MisuseError
+        from ivp.gateway.isolation import check_can_isolate
+
+        try:
+            check_can_isolate()
+            isolate = True
+        except MisuseError:
+            isolate = False
+    if isolate:
+        say("servers isolated by the kernel (network namespace, cgroup, sandbox)")
+    settings = Settings(model=model, epsilon=epsilon, cap=cap, say=say, isolate=isolate,
+                        engine=engine)
     if engine == "vllm":
         from ivp.verify.calibrate_vllm import cached_noise_bound
 
