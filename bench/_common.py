@@ -215,15 +215,32 @@ def whitelist_for(model_dir: Path, model_id: str, out_dir: Path,
     policy = QuorumPolicy(threshold=1, keys=[InspectorKey(
         keyid=key.keyid, party="US", public_key=key.verify_key.hex, name="bench")])
     (out_dir / "policy.json").write_bytes(canonical(policy))
+    # The engine is named only when it is not the default, so that a baseline checkout
+    # from before engines existed (bench/gateway_overhead.py --baseline-src) runs this too.
+    profile = {} if engine == "reference" else {"engine": engine}
     whitelist = Whitelist(version=1, expires=time.time() + 86400,
-                          manifests=[make_manifest(model_dir, model_id, engine=engine)])
+                          manifests=[make_manifest(model_dir, model_id, **profile)])
     (out_dir / "whitelist.json").write_bytes(sign_whitelist(whitelist, [key]).to_bytes())
     return {"model": model_dir, "policy": out_dir / "policy.json",
             "whitelist": out_dir / "whitelist.json"}
 
 
-def tiny_whitelisted(out_dir: Path, model_id: str = "tiny") -> dict[str, Path]:
-    """The tiny model plus a policy and whitelist naming it (see :func:`whitelist_for`)."""
+def tiny_whitelisted(out_dir: Path, model_id: str = "tiny",
+                     src: str | None = None) -> dict[str, Path]:
+    """The tiny model plus a policy and whitelist naming it (see :func:`whitelist_for`).
+
+    With ``src`` (another checkout's ``src`` directory) they are written by that
+    checkout's code in a child process, so a gateway of that checkout can read them
+    (its whitelist format may predate fields the current one writes).
+    """
+    if src is not None:
+        code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                "from _common import tiny_whitelisted; "
+                "tiny_whitelisted(Path(sys.argv[2]), sys.argv[3])")
+        subprocess.run([PY, "-c", code, str(BENCH), str(out_dir), model_id], check=True,
+                       env={**os.environ, "PYTHONPATH": src}, timeout=300)
+        return {"model": out_dir / "model", "policy": out_dir / "policy.json",
+                "whitelist": out_dir / "whitelist.json"}
     from ivp.engine.tiny import build_tiny_model
 
     return whitelist_for(build_tiny_model(out_dir / "model"), model_id, out_dir)

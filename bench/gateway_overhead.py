@@ -185,7 +185,7 @@ def start_passthrough(procs: list[Proc], work: Path, upstream: str) -> str:
 def start_gateway(procs: list[Proc], work: Path, sync: str, name: str,
                   src: str | None = None) -> str:
     """``ivp gateway`` (from ``src``, another checkout's src/ directory, when given)."""
-    trust = tiny_whitelisted(work / f"{name}-trust", MODEL_ID)
+    trust = tiny_whitelisted(work / f"{name}-trust", MODEL_ID, src)
     port = free_port()
     env = {"PYTHONPATH": src} if src else None
     p = spawn(name, gateway_args(name, work / f"{name}-state", port, trust, sync), work, env)
