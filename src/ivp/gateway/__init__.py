@@ -20,9 +20,8 @@ Pure cores (no I/O) and the thin shells that do their waiting:
 * :mod:`ivp.gateway.app`, :mod:`ivp.gateway.cli` — the thin aiohttp / typer shells.
 
 docs/GATEWAY.md maps each physical component of the note's SNG onto this code.
+
+The package itself imports nothing, so importing a pure core loads no I/O
+(tests/test_import_layers.py): import :class:`~ivp.gateway.core.Gateway` from
+``ivp.gateway.core``.
 """
-
-from ivp.gateway.boot import UploadMode
-from ivp.gateway.core import Gateway, GatewayConfig, Reply, State
-
-__all__ = ["Gateway", "GatewayConfig", "Reply", "State", "UploadMode"]
