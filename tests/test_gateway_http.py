@@ -106,10 +106,24 @@ def test_bad_upload_answers_power_kill_and_the_operator_reads_it(
     run(body())
 
 
+def test_tamper_route_is_closed_by_default(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Attack: anyone who reaches the gateway's port POSTs /tamper to brick it (a denial
+    of service that destroys the device key). Without --allow-tamper-endpoint there is
+    no such route, and the device is untouched."""
+    async def body() -> None:
+        rig = make_rig(tmp_path, tiny_model_dir)
+        async with TestClient(TestServer(build_app(rig.gw))) as c:
+            r = await c.post("/tamper")
+            assert r.status == 404
+            assert not rig.device.bricked
+            assert (await _json(await c.get("/status")))["state"] == "upload"
+    run(body())
+
+
 def test_tamper_route_bricks(tmp_path: Path, tiny_model_dir: Path) -> None:
     async def body() -> None:
         rig = make_rig(tmp_path, tiny_model_dir)
-        async with client(rig) as c:
+        async with TestClient(TestServer(build_app(rig.gw, tamper_endpoint=True))) as c:
             assert (await c.post(f"/upload?model_id={MODEL_ID}", data=rig.model.blob)).status \
                 == 200
             r = await c.post("/tamper")

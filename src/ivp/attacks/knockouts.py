@@ -55,7 +55,7 @@ def _without_tick_alarms(kinds: set[str]) -> None:
 
 
 def _sequence_off() -> None:
-    from ivp.protocol.chain import AuditSequence
+    from ivp.recomputer.fleet import Book
     from ivp.recomputer.ingest import Ingest
 
     original = Ingest._admit_audit
@@ -63,8 +63,7 @@ def _sequence_off() -> None:
     def admit_audit(self: Ingest, r: Any, *args: Any) -> Any:
         boot = self.boots.get((r.gateway_id, r.boot_id))
         if boot is not None:  # expect whatever number comes, after whatever pair
-            boot.sequence = AuditSequence(next_seq=r.audit_seq)
-            boot.last_pair_seq = -1
+            boot.sequence = Book(next_seq=r.audit_seq)
         return original(self, r, *args)
 
     Ingest._admit_audit = admit_audit  # type: ignore[method-assign,assignment]

@@ -268,6 +268,7 @@ class LoopbackDatacenter:
             "--server-port", str(free_port()), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
             "--reboot-interval", str(h.reboot_interval),
+            "--allow-tamper-endpoint",  # the tamper-gateway scenario stands for the mesh
         ])
 
     def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,

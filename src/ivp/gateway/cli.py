@@ -68,6 +68,10 @@ def gateway(
     print_identity: Annotated[bool, typer.Option(
         "--print-identity", help="Print {gateway_id, public_key, keyid} as JSON and exit "
                                  "(for enrolment by the inspectors).")] = False,
+    allow_tamper_endpoint: Annotated[bool, typer.Option(
+        "--allow-tamper-endpoint", help="Serve POST /tamper, which stands for the tamper "
+                                        "mesh and bricks the gateway (demos and tests "
+                                        "only; off: 404).")] = False,
 ) -> None:
     """Secure Network Gateway (SNG) in front of one inference server.
 
@@ -79,7 +83,7 @@ def gateway(
     only, committed to the sealed hash-chained log before release, then kept for
     audit with probability ε. A Shutdown signed by the recomputer stops it until a
     Readmit (after the inspectors' quorum) lifts it; POST /tamper (the emulated tamper
-    mesh) bricks it for good. See docs/GATEWAY.md.
+    mesh, with --allow-tamper-endpoint) bricks it for good. See docs/GATEWAY.md.
     """
     from ivp.device import SoftDevice
     from ivp.errors import BrickedError, IvpError
@@ -100,7 +104,8 @@ def gateway(
     try:
         built = _build(device, state, gateway_id, host, port, url, recomputer, recomputer_key,
                        policy, whitelist, epsilon, server_port, server_cmd,
-                       checkpoint_interval, reboot_interval, release_grid_ms, sync)
+                       checkpoint_interval, reboot_interval, release_grid_ms, sync,
+                       allow_tamper_endpoint)
     except (IvpError, OSError, ValueError) as exc:
         _fail(str(exc))
         return
@@ -120,7 +125,7 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
            url: str | None, recomputer: str | None, recomputer_key: str | None,
            policy: Path, whitelist: Path, epsilon: float, server_port: int, server_cmd: str,
            checkpoint_interval: float, reboot_interval: float, release_grid_ms: float,
-           sync: str) -> _Built:
+           sync: str, tamper_endpoint: bool = False) -> _Built:
     import socket
 
     from ivp.gateway.app import build_app
@@ -160,7 +165,7 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
         uplink=HttpUplink(recomputer) if recomputer else None,
         recomputer_key=VerifyKey.from_hex(recomputer_key) if recomputer_key else None,
     )
-    return _Built(build_app(core), config, server_port)
+    return _Built(build_app(core, tamper_endpoint=tamper_endpoint), config, server_port)
 
 
 def upload(

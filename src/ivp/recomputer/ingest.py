@@ -450,7 +450,7 @@ class Ingest:
                                  "of which the recomputer holds no BOOT record"))
             return out
         if prev is None:
-            if b.v >= 2:
+            if b.counter or (gw is not None and gw.counter):  # a gateway with a counter
                 out.append(alarm("rollback", f"BOOT names no previous boot; the recomputer "
                                  f"holds boot {last.record.boot_id!r} of this gateway: its "
                                  "log was deleted or replaced"))
