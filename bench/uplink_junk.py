@@ -121,12 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-src", default=None,
                         help="src/ directory of another build, run side by side")
     args = parser.parse_args(argv)
+    from _common import whitelist_for
+
     from ivp.engine.tiny import build_tiny_model
     from ivp.protocol.keys import SigningKey
     from ivp.protocol.quorum import InspectorKey, QuorumPolicy
     from ivp.whitelist import make_manifest
-
-    from _common import whitelist_for
 
     work = work_dir("uplink-junk")
     model = build_tiny_model(work / "model")

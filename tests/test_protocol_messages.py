@@ -17,8 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ivp.errors import ValidationError
-from ivp.protocol.encoding import canonical, convert, decode, to_builtins
-from ivp.protocol.envelope import Envelope, Signature
 from ivp.protocol.acks import (
     NO_DIGEST,
     ControlReceipt,
@@ -27,6 +25,8 @@ from ivp.protocol.acks import (
     UplinkAck,
     UplinkReceipt,
 )
+from ivp.protocol.encoding import canonical, convert, decode, to_builtins
+from ivp.protocol.envelope import Envelope, Signature
 from ivp.protocol.messages import (
     Ack,
     AdminRequest,
