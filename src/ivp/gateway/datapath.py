@@ -203,13 +203,11 @@ class Datapath:
 
     def _count_draw(self, op: Write, record: AuditRecord | None) -> None:
         gw = self.gw
+        gw.metrics.draws.inc()  # kept or not: /metrics says nothing of the decision
         if record is not None:
-            gw.metrics.audits.inc()
             if gw._boot is not None and gw._boot.boot_id == op.boot_id:
                 gw._boot.counted(record)
             gw._wake_uplink()
-        elif not op.keep:
-            gw.metrics.deleted.inc()
 
 
 def _chain(source: asyncio.Future[Any], target: asyncio.Future[None]) -> None:

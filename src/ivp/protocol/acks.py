@@ -116,6 +116,15 @@ class Heartbeat(_Msg, frozen=True):
     time: float
     counter: Count = 0
     shutdown_nonce: Annotated[str, Meta(max_length=128)] = ""  # the Shutdown in force
+    reason: Annotated[str, Meta(max_length=500)] = ""  # why it is shut down
+
+    @property
+    def locked(self) -> bool:
+        """Shut down by itself (its log was set back), not by the recomputer."""
+        return self.state == "shutdown" and self.shutdown_nonce.startswith(LOCAL_NONCE)
+
+
+LOCAL_NONCE = "local-"  # the nonce prefix of a shutdown a gateway imposed on itself
 
 
 def digest_of(data: bytes) -> str:
@@ -123,5 +132,5 @@ def digest_of(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-__all__ = ["NO_DIGEST", "ControlReceipt", "Heartbeat", "Relay", "UplinkAck", "UplinkReceipt",
-           "digest_of", "payload_digest"]
+__all__ = ["LOCAL_NONCE", "NO_DIGEST", "ControlReceipt", "Heartbeat", "Relay", "UplinkAck",
+           "UplinkReceipt", "digest_of", "payload_digest"]

@@ -46,6 +46,8 @@ KINDS: dict[str, tuple[bool, str]] = {
                        "back, deleted or replaced (device counter, previous boot, closing "
                        "state)"),
     "shutdown_silent": (True, "a shut-down gateway sent no heartbeat for too long"),
+    "gateway_locked": (True, "a gateway shut itself down: its log was set back (a signed "
+                             "heartbeat says so)"),
     "forged": (False, "a record with a bad signature by an enrolled key id"),
     "unenrolled": (False, "a record signed by no enrolled device key"),
     "replay": (False, "an audit record or gateway alarm already stored was sent again"),

@@ -174,7 +174,7 @@ async def uplink_cursor(request: web.Request) -> web.Response:
     gateway_id = request.query.get("gateway_id")
     if not gateway_id:
         raise ValidationError("GET /uplink/cursor needs ?gateway_id= (and optionally boot_id=)")
-    return _json(await rec.cursor(gateway_id, request.query.get("boot_id") or None))
+    return _json(await rec.signed_cursor(gateway_id, request.query.get("boot_id") or None))
 
 
 async def admin(request: web.Request) -> web.Response:

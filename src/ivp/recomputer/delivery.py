@@ -2,8 +2,17 @@
 
 A mixin of :class:`~ivp.recomputer.service.Recomputer` (it uses its store, session,
 ingest core and device key): SHUTDOWN and READMIT to ``<gateway>/control``, and the
-inspectors' relayed instructions to ``<gateway>/admin``, each retried until answered
-and alarmed while it is not.
+inspectors' relayed instructions to ``<gateway>/admin``, each inside a ``Relay`` this
+recomputer signs and numbers per gateway (so the gateway applies them in admin-log
+order and never an old one after a newer).
+
+**Delivered means receipted.** The operator owns the wire and can answer any POST
+with a 200 of its own, so an answer counts only if it carries a ``ControlReceipt``
+signed by the enrolled key of that gateway, naming the BLAKE3 digest of the very bytes
+delivered (:func:`receipt_of`). Anything else leaves the message pending: retried by
+the ticker, and alarmed (``shutdown_undelivered``, ``readmit_undelivered``,
+``relay_undelivered``) each time. A receipt that says ``refused`` is final for a relay
+(``relay_refused``: the gateway will not apply it; its number is used).
 """
 
 from __future__ import annotations
@@ -15,9 +24,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ivp.errors import IvpError
+from ivp.errors import IvpError, SignatureError, ValidationError
 from ivp.protocol import envelope as env
-from ivp.protocol.encoding import canonical, decode
+from ivp.protocol.acks import ControlReceipt, Relay, digest_of
+from ivp.protocol.encoding import canonical, convert, decode, loads
 from ivp.protocol.messages import Readmit, Shutdown
 from ivp.recomputer.alarms import Alarm
 
@@ -41,32 +51,72 @@ class Delivery:
     _db: Callable[..., Awaitable[Any]]
 
     async def _deliver(self, gateway_id: str, data: bytes) -> bool:
-        """POST the signed SHUTDOWN (or READMIT) to the gateway's /control; alarm if
-        undeliverable (it is retried by the ticker until the gateway confirms)."""
-        import aiohttp
-
-        url = self.ingest.gateway_url(gateway_id)
-        error = "no URL known for the gateway"
-        if url:
-            try:
-                async with self.session.post(
-                    url.rstrip("/") + "/control", data=data,
-                    headers={"Content-Type": "application/json"},
-                    timeout=aiohttp.ClientTimeout(total=10),
-                ) as resp:
-                    if resp.status == 200:
-                        await self._db(self.store.shutdown_delivered, gateway_id)
-                        return True
-                    error = f"gateway answered {resp.status}: {(await resp.text())[:300]}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
+        """POST the signed SHUTDOWN (or READMIT) to the gateway's /control; delivered
+        only on the gateway's signed receipt, else alarmed (the ticker retries)."""
         kind = "shutdown_undelivered"
         with contextlib.suppress(IvpError):
             if env.Envelope.from_bytes(data).payloadType == env.READMIT:
                 kind = "readmit_undelivered"
-        alarm = Alarm(kind, gateway_id, None, error, time.time())
-        await self._db(self.store.add_alarms, [alarm])
+        status, answer = await self._post(gateway_id, "/control", data, 10.0)
+        error = answer if status == 0 else f"gateway answered {status}: {answer[:300]}"
+        if status == 200:
+            try:
+                receipt = self.receipt_of(gateway_id, answer, data,
+                                          "readmit" if kind == "readmit_undelivered"
+                                          else "shutdown")
+            except IvpError as exc:
+                error = f"answered 200 without a valid signed receipt: {exc}"
+            else:
+                await self._db(self.store.shutdown_delivered, gateway_id, receipt.time)
+                return True
+        await self._db(self.store.add_alarms, [Alarm(kind, gateway_id, None, error[:500],
+                                                     time.time())])
         return False
+
+    def receipt_of(self, gateway_id: str, answer: str, data: bytes, kind: str
+                   ) -> ControlReceipt:
+        """The gateway's signed receipt for ``data`` in its answer.
+
+        Raises:
+            ValidationError: no receipt in the answer, or a malformed one.
+            SignatureError: not signed by the enrolled key of ``gateway_id``, or naming
+                another gateway, another kind or other bytes than those delivered.
+        """
+        device = self.ingest.devices.get(gateway_id)
+        if device is None:
+            raise SignatureError(f"gateway {gateway_id!r} is not enrolled")
+        try:
+            doc = loads(answer, "gateway answer")
+        except ValidationError:
+            raise ValidationError("the answer is not JSON") from None
+        found = doc.get("receipt") if isinstance(doc, dict) else None
+        if not isinstance(found, dict):
+            raise ValidationError("the answer carries no receipt")
+        envelope = convert(found, env.Envelope)
+        receipt = decode(env.open_signed(envelope, env.RECEIPT, device.key), ControlReceipt)
+        if (receipt.gateway_id, receipt.kind, receipt.digest) != (gateway_id, kind,
+                                                                 digest_of(data)):
+            raise SignatureError(f"receipt names {receipt.kind} {receipt.digest[:16]}… of "
+                                 f"{receipt.gateway_id!r}, not this {kind}")
+        return receipt
+
+    async def _post(self, gateway_id: str, path: str, data: bytes, timeout: float
+                    ) -> tuple[int, str]:
+        """POST to a gateway: (status, answer text); (0, why) when it was not reached."""
+        import aiohttp
+
+        url = self.ingest.gateway_url(gateway_id)
+        if not url or self.session is None:
+            return 0, "no URL known for the gateway"
+        try:
+            async with self.session.post(
+                url.rstrip("/") + path, data=data,
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                return resp.status, (await resp.text())[:64 * 1024]
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return 0, f"{type(exc).__name__}: {exc}"[:500]
 
     # --- relays: the inspectors' instructions, forwarded to each gateway ----------------------
     async def _relay_pending(self) -> None:
@@ -89,43 +139,35 @@ class Delivery:
                 pending = await self._db(self.store.pending_relays, gateway_id, 1)
                 if not pending:
                     return
-                relay_id, _, data = pending[0]
-                if not await self._relay_one(gateway_id, relay_id, data):
+                if not await self._relay_one(pending[0]):
                     return
         finally:
             self._relaying.discard(gateway_id)
 
-    async def _relay_one(self, gateway_id: str, relay_id: int, data: bytes) -> bool:
-        """POST one relay to the gateway's /admin; False: not delivered (retry later)."""
-        import aiohttp
-
-        url = self.ingest.gateway_url(gateway_id)
-        if not url or self.session is None:
-            return False
-        try:
-            async with self.session.post(
-                url.rstrip("/") + "/admin", data=data,
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=30),
-            ) as resp:
-                answer = (await resp.text())[:2000]
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            await self._db(self.store.add_alarms, [Alarm(
-                "relay_undelivered", gateway_id, None, f"{type(exc).__name__}: {exc}"[:500],
-                time.time())])
-            return False
+    async def _relay_one(self, row: Any) -> bool:
+        """POST one relay, numbered and signed, to the gateway's /admin; True once the
+        gateway's signed receipt says it applied (or already had) or refused it."""
+        relay = Relay(gateway_id=row.gateway_id, relay_seq=row.relay_seq,
+                      admin_seq=row.admin_seq, instruction=row.instruction,
+                      request=env.Envelope.from_bytes(row.envelope))
+        data = canonical(env.sign_message(env.RELAY, relay, self.device.signing_key()))
+        status, answer = await self._post(row.gateway_id, "/admin", data, 30.0)
+        error = answer if status == 0 else f"gateway answered {status}: {answer[:500]}"
         if status == 200:
-            await self._db(self.store.relay_done, relay_id, "delivered", answer)
-            return True
-        if 400 <= status < 500:
-            await self._db(self.store.relay_done, relay_id, "refused", answer, [Alarm(
-                "relay_refused", gateway_id, None,
-                f"gateway answered {status}: {answer[:500]}", time.time())])
-            return True
+            try:
+                receipt = self.receipt_of(row.gateway_id, answer, data, "relay")
+            except IvpError as exc:
+                error = f"answered 200 without a valid signed receipt: {exc}"
+            else:
+                refused = receipt.outcome == "refused"
+                alarms = [Alarm("relay_refused", row.gateway_id, None,
+                                f"relay {row.relay_seq} (admin log {row.admin_seq}): "
+                                f"{receipt.detail}"[:500], time.time())] if refused else []
+                await self._db(self.store.relay_done, row.id,
+                               "refused" if refused else "delivered", answer[:2000], alarms)
+                return True
         await self._db(self.store.add_alarms, [Alarm(
-            "relay_undelivered", gateway_id, None, f"gateway answered {status}: "
-            f"{answer[:500]}", time.time())])
+            "relay_undelivered", row.gateway_id, None, error[:500], time.time())])
         return False
 
     # --- timers ---------------------------------------------------------------------------------

@@ -612,8 +612,18 @@ class Ingest:
         return Outcome(Effect("alarm", a, auth.envelope, auth.payload, now), None, tuple(alarms))
 
     def _admit_heartbeat(self, h: Heartbeat, auth: Authenticated, now: float) -> Outcome:
-        """A gateway alive but not serving (a shut-down one keeps sending these)."""
+        """A gateway alive but not serving (a shut-down one keeps sending these).
+
+        One that says it shut *itself* down (its log was set back: ``gateway_locked``)
+        while the recomputer has not shut it down is alarmed, so the recomputer's own
+        Shutdown (and then the inspectors' Readmit) can follow.
+        """
         alarms = self._counter(h.gateway_id, h.counter, "heartbeat", now)
+        gw = self.gateways.get(h.gateway_id)
+        if h.locked and (gw is None or gw.state != "shutdown") and \
+                h.time > ((gw.readmitted_at or 0.0) if gw else 0.0):
+            alarms.append(Alarm("gateway_locked", h.gateway_id, None,
+                                f"the gateway shut itself down: {h.reason}"[:1000], now))
         return Outcome(Effect("heartbeat", h, auth.envelope, auth.payload, now), None,
                        tuple(alarms))
 

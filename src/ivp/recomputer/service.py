@@ -64,8 +64,9 @@ Scope = Literal["gateway", "model", "cluster"]
 #: What shuts a gateway down unless the inspectors configure otherwise: a failed audit,
 #: an audit record the gateway signed for that never arrived within the grace (the
 #: record that would have been checked is gone: as good as a failed audit), and a
-#: gateway whose log or device state was set back (records it made were erased).
-DEFAULT_SHUTDOWN_ON = ("verify_fail", "audit_withheld", "rollback")
+#: gateway whose log or device state was set back (records it made were erased), seen
+#: at its BOOT (``rollback``) or by the gateway itself (``gateway_locked``).
+DEFAULT_SHUTDOWN_ON = ("verify_fail", "audit_withheld", "rollback", "gateway_locked")
 
 
 class AdminRefusedError(PeerDataError):

@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS relays(
     id INTEGER PRIMARY KEY, gateway_id TEXT NOT NULL, admin_seq INTEGER NOT NULL,
     instruction TEXT NOT NULL, envelope BLOB NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending', answer TEXT NOT NULL DEFAULT '',
-    time REAL NOT NULL);
+    time REAL NOT NULL, relay_seq INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS relays_pending ON relays(state, gateway_id, id);
 CREATE TABLE IF NOT EXISTS refused(
     id INTEGER PRIMARY KEY, gateway_id TEXT NOT NULL, boot_id TEXT, kind TEXT NOT NULL,
@@ -142,6 +142,18 @@ class AlarmRow:
 
 
 @dataclass(frozen=True)
+class PendingRelay:
+    """An inspectors' request to relay to one gateway, as its ``relay_seq``-th relay."""
+
+    id: int
+    gateway_id: str
+    relay_seq: int
+    admin_seq: int
+    instruction: str
+    envelope: bytes
+
+
+@dataclass(frozen=True)
 class QueuedAudit:
     """One unverified audit record: the unit of work for the worker pool."""
 
@@ -187,6 +199,10 @@ class Store:
             int(self._db.execute("PRAGMA synchronous").fetchone()[0])
         ]
         self._db.executescript(SCHEMA + _TRIGGERS)
+        relay_columns = {r[1] for r in self._db.execute("PRAGMA table_info(relays)")}
+        if "relay_seq" not in relay_columns:  # a store from before numbered relays
+            self._db.execute("ALTER TABLE relays ADD COLUMN relay_seq INTEGER NOT NULL "
+                             "DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
@@ -452,7 +468,8 @@ class Store:
                                (gateway_id,)).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
-    def shutdown_delivered(self, gateway_id: str) -> None:
+    def shutdown_delivered(self, gateway_id: str, receipted: float | None = None) -> None:
+        """The pending control message was receipted by the gateway (at ``receipted``)."""
         with self.transaction() as db:
             db.execute("UPDATE gateways SET shutdown_pending = 0 WHERE gateway_id = ?",
                        (gateway_id,))
@@ -482,11 +499,12 @@ class Store:
 
     # --- relays (inspectors' instructions forwarded to the gateways) ----------------------------
     def pending_relays(self, gateway_id: str | None = None,
-                       limit: int = 1000) -> list[tuple[int, str, bytes]]:
-        """(id, gateway_id, envelope) of relays not yet answered, oldest first."""
-        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in self._db.execute(
-            "SELECT id, gateway_id, envelope FROM relays WHERE state = 'pending'"
-            " AND (? IS NULL OR gateway_id = ?) ORDER BY id LIMIT ?",
+                       limit: int = 1000) -> list[PendingRelay]:
+        """Relays not yet answered, oldest first."""
+        return [PendingRelay(int(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]),
+                             bytes(r[5])) for r in self._db.execute(
+            "SELECT id, gateway_id, relay_seq, admin_seq, instruction, envelope FROM relays"
+            " WHERE state = 'pending' AND (? IS NULL OR gateway_id = ?) ORDER BY id LIMIT ?",
             (gateway_id, gateway_id, limit))]
 
     def relay_targets(self) -> list[str]:
