@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace as dc_replace
@@ -18,6 +19,8 @@ from test_recomputer_support import MODEL_ID, Inspectors, ScriptedGateway, body,
 
 from ivp.errors import BrickedError, ValidationError
 from ivp.protocol import envelope as env
+from ivp.protocol.acks import ControlReceipt, digest_of
+from ivp.protocol.encoding import to_builtins
 from ivp.protocol.keys import SigningKey, VerifyKey
 from ivp.protocol.messages import Shutdown
 from ivp.recomputer.app import make_app
@@ -35,6 +38,7 @@ class FakeGateway:
         self.controls: list[bytes] = []
         self.served = 0
         self.server: TestServer | None = None
+        self.key: SigningKey | None = None  # signs receipts (None: the operator's 200)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -47,9 +51,17 @@ class FakeGateway:
                                       "model": payload["model"], "by": self.gateway_id})
 
         async def control(request: web.Request) -> web.Response:
-            self.controls.append(await request.read())
+            data = await request.read()
+            self.controls.append(data)
             self.state = "shutdown"
-            return web.json_response({"state": "shutdown"})
+            answer: dict[str, Any] = {"state": "shutdown"}
+            if self.key is not None:  # what a real gateway signs
+                receipt = ControlReceipt(gateway_id=self.gateway_id, kind="shutdown",
+                                         digest=digest_of(data), ref="x", outcome="applied",
+                                         state="shutdown", time=time.time())
+                answer["receipt"] = to_builtins(env.sign_message(env.RECEIPT, receipt,
+                                                                 self.key))
+            return web.json_response(answer)
 
         async def status(request: web.Request) -> web.Response:
             return web.json_response({"gateway_id": self.gateway_id, "state": self.state,
@@ -86,6 +98,7 @@ async def online(rec: Recomputer, client: TestClient, inspectors: Inspectors,
                  gw: ScriptedGateway, fake: FakeGateway) -> None:
     """Start the fake gateway, enrol it, send its BOOT."""
     gw.url = await fake.start()
+    fake.key = gw.key
     fake.boot_id = gw.boot_id
     await enrol(rec, inspectors, gw)
     r = await client.post("/uplink", data=body(gw.boot()))
@@ -492,9 +505,12 @@ def test_uplink_cursor_and_gateway_alarms_survive_a_restart(config, inspectors,
             assert [x["ok"] for x in (await r.json())["results"]] == [True] * 3
             r = await client.get(f"/uplink/cursor?gateway_id=gw-a&boot_id={gateway.boot_id}")
             assert r.status == 200
-            cur = await r.json()
-            assert (cur["boot_known"], cur["next_audit_seq"], cur["next_alarm_seq"]) == \
-                (True, 2, 2)
+            from ivp.protocol.encoding import convert, decode
+            from ivp.protocol.messages import UplinkCursor
+            signed = convert(await r.json(), env.Envelope)  # signed by the recomputer's key
+            cur = decode(env.open_signed(signed, env.CURSOR, rec.device.public_key),
+                         UplinkCursor)
+            assert (cur.boot_known, cur.next_audit_seq, cur.next_alarm_seq) == (True, 2, 2)
             r = await client.get("/uplink/cursor")
             assert r.status == 400 and "gateway_id" in (await r.json())["error"]["message"]
             r = await client.get("/uplink/cursor?gateway_id=bad%20id")

@@ -100,6 +100,9 @@ def gateway(
     if policy is None or whitelist is None:
         _fail("--policy and --whitelist are required (the gateway boots only whitelisted "
               "models)")
+    if recomputer and not recomputer_key:
+        _fail("--recomputer needs --recomputer-key: the gateway deletes a spooled record "
+              "only on an acknowledgement signed by that key")
     assert policy is not None and whitelist is not None
     try:
         built = _build(device, state, gateway_id, host, port, url, recomputer, recomputer_key,

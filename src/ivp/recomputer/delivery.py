@@ -53,6 +53,8 @@ class Delivery:
     async def _deliver(self, gateway_id: str, data: bytes) -> bool:
         """POST the signed SHUTDOWN (or READMIT) to the gateway's /control; delivered
         only on the gateway's signed receipt, else alarmed (the ticker retries)."""
+        if self.session is None:  # not started: nothing goes out yet
+            return False
         kind = "shutdown_undelivered"
         with contextlib.suppress(IvpError):
             if env.Envelope.from_bytes(data).payloadType == env.READMIT:
@@ -147,6 +149,8 @@ class Delivery:
     async def _relay_one(self, row: Any) -> bool:
         """POST one relay, numbered and signed, to the gateway's /admin; True once the
         gateway's signed receipt says it applied (or already had) or refused it."""
+        if self.session is None:  # not started: nothing goes out yet
+            return False
         relay = Relay(gateway_id=row.gateway_id, relay_seq=row.relay_seq,
                       admin_seq=row.admin_seq, instruction=row.instruction,
                       request=env.Envelope.from_bytes(row.envelope))
