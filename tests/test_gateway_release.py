@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ivp.errors import TransportError
 from ivp.gateway.release import ReleasePolicy
 
 POLICY = ReleasePolicy(base=0.2, per_prompt_token=0.001, per_token=0.01, late_steps=3)
@@ -49,3 +50,40 @@ def test_bad_policies_are_refused() -> None:
         ReleasePolicy(base=0)
     with pytest.raises(ValueError, match="late_steps"):
         ReleasePolicy(base=1.0, late_steps=17)
+
+
+# --- the datapath under the policy (in-memory server) -------------------------------------------
+def test_release_time_is_the_budget_whatever_the_servers_delay(tmp_path, tiny_model_dir) -> None:
+    """Attack: a server that delays answers to signal bits (0 ms or 60 ms). Under the
+    policy both leave at the budget: the client measures the same latency."""
+    import asyncio
+    import time
+
+    from test_gateway_rig import COMPLETION, make_rig, run, started
+
+    policy = ReleasePolicy(base=0.15, late_steps=2)
+
+    async def body() -> None:
+        rig = await started(make_rig(tmp_path, tiny_model_dir, release=policy,
+                                     with_uplink=False))
+        await rig.upload()
+        seen = []
+        for delay in (0.0, 0.06, 0.0, 0.06):
+            rig.server.delay = delay
+            t = time.monotonic()
+            reply = await rig.gw.complete("completions", COMPLETION)
+            seen.append(time.monotonic() - t)
+            await reply.after_release()
+        assert all(0.15 <= s < 0.15 + 0.05 for s in seen), seen
+        rig.server.delay = 0.2  # late: released at budget·2, counted and alarmed
+        t = time.monotonic()
+        await (await rig.gw.complete("completions", COMPLETION)).after_release()
+        assert 0.3 <= time.monotonic() - t < 0.35
+        assert [a["kind"] for a in rig.log.alarms()] == ["release_late"]
+        rig.server.delay = 1.0  # past the last point (0.6 s): dropped, nothing released
+        with pytest.raises(TransportError, match="timed out after 0.6"):
+            await rig.gw.complete("completions", COMPLETION)  # the wait ends at 0.6 s
+        assert rig.gw.metrics.late.labels("dropped")._value.get() == 1
+        await asyncio.sleep(0)
+        await rig.gw.close()
+    run(body())

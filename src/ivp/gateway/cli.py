@@ -60,8 +60,21 @@ def gateway(
              "then a fresh upload is needed (0 = off). A schedule the inspectors set "
              "(reboot_schedule) overrides it.")] = 0.0,
     release_grid_ms: Annotated[float, typer.Option(
-        help="Release responses only on a fixed time grid of this many ms (bounds the "
-             "timing side channel; 0 = release at once).")] = 0.0,
+        help="Release responses only on a fixed time grid of this many ms (lowers the "
+             "timing side channel's rate, does not bound it; 0 = release at once).")] = 0.0,
+    release_budget_ms: Annotated[float, typer.Option(
+        help="Release policy with a proven bound (docs/THREATS.md): every response leaves "
+             "exactly BASE + per-token costs after its request arrived; a later one at "
+             "budget·2^k (alarmed release_late), or is dropped after the last step. "
+             "0 = off (the grid, or at once).")] = 0.0,
+    release_per_token_ms: Annotated[float, typer.Option(
+        help="Budget per requested output token (max_tokens), ms.")] = 0.0,
+    release_per_prompt_token_ms: Annotated[float, typer.Option(
+        help="Budget per prompt token, ms.")] = 0.0,
+    release_late_steps: Annotated[int, typer.Option(
+        min=0, max=16, help="Late release points after the budget (each double the last); "
+                            "timing then carries at most log2(steps + 2) bits a "
+                            "response.")] = 3,
     sync: Annotated[str, typer.Option(
         help="SQLite synchronous mode of the pair log (FULL: fsync before every release).")
     ] = "FULL",
@@ -108,7 +121,9 @@ def gateway(
         built = _build(device, state, gateway_id, host, port, url, recomputer, recomputer_key,
                        policy, whitelist, epsilon, server_port, server_cmd,
                        checkpoint_interval, reboot_interval, release_grid_ms, sync,
-                       allow_tamper_endpoint)
+                       allow_tamper_endpoint, _release_policy(
+                           release_budget_ms, release_per_prompt_token_ms,
+                           release_per_token_ms, release_late_steps))
     except (IvpError, OSError, ValueError) as exc:
         _fail(str(exc))
         return
@@ -117,6 +132,17 @@ def gateway(
     typer.echo(f"ivp gateway {built.config.gateway_id}: listening on http://{host}:{port} "
                f"(server on 127.0.0.1:{built.server_port})", err=True)
     web.run_app(built.app, host=host, port=port, print=None, access_log=None)
+
+
+def _release_policy(base_ms: float, prompt_ms: float, token_ms: float,
+                    steps: int) -> Any:
+    """The release policy of the CLI flags (None: off)."""
+    if base_ms <= 0:
+        return None
+    from ivp.gateway.release import ReleasePolicy
+
+    return ReleasePolicy(base=base_ms / 1e3, per_prompt_token=prompt_ms / 1e3,
+                         per_token=token_ms / 1e3, late_steps=steps)
 
 
 class _Built:
@@ -128,7 +154,7 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
            url: str | None, recomputer: str | None, recomputer_key: str | None,
            policy: Path, whitelist: Path, epsilon: float, server_port: int, server_cmd: str,
            checkpoint_interval: float, reboot_interval: float, release_grid_ms: float,
-           sync: str, tamper_endpoint: bool = False) -> _Built:
+           sync: str, tamper_endpoint: bool = False, release: Any = None) -> _Built:
     import socket
 
     from ivp.gateway.app import build_app
@@ -156,7 +182,7 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
     config = GatewayConfig(
         gateway_id=gateway_id, epsilon=epsilon, url=url or f"http://{host}:{port}",
         checkpoint_interval=checkpoint_interval, reboot_interval=reboot_interval,
-        release_grid=release_grid_ms / 1000.0,
+        release_grid=release_grid_ms / 1000.0, release=release,
     )
     state.mkdir(parents=True, exist_ok=True)
     log = PairLog(state / "log.sqlite", device, synchronous=sync)  # type: ignore[arg-type]

@@ -54,6 +54,9 @@ class GatewayMetrics:
         self.overhead_seconds = Histogram("ivp_gateway_overhead_seconds", "Gateway time per "
                                           "request, server time excluded (grid wait "
                                           "included)", buckets=_LATENCY, registry=r)
+        self.late = Counter("ivp_gateway_release_late", "Responses ready after their release "
+                            "budget, by the late step they were released at (or dropped)",
+                            ["step"], registry=r)
         self.state.state("upload")
 
     def render(self) -> bytes:

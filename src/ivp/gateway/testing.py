@@ -8,6 +8,7 @@ one attack each. Used by the gateway's tests and available to other parts' tests
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -63,6 +64,7 @@ class FakeServer:
     junk_text: str = "SERVER-FORMATTED-TEXT"
     persist_state: bool = False  # a server that keeps its RAM across power cycles (attack)
     stop_reading_at: int | None = None  # stop consuming the weight stream after N bytes
+    delay: float = 0.0  # seconds each completion takes (a slow, or signalling, server)
 
     # --- power (driven by FakePower) ------------------------------------------------------
     def power(self, on: bool) -> None:
@@ -110,6 +112,11 @@ class FakeServer:
             assert isinstance(body, bytes)
             request = json.loads(body)
             self.requests.append(request)
+            if self.delay:
+                if self.delay > timeout:
+                    await asyncio.sleep(timeout)
+                    raise TransportError(f"server timed out after {timeout:.3f} s")
+                await asyncio.sleep(self.delay)
             if self.state != "ready":
                 return 503, b'{"error":{"message":"not booted","type":"StateError"}}'
             if self.answer is not None:
