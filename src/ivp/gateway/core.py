@@ -61,7 +61,7 @@ from ivp.gateway.metrics import GatewayMetrics
 from ivp.gateway.power import PowerSwitch
 from ivp.gateway.serving import Draws
 from ivp.gateway.shared import GatewayConfig, Reply, State
-from ivp.gateway.uplink import Spool, Uplink, UplinkTransport
+from ivp.gateway.uplink import Backoff, Spool, Uplink, UplinkTransport
 from ivp.gateway.upstream import Upstream
 from ivp.protocol.acks import Heartbeat
 from ivp.protocol.encoding import canonical
@@ -130,9 +130,12 @@ class Gateway:
             self._spool = Spool(self._db, log, config.gateway_id, self.metrics,
                                 recomputer_key)
             reconcile = self._reconcile if hasattr(uplink, "cursor") else None
+            # retry at least once a checkpoint period: a recomputer back from a restart
+            # must hear from this gateway before it would count it silent
+            backoff = Backoff(cap=max(1.0, config.checkpoint_interval or 30.0))
             self.uplink = Uplink(uplink, self._spool.fetch, self._spool.done, self.alarm,
                                  self._judge_ack, depth=self._spool.depth,
-                                 reconcile=reconcile)
+                                 reconcile=reconcile, backoff=backoff)
 
     # --- state ----------------------------------------------------------------------------
     @property

@@ -59,6 +59,8 @@ KINDS: dict[str, tuple[bool, str]] = {
     "relay_undelivered": (False, "an inspectors' instruction could not be relayed to a "
                                  "gateway (retrying)"),
     "relay_refused": (False, "a gateway refused an inspectors' instruction relayed to it"),
+    "recomputer_stalled": (False, "the recomputer was not listening for a while (uplinks "
+                                  "waited): silence clocks restarted"),
     "sensor_forged": (False, "a sensor event with a bad or unknown signature"),
     "sensor_gap": (False, "a sensor skipped event sequence numbers"),
     "sensor_silent": (False, "an enrolled sensor sent nothing, not even a heartbeat, for "

@@ -154,7 +154,8 @@ async def uplink(request: web.Request) -> web.Response:
     if (request.content_length or 0) > MAX_UPLINK_BODY:  # refused unread
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_UPLINK_BODY,
                                             actual_size=request.content_length or 0)
-    return _json(await rec.uplink(await _read_capped(request, MAX_UPLINK_BODY)))
+    async with rec.admission():  # read only in turn: junk waits unread
+        return _json(await rec.uplink(await _read_capped(request, MAX_UPLINK_BODY)))
 
 
 async def _read_capped(request: web.Request, cap: int) -> bytes:

@@ -155,6 +155,10 @@ class Authenticated:
     digest: str
 
 
+_ENVELOPE_KEYS = frozenset({"payloadType", "payload", "signatures"})
+_JUNK_ERROR = ValidationError("not a DSSE envelope ({payloadType, payload, signatures})")
+
+
 class _Refused(Exception):
     def __init__(self, error: IvpError, *alarms: Alarm, retry: bool = False) -> None:
         self.error, self.alarms, self.retry = error, alarms, retry
@@ -299,6 +303,9 @@ class Ingest:
         evidence of anything).
         """
         digest = NO_DIGEST
+        if not (isinstance(item, dict) and _ENVELOPE_KEYS.issuperset(item)
+                and isinstance(item.get("payload"), str)):  # cheap: no exception per junk
+            return _JUNK
         try:
             try:
                 envelope = convert(item, env.Envelope)
@@ -711,8 +718,8 @@ class Ingest:
             late = now - max(since, self.resumed_at)
             if late > r.grace:
                 due[("audit_withheld", *key)] = (
-                    f"{claimed} audit record(s) claimed by signed records "
-                    f"{'(the boot is closed) ' if boot.closed else ''}, "
+                    f"{claimed} audit record(s) claimed by signed records"
+                    f"{' (the boot is closed)' if boot.closed else ''}; "
                     f"{boot.audits_received} arrived: record {first} was first claimed "
                     f"{now - since:.0f} s ago and never came (grace {r.grace:g} s)")
         fresh = [Alarm(k, g, b or None, d, now) for (k, g, b), d in due.items()
@@ -778,3 +785,9 @@ def _disagreement(boot: Boot, claims: list[tuple[int, str]]) -> str:
 
 __all__ = ["Authenticated", "Effect", "Evidence", "GatewayState", "Ingest", "Outcome", "Rules",
            "audit_rate_pvalue"]
+
+
+#: The outcome of every item that is not even shaped like an envelope (one object:
+#: junk costs no allocation per item; its alarm is one folded ``malformed``)
+_JUNK = Outcome(None, _JUNK_ERROR, (Alarm("malformed", None, None, str(_JUNK_ERROR), 0.0),),
+                _receipt(NO_DIGEST, "retry", error=_JUNK_ERROR))

@@ -53,7 +53,7 @@ from ivp.recomputer.sensors import SensorHub, SensorReading, SensorRules
 from ivp.recomputer.sensors import batch_items as sensor_items
 from ivp.recomputer.signatures import SignaturePool
 from ivp.recomputer.store import QueuedAudit, Store
-from ivp.recomputer.uplink import Noise, UplinkShell
+from ivp.recomputer.uplink import STALL, Noise, UplinkShell
 from ivp.recomputer.workers import Mode, ModelSource, VerifyJob, WorkerPool, make_pool
 from ivp.whitelist import TrustedWhitelist, read_model_files
 
@@ -221,6 +221,7 @@ class Recomputer(UplinkShell, Delivery):
         for gw, data in await self._db(self.store.pending_shutdowns):
             self._spawn(self._deliver(gw, data))
         self._spawn(self._relay_pending())
+        self.ingest.resume(time.time())  # listening from now: silence counts from here
 
     async def close(self) -> None:
         self._closing = True
@@ -458,7 +459,13 @@ class Recomputer(UplinkShell, Delivery):
     async def _ticker(self) -> None:
         last_health = last_retry = last_persist = 0.0
         while not self._closing:
+            asked = time.monotonic()
             await asyncio.sleep(self.config.tick_interval)
+            late = time.monotonic() - asked - self.config.tick_interval
+            if late > STALL:  # the event loop itself was blocked: nobody was listening
+                log.warning("recomputer loop was blocked %.1f s: silence is measured from "
+                            "now", late)
+                self.ingest.resume(time.time())
             try:
                 async with self._locked():
                     now = time.time()

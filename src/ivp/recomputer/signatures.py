@@ -59,6 +59,9 @@ class SignaturePool:
             await asyncio.sleep(0.05)
 
     def _warm(self) -> None:
+        """Start the workers off the event loop: spawning the forkserver and its
+        processes takes seconds on a busy machine, and the loop must keep answering
+        (a recomputer that stops listening makes honest gateways look silent)."""
         if self._exec is not None:
             return
         import multiprocessing
@@ -67,11 +70,12 @@ class SignaturePool:
         try:  # forkserver: safe with the threads this process runs
             self._exec = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("forkserver"))
-            warm = asyncio.get_running_loop().run_in_executor(self._exec, verify_signatures,
-                                                              [])
         except Exception as exc:
             self._fail(exc)
             return
+        pool = self._exec
+        warm = asyncio.get_running_loop().run_in_executor(
+            None, lambda: pool.submit(verify_signatures, []).result())
 
         def done(f: asyncio.Future[Any]) -> None:
             if f.cancelled() or f.exception() is not None:
@@ -90,8 +94,6 @@ class SignaturePool:
         if self._exec is not None:
             self._exec.shutdown(wait=False, cancel_futures=True)
             self._exec = None
-
-
 
 
 __all__ = ["SignaturePool"]

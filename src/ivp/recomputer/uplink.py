@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ivp.recomputer")
 STALL = 2.0  # seconds waited for the lock that count as the recomputer not listening
+ADMITTED = 2  # uplink bodies read and worked on at once
 YIELD_EVERY = 32  # items between yields to the event loop
 
 
@@ -59,12 +60,12 @@ class Noise:
         self.pending: dict[tuple[str, str | None, str | None], Alarm] = {}
         self.last = 0.0
 
-    def add(self, alarms: Sequence[Alarm]) -> None:
+    def add(self, alarms: Sequence[Alarm], now: float) -> None:
         for a in alarms:
             key = (a.kind, a.gateway_id, a.boot_id)
             seen = self.pending.get(key)
-            self.pending[key] = a if seen is None else Alarm(
-                a.kind, a.gateway_id, a.boot_id, a.detail, a.time, repeats=seen.repeats + 1)
+            self.pending[key] = Alarm(a.kind, a.gateway_id, a.boot_id, a.detail, now,
+                                      repeats=1 if seen is None else seen.repeats + 1)
 
     def take(self, now: float, force: bool = False) -> list[Alarm]:
         """The folded alarms, if it is time to write them (or ``force``)."""
@@ -83,6 +84,7 @@ class UplinkShell:
     device: SoftDevice
     metrics: Metrics
     noise: Noise
+    _admitted: asyncio.Semaphore | None = None
     _lock: asyncio.Lock
     _signatures: SignaturePool
     _queue: Any
@@ -101,12 +103,31 @@ class UplinkShell:
         """The lock; a long wait for it restarts the silence clocks (see module doc)."""
         asked = time.monotonic()
         async with self._lock:
-            waited = time.monotonic() - asked
-            if waited > STALL:
-                log.warning("recomputer was not listening for %.1f s: silence is measured "
-                            "from now", waited)
-                self.ingest.resume(time.time())
+            self._waited(time.monotonic() - asked, "its lock")
             yield
+
+    @contextlib.asynccontextmanager
+    async def admission(self) -> AsyncIterator[None]:
+        """A turn to be read at all: at most :data:`ADMITTED` uplink bodies are read
+        and worked on at once (the others wait unread, in the kernel's buffers), so a
+        flood of junk cannot monopolise the event loop and starve other routes."""
+        if self._admitted is None:
+            self._admitted = asyncio.Semaphore(ADMITTED)
+        # a wait here restarts no clock: junk anyone can send must not be able to
+        # postpone checkpoint_missing or audit_withheld (only the lock's wait does: the
+        # lock is taken for authenticated records only)
+        async with self._admitted:
+            yield
+
+    def _waited(self, waited: float, what: str) -> None:
+        if waited > STALL:
+            log.warning("recomputer was not listening for %.1f s (waiting for %s): "
+                        "silence is measured from now", waited, what)
+            now = time.time()
+            self.ingest.resume(now)
+            self.noise.add([Alarm("recomputer_stalled", None, None,
+                                  f"uplinks waited {waited:.1f} s for {what}: silence "
+                                  "clocks restarted", now)], now)
 
     async def uplink(self, body: bytes) -> Ack:
         """Admit a batch of envelopes; ``stored`` only for what is stored durably.
@@ -136,7 +157,8 @@ class UplinkShell:
         else:
             outcomes = [a for a in checked if isinstance(a, Outcome)]
             self.metrics.uplink(outcomes)
-        self.noise.add([a for o in outcomes for a in o.alarms if not authenticated(a.kind)])
+        self.noise.add([a for o in outcomes for a in o.alarms if not authenticated(a.kind)],
+                       time.time())
         await self.flush_noise()
         if self._queue:
             self._wake.set()
