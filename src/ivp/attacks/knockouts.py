@@ -40,10 +40,12 @@ _UNDO: list[Callable[[], None]] = []
 
 
 def _patch(owner: Any, name: str, value: Any) -> None:
-    """Replace ``owner.name`` by ``value`` until :func:`restore`."""
-    original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    """Replace ``owner.name`` by ``value`` until :func:`restore` (an attribute a class
+    inherits is shadowed, then the shadow removed)."""
+    own = owner.__dict__ if isinstance(owner, type) else vars(owner)
+    had, original = name in own, own.get(name)
     setattr(owner, name, value)
-    _UNDO.append(lambda: setattr(owner, name, original))
+    _UNDO.append(lambda: setattr(owner, name, original) if had else delattr(owner, name))
 
 
 def _audit_off() -> None:
@@ -147,7 +149,7 @@ def _all_boots_off() -> None:
 
 def _gap_store_off() -> None:
     from ivp.errors import ChainError
-    from ivp.recomputer import ingest
+    from ivp.recomputer import ingest, records
     from ivp.recomputer.alarms import Alarm
 
     original = ingest.Ingest._admit_audit
@@ -157,7 +159,7 @@ def _gap_store_off() -> None:
         if boot is not None and r.audit_seq > boot.sequence.next_seq:
             err = ChainError(f"audit sequence gap: got {r.audit_seq}, expected "
                              f"{boot.sequence.next_seq}")
-            raise ingest._Refused(err, Alarm("sequence_gap", r.gateway_id, r.boot_id,
+            raise records.Refused(err, Alarm("sequence_gap", r.gateway_id, r.boot_id,
                                              str(err), now))
         return original(self, r, auth, now)
 

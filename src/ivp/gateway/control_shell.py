@@ -25,11 +25,19 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ivp.errors import IvpError, PeerDataError, SignatureError, ValidationError
-from ivp.gateway import control
+from ivp.gateway import control, rollback
 from ivp.gateway.shared import State
-from ivp.protocol.acks import LOCAL_NONCE, ControlReceipt, digest_of
+from ivp.protocol.acks import LOCAL_NONCE, ControlReceipt, Heartbeat, digest_of
 from ivp.protocol.encoding import canonical, decode, to_builtins
-from ivp.protocol.envelope import READMIT, RECEIPT, RELAY, WHITELIST, Envelope, sign_message
+from ivp.protocol.envelope import (
+    HEARTBEAT,
+    READMIT,
+    RECEIPT,
+    RELAY,
+    WHITELIST,
+    Envelope,
+    sign_message,
+)
 from ivp.protocol.keys import VerifyKey
 from ivp.protocol.messages import EpsilonArgs, RebootArgs, Shutdown, Whitelist, WhitelistArgs
 
@@ -93,6 +101,41 @@ class ControlShell:
             current = gw.whitelist.envelope.to_bytes()
             if current != stored:
                 await gw._db(gw.log.set_meta, META_WHITELIST, current)
+
+    # --- the log against the device counter, heartbeats -----------------------------------
+    async def counter_check(self) -> rollback.CounterCheck:
+        """The log's bound counter against the device's (``rollback``), before any
+        commit of this start; a counter that does not open counts as a set-back log."""
+        gw = self.gw
+        try:
+            bound = await gw._db(gw.log.bound_counter)
+            history = await gw._db(gw.log.has_history)
+            check = rollback.judge(bound, gw.device.counter(), history)
+        except PeerDataError as exc:
+            await gw.alarm("log_corrupt", f"the log's or the device's counter does not "
+                             f"open: {exc}")
+            return rollback.CounterCheck("rolled_back", None, 0)
+        if check.verdict == "interrupted":
+            await gw.alarm("commit_interrupted", check.explain())
+        return check
+
+    async def heartbeat(self) -> None:
+        """Spool a signed heartbeat: alive but not serving (UPLOAD, SHUTDOWN), so a
+        gateway that goes silent after a shutdown is an alarm at the recomputer."""
+        gw = self.gw
+        if gw._state in (State.SERVING, State.BRICKED) or gw.device.bricked:
+            return
+        nonce = await self.shutdown_nonce() if \
+            gw._state is State.SHUTDOWN else None
+
+        def sign(counter: int) -> bytes:
+            return gw._sign(HEARTBEAT, Heartbeat(
+                gateway_id=gw.gateway_id, state=gw._state.value, time=time.time(),
+                counter=counter, shutdown_nonce=nonce or "",
+                reason=gw.shutdown_reason[:500]))
+
+        await gw._db(gw.log.heartbeat, sign)
+        gw._wake_uplink()
 
     # --- receipts and the gateway's own lockdown ------------------------------------------
     def receipt(self, kind: str, data: bytes, ref: str, outcome: str,

@@ -43,13 +43,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from ivp.device import Device
-from ivp.errors import BrickedError, IvpError, PeerDataError, SignatureError, StateError
-from ivp.gateway import control, proxy, rollback
+from ivp.errors import BrickedError, IvpError, SignatureError, StateError
+from ivp.gateway import control, proxy
 from ivp.gateway.answers import AckJudgement, Spooled, judge_ack
 from ivp.gateway.boot_shell import BootShell, load_whitelisted_tokenizer
 from ivp.gateway.commit import GroupCommit
@@ -63,9 +62,8 @@ from ivp.gateway.serving import Draws
 from ivp.gateway.shared import GatewayConfig, Reply, State
 from ivp.gateway.uplink import Backoff, Spool, Uplink, UplinkTransport
 from ivp.gateway.upstream import Upstream
-from ivp.protocol.acks import Heartbeat
 from ivp.protocol.encoding import canonical
-from ivp.protocol.envelope import ALARM, AUDIT, CHECKPOINT, HEARTBEAT, sign
+from ivp.protocol.envelope import ALARM, AUDIT, CHECKPOINT, sign
 from ivp.protocol.keys import VerifyKey
 from ivp.protocol.messages import AuditRecord, Checkpoint, GatewayAlarm
 from ivp.whitelist import TrustedWhitelist
@@ -221,7 +219,7 @@ class Gateway:
         if self.device.bricked:
             self._set_state(State.BRICKED)
             return
-        check = await self._counter_check()  # before this start commits anything
+        check = await self.control_shell.counter_check()  # before any commit
         await self.control_shell.restore_settings()
         await self._recover(keep_all=check.keep_undecided)
         if check.locked:  # the log was set back: serve nothing from it
@@ -254,21 +252,6 @@ class Gateway:
         self.power.on_power_loss(self.boot_shell.on_power_loss)
         self._tasks.append(asyncio.create_task(self.boot_shell.reboot_loop(),
                                                name="ivp-reboots"))
-
-    async def _counter_check(self) -> rollback.CounterCheck:
-        """The log's bound counter against the device's (``rollback``), before any
-        commit of this start; a counter that does not open counts as a set-back log."""
-        try:
-            bound = await self._db(self.log.bound_counter)
-            history = await self._db(self.log.has_history)
-            check = rollback.judge(bound, self.device.counter(), history)
-        except PeerDataError as exc:
-            await self.alarm("log_corrupt", f"the log's or the device's counter does not "
-                             f"open: {exc}")
-            return rollback.CounterCheck("rolled_back", None, 0)
-        if check.verdict == "interrupted":
-            await self.alarm("commit_interrupted", check.explain())
-        return check
 
     async def _recover(self, keep_all: bool = False) -> None:
         """Draw for every pair a crash left undecided (all kept when ``keep_all``: the
@@ -386,21 +369,8 @@ class Gateway:
         return cp
 
     async def heartbeat(self) -> None:
-        """Spool a signed heartbeat: alive but not serving (UPLOAD, SHUTDOWN), so a
-        gateway that goes silent after a shutdown is an alarm at the recomputer."""
-        if self._state in (State.SERVING, State.BRICKED) or self.device.bricked:
-            return
-        nonce = await self.control_shell.shutdown_nonce() if \
-            self._state is State.SHUTDOWN else None
-
-        def sign(counter: int) -> bytes:
-            return self._sign(HEARTBEAT, Heartbeat(
-                gateway_id=self.gateway_id, state=self._state.value, time=time.time(),
-                counter=counter, shutdown_nonce=nonce or "",
-                reason=self.shutdown_reason[:500]))
-
-        await self._db(self.log.heartbeat, sign)
-        self._wake_uplink()
+        """See :meth:`ivp.gateway.control_shell.ControlShell.heartbeat`."""
+        await self.control_shell.heartbeat()
 
     async def _checkpoint_loop(self) -> None:
         """A checkpoint every interval while serving, a heartbeat while not (shut down

@@ -35,16 +35,16 @@ from ivp.errors import (
     BrickedError,
     ExpiredError,
     IvpError,
-    PeerDataError,
     TransportError,
     ValidationError,
 )
 from ivp.protocol import envelope as env
-from ivp.protocol.encoding import canonical, decode, to_builtins
-from ivp.protocol.messages import Ack, ReadmitArgs, Shutdown, UplinkResult, Verdict
+from ivp.protocol.encoding import canonical, decode
+from ivp.protocol.messages import Ack, Shutdown, UplinkResult
 from ivp.protocol.quorum import QuorumPolicy
 from ivp.recomputer import admin as adm
-from ivp.recomputer import admin_ops, views
+from ivp.recomputer import views
+from ivp.recomputer.admin_shell import AdminRefusedError, AdminShell
 from ivp.recomputer.alarms import Alarm, authenticated
 from ivp.recomputer.delivery import Delivery
 from ivp.recomputer.ingest import Ingest, Rules
@@ -54,12 +54,12 @@ from ivp.recomputer.sensors import batch_items as sensor_items
 from ivp.recomputer.signatures import SignaturePool
 from ivp.recomputer.store import QueuedAudit, Store
 from ivp.recomputer.uplink import STALL, Noise, UplinkShell
-from ivp.recomputer.workers import Mode, ModelSource, VerifyJob, WorkerPool, make_pool
+from ivp.recomputer.verifying import Verifying
+from ivp.recomputer.workers import Mode, ModelSource, WorkerPool, make_pool
 from ivp.whitelist import TrustedWhitelist, read_model_files
 
 log = logging.getLogger("ivp.recomputer")
 T = TypeVar("T")
-MAX_REFUSED_KEPT = 64 * 1024  # bytes of a refused admin request kept beside its log entry
 Scope = Literal["gateway", "model", "cluster"]
 #: What shuts a gateway down unless the inspectors configure otherwise: a failed audit,
 #: an audit record the gateway signed for that never arrived within the grace (the
@@ -67,15 +67,6 @@ Scope = Literal["gateway", "model", "cluster"]
 #: gateway whose log or device state was set back (records it made were erased), seen
 #: at its BOOT (``rollback``) or by the gateway itself (``gateway_locked``).
 DEFAULT_SHUTDOWN_ON = ("verify_fail", "audit_withheld", "rollback", "gateway_locked")
-
-
-class AdminRefusedError(PeerDataError):
-    """An admin request was refused (HTTP 403); it is in the admin log as ``log_seq``
-    (None: it carried no valid inspector signature at all, and junk is not logged)."""
-
-    def __init__(self, cause: IvpError, log_seq: int | None) -> None:
-        super().__init__(str(cause))
-        self.cause, self.log_seq = cause, log_seq
 
 
 @dataclass
@@ -110,7 +101,7 @@ class Config:
                 "anyone can send, so they would let anyone shut an honest gateway down")
 
 
-class Recomputer(UplinkShell, Delivery):
+class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
     """One SRC. ``open()`` (sync) loads trusted state; ``start()`` starts the pool and
     background tasks; ``close()`` stops them."""
 
@@ -322,102 +313,6 @@ class Recomputer(UplinkShell, Delivery):
             await self._enforce_all(alarms)
         return Ack(results=answers)
 
-    # --- verification ---------------------------------------------------------------------------
-    def queue_depth(self) -> int:
-        return len(self._queue) + len(self._singles) + self._in_flight
-
-    async def drain(self, timeout: float = 60.0) -> None:
-        """Wait until every verifiable queued record has a verdict (tests, demo)."""
-        deadline = time.monotonic() + timeout
-        while self.queue_depth():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.queue_depth()} audit records still queued")
-            await asyncio.sleep(0.02)
-
-    async def _dispatch(self) -> None:
-        slots = asyncio.Semaphore(self.pool.size)
-        while not self._closing:
-            if not self._queue and not self._singles:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await slots.acquire()
-            if self._singles:  # records of a failed batch, retried one by one
-                batch = [self._singles.popleft()]
-            else:
-                batch = [self._queue.popleft()
-                         for _ in range(min(self.config.batch_size, len(self._queue)))]
-            if not batch:
-                slots.release()
-                continue
-            self._in_flight += len(batch)
-            self._spawn(self._verify(batch, slots))
-
-    async def _verify(self, batch: list[QueuedAudit], slots: asyncio.Semaphore) -> None:
-        t0 = time.perf_counter()
-        try:
-            outcomes = await self.pool.verify(
-                [VerifyJob(q.id, q.manifest_digest, q.payload) for q in batch])
-        except Exception as exc:
-            # A worker crash is no evidence against the gateway. Retry each record on
-            # its own; one that still crashes a worker is parked and alarmed (it would
-            # otherwise block the queue forever).
-            log.exception("verification worker failed on %d record(s)", len(batch))
-            self._in_flight -= len(batch)
-            slots.release()
-            if len(batch) == 1 and batch[0].id in self._retried:
-                q = batch[0]
-                self._parked[q.id] = q
-                await self._db(self.store.add_alarms, [Alarm(
-                    "verifier_error", q.gateway_id, q.boot_id,
-                    f"audit record {q.audit_seq} crashed the verifier twice: "
-                    f"{type(exc).__name__}: {exc}"[:500], time.time())])
-            else:
-                self._retried.update(q.id for q in batch)
-                self._singles.extend(batch)
-                await asyncio.sleep(0.5)
-            self._wake.set()
-            return
-        slots.release()
-        self.metrics.verify_seconds.observe(time.perf_counter() - t0)
-        by_id = {q.id: q for q in batch}
-        now = time.time()
-        verdicts: list[tuple[int, Verdict, bytes]] = []
-        alarms: list[Alarm] = []
-        for o in outcomes:
-            q = by_id[o.audit_id]
-            if o.verdict is None:
-                self._parked[q.id] = q
-                alarms.append(Alarm("model_unavailable", q.gateway_id, q.boot_id,
-                                    o.unverifiable, now))
-                continue
-            v = decode(o.verdict, Verdict)
-            verdicts.append((o.audit_id, v, o.verdict))
-            if not v.passed:
-                alarms.append(Alarm("verify_fail", v.gateway_id, v.boot_id,
-                                    f"audit record {v.audit_seq}: {v.reason}", now,
-                                    dedupe=False))
-        requeue = True
-        try:
-            async with self._locked():
-                fresh = set(await self._db(self.store.write_verdicts, verdicts, alarms))
-                requeue = False
-                self.metrics.verdicts([v for i, v, _ in verdicts if i in fresh])
-                self.metrics.alarms(alarms)
-                await self._enforce_all([a for a in alarms if a.kind != "verify_fail"])
-                for audit_id, v, _ in verdicts:
-                    if audit_id in fresh and not v.passed and \
-                            not self.ingest.judged(v.gateway_id, v.boot_id):
-                        await self._enforce("verify_fail", v.gateway_id,
-                                            f"audit record {v.audit_seq} failed: {v.reason}")
-        except Exception:
-            log.exception("storing verdicts or enforcing failed")
-            if requeue:
-                self._queue.extendleft(reversed(batch))
-        finally:
-            self._in_flight -= len(batch)
-        self._wake.set()
-
     # --- alarms and shutdown -------------------------------------------------------------------
     async def _enforce_all(self, alarms: Sequence[Alarm]) -> None:
         for a in alarms:
@@ -539,67 +434,6 @@ class Recomputer(UplinkShell, Delivery):
         self.router.end(route, time.time() if ok else None)
         self._served_dirty = self._served_dirty or ok
 
-    # --- admin ------------------------------------------------------------------------------------
-    async def handle_admin(self, body: bytes) -> dict[str, Any]:
-        """Decide, log and apply one admin request.
-
-        Raises:
-            AdminRefusedError: refused (the reason names the failed check).
-        """
-        self.check_alive()
-        first = self.admin.decide(body, time.time())  # pure: no lock, no store
-        if not first.accepted and not first.signers:
-            # no valid inspector signature at all: junk anyone can send, refused without
-            # a permanent log entry (else each such POST would grow the append-only log)
-            assert first.error is not None
-            self.metrics.admin(first, logged=False)
-            raise AdminRefusedError(first.error, None)
-        async with self._locked():
-            now = time.time()
-            # decide runs on the store thread: state checks may read the store
-            targets = admin_ops.AdminTargets(self.ingest, self.store, self.whitelist,
-                                             self.router)
-            d = await self._db(self.admin.decide, body, now,
-                               lambda _i, args: admin_ops.check(targets, args))
-            seq, entry, digest = self.admin.next_entry(d, now)
-            effects: list[tuple[str, tuple[Any, ...]]] = []
-            result: dict[str, Any] = {}
-            readmit = None
-            if d.accepted and isinstance(d.args, ReadmitArgs):
-                readmit = await self._readmit_envelope(d.args.gateway_id, seq, now)
-            if d.accepted:
-                effects, result = admin_ops.effects(targets, d.args, seq, now, request=body,
-                                                    readmit=readmit)
-            # A refused request is kept whole only if small: a large one must not fill
-            # the disk (its BLAKE3 digest is in the entry either way).
-            kept = body if d.accepted or len(body) <= MAX_REFUSED_KEPT else b""
-            await self._db(self.store.append_admin, seq, entry, digest, kept,
-                           d.request.nonce if d.accepted and d.request else None, effects)
-            self.admin.advance(seq, digest, d)
-            if d.accepted:
-                admin_ops.apply(targets, d.args, now)
-                if readmit is not None:
-                    self._spawn(self._deliver(d.args.gateway_id, readmit))  # type: ignore[union-attr]
-                if result.get("relayed_to"):
-                    self._spawn(self._relay_pending())
-            self.metrics.admin(d)
-        if not d.accepted:
-            assert d.error is not None
-            log.warning("admin request refused (log %d): %s", seq, d.reason)
-            raise AdminRefusedError(d.error, seq)
-        log.info("admin request accepted (log %d): %s", seq, d.instruction)
-        return {"accepted": True, "log_seq": seq, "instruction": d.instruction,
-                "signers": sorted(d.signers), "result": result}
-
-    async def admin_log(self) -> dict[str, Any]:
-        """The admin log with its head signed by the recomputer's device key."""
-        rows = await self._db(self.store.admin_log)
-        head = adm.verify_log(rows)
-        head_doc = {"seq": len(rows), "hash": head, "time": time.time()}
-        signed = env.sign(adm.LOG_HEAD, canonical(head_doc), [self.device.signing_key()])
-        return {"entries": [{**json.loads(raw), "hash": h} for _, raw, h in rows],
-                "head": to_builtins(signed)}
-
     # --- views ----------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
         self.check_alive()
@@ -613,3 +447,6 @@ class Recomputer(UplinkShell, Delivery):
     async def alarms(self) -> list[dict[str, Any]]:
         self.check_alive()
         return [a.to_json() for a in await self._db(self.store.alarms)]
+
+
+__all__ = ["DEFAULT_SHUTDOWN_ON", "AdminRefusedError", "Config", "Recomputer", "Scope"]
