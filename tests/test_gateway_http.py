@@ -249,3 +249,20 @@ def test_oversize_bodies_get_413(extra: int, declared: bool) -> None:
         else:
             assert await read_body(Req(data), limit) == data  # type: ignore[arg-type]
     run(body())
+
+
+def test_nested_json_is_a_400_not_a_500(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Attack: a body nested 100,000 deep made the parser raise RecursionError (an
+    HTTP 500 'internal error'); it is bad input, answered as such."""
+    async def body() -> None:
+        rig = make_rig(tmp_path, tiny_model_dir)
+        async with client(rig) as c:
+            assert (await c.post(f"/upload?model_id={MODEL_ID}", data=rig.model.blob)).status \
+                == 200
+            deep = b"[" * 100_000 + b"]" * 100_000
+            for path in ("/v1/completions", "/v1/chat/completions", "/control", "/admin"):
+                r = await c.post(path, data=deep)
+                assert 400 <= r.status < 500, (path, r.status)
+                assert _err(await _json(r)), path
+            assert (await _json(await c.get("/status")))["state"] == "serving"
+    run(body())

@@ -524,3 +524,30 @@ def test_uplink_cursor_and_gateway_alarms_survive_a_restart(config, inspectors,
             assert (await r.json())["results"][0]["error"].startswith("ChainError: gateway "
                                                                       "alarm 1 replayed")
     run(main())
+
+
+def test_nested_json_is_a_400_not_a_500(config) -> None:
+    """Attack: a body nested 100,000 deep raised RecursionError (HTTP 500) on INPUT, the
+    uplink and the sensors route; it is bad input, answered 400 ValidationError."""
+    async def main() -> None:
+        async with serving(config) as (_rec, client):
+            deep = b"[" * 100_000 + b"]" * 100_000
+            for path in ("/v1/completions", "/uplink", "/sensors"):
+                r = await client.post(path, data=deep)
+                assert r.status == 400, path
+                assert (await r.json())["error"]["type"] == "ValidationError", path
+    run(main())
+
+
+def test_junk_uplink_is_refused_whole_before_any_per_item_work(config) -> None:
+    """Attack: 300,000 junk items in one uplink body once stalled the recomputer 23 s;
+    the batch is refused at once, naming the cap, and nothing is stored or alarmed."""
+    async def main() -> None:
+        async with serving(config) as (rec, client):
+            r = await client.post("/uplink", data=json.dumps({"envelopes": [{}] * 300_000}))
+            assert r.status == 400
+            assert "at most 256 per batch" in (await r.json())["error"]["message"]
+            r = await client.post("/uplink", data=b"x" * (16 * 1024 * 1024 + 1))
+            assert r.status == 413
+            assert (await rec.status())["alarms"] == 0
+    run(main())
