@@ -84,7 +84,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
     errors: list[BaseException] = []
     live = Settings(epsilon=0.5, checkpoint_interval=1.0, cap=80, patience=20.0,
                     model_dir=tiny_model_dir)
-    off = Settings(epsilon=0.5, checkpoint_interval=1.0, cap=24, patience=8.0,
+    off = Settings(epsilon=0.5, checkpoint_interval=1.0, cap=40, patience=14.0,
                    knockouts=tuple(sorted(set(KNOCKED.values()))), model_dir=tiny_model_dir)
     plans = {"live": (resolve(["all"]), live),
              "defenceless": (resolve(list(KNOCKED)), off)}

@@ -271,6 +271,8 @@ class Uplink:
             except TransportError as exc:
                 self.stats.failures += 1
                 self.stats.last_error = str(exc)
+                with contextlib.suppress(IvpError):
+                    await self._count_depth()  # what waits, as of this (failed) round
                 await asyncio.sleep(self.backoff.next_delay())  # new records do not cut it
                 continue
             except IvpError as exc:  # e.g. the device bricked under us: stop trying
