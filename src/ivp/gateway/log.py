@@ -130,8 +130,11 @@ class PairLog:
         self._db.close()
 
     # --- transactions -------------------------------------------------------------------
-    def _txn(self) -> _Txn:
-        return _Txn(self._db, self._bind)
+    def _txn(self, bind: bool = True) -> _Txn:
+        """A transaction; ``bind=False`` for a commit whose loss helps nobody (dropping
+        records the recomputer already holds: undone, they are only sent again), so it
+        costs no counter write on the serving path's thread."""
+        return _Txn(self._db, self._bind if bind else lambda: None)
 
     def _bind(self) -> None:
         """At the start of every commit: advance the device counter, and record the new
@@ -409,7 +412,7 @@ class PairLog:
         """Drop rows the recomputer holds: acknowledged ones, and refused ones it keeps
         as evidence (each alarmed here). Counts the boot's audit records acknowledged."""
         now = time.time()
-        with self._txn():
+        with self._txn(bind=False):
             for sid in acked:
                 row = self._db.execute("SELECT kind, boot_id FROM spool WHERE id=?",
                                        (sid,)).fetchone()
