@@ -3,22 +3,47 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM lives in its own environment: it pins transformers and numpy versions of its own
+# (scripts/install-vllm.sh); `ivp server --engine vllm` runs there, the rest here.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test lint bench report clean
+.PHONY: demo test screenshots lint bench report clean sysdeps vllm
 
-$(STAMP): pyproject.toml
+# Debian packages (swtpm, the TPM2 TSS, iproute2, nftables, bubblewrap): quick when
+# installed.
+sysdeps:
+	@scripts/system-deps.sh
+
+$(STAMP): pyproject.toml scripts/system-deps.sh
+	scripts/system-deps.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so that nothing pulls a CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# the TPM bindings build against the TSS libraries, where they are installed
+	if pkg-config --exists tss2-esys 2>/dev/null; then \
+		$(BIN)/pip install --quiet -e '.[dev,tpm]'; \
+	else $(BIN)/pip install --quiet -e '.[dev]'; fi
 	touch $(STAMP)
+
+$(VLLM_STAMP): scripts/install-vllm.sh
+	bash scripts/install-vllm.sh $(PY) $(VLLM_VENV)
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ivp demo
 
-test: $(STAMP)
+test: sysdeps $(STAMP) $(VLLM_STAMP)
+	bash scripts/install-browser.sh
 	$(BIN)/python -m pytest -q
+
+# The console's pictures in docs/img/ (docs/CONSOLE.md), taken by its browser tests.
+screenshots: $(STAMP)
+	bash scripts/install-browser.sh
+	IVP_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q -s tests/test_console_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
@@ -31,4 +56,4 @@ report: $(STAMP)
 	$(BIN)/ivp verify-report
 
 clean:
-	rm -rf $(VENV) .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build src/*.egg-info

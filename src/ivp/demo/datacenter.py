@@ -31,7 +31,7 @@ import aiohttp
 from ivp.protocol.encoding import canonical, to_builtins
 from ivp.protocol.envelope import ADMIN, sign
 from ivp.protocol.keys import SigningKey, VerifyKey
-from ivp.protocol.messages import AdminRequest, Whitelist
+from ivp.protocol.messages import AdminRequest, NoiseBound, Whitelist
 from ivp.protocol.quorum import InspectorKey, QuorumPolicy
 from ivp.whitelist import make_manifest, sign_whitelist
 
@@ -62,11 +62,18 @@ class Inspectors:
 
     @classmethod
     def create(cls, out_dir: Path) -> Inspectors:
+        """Two inspectors' keys, held in memory, and saved encrypted under a random
+        passphrase in ``out_dir/passphrase`` (a demo stand-in for each inspector's own:
+        ``IVP_KEY_PASSPHRASE_FILE=out_dir/passphrase ivp admin ... --key out_dir/us-1.key``)."""
         out_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(24)
+        fd = os.open(out_dir / "passphrase", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
         keys, entries = [], []
         for name, party in (("us-1", "US"), ("cn-1", "CN")):
             key = SigningKey.generate()
-            key.save(out_dir / f"{name}.key")
+            key.save(out_dir / f"{name}.key", passphrase=secret.encode())
             keys.append(key)
             entries.append(InspectorKey(keyid=key.keyid, party=party,
                                         public_key=key.verify_key.hex, name=name))
@@ -125,6 +132,8 @@ class GatewayHandle:
     reboot_interval: float = 0.0
     enrol_url: str | None = None
     extra_args: tuple[str, ...] = ()
+    server_port: int = 0
+    device_args: list[str] = field(default_factory=list)  # e.g. --device tpm --tpm TCTI
 
 
 @dataclass
@@ -144,6 +153,15 @@ class LoopbackDatacenter:
             ``recomputer`` sub-command (default ``-m ivp.cli``; the attack suite's own
             tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
         prebuilt_model: an already built model directory to use instead of building one.
+        engine: the servers' engine, "reference" or "vllm" (run with vLLM's own
+            Python, ``ivp.engine.vllm_env``); ``server_args``: more ``ivp server`` flags;
+            ``noise_bound``: the δ the whitelisted manifest carries (calibrated for it).
+        console: serve the recomputer's read-only inspectors' console on 127.0.0.1
+            (``console_url``).
+        device: the gateways' device: "soft" (key in a file) or "tpm" (each gateway gets
+            a software TPM of its own, swtpm, which the datacenter starts and stops).
+        isolate: start every gateway with ``--isolate`` (root only): each server in its
+            own network namespace, cgroup and bubblewrap sandbox.
     """
 
     root: Path
@@ -157,6 +175,12 @@ class LoopbackDatacenter:
     recomputer_args: list[str] = field(default_factory=list)
     recomputer_launcher: tuple[str, ...] = ("-m", "ivp.cli")
     prebuilt_model: Path | None = None
+    engine: str = "reference"
+    server_args: tuple[str, ...] = ()
+    noise_bound: NoiseBound | None = None
+    console: bool = True
+    device: str = "soft"
+    isolate: bool = False
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -164,18 +188,21 @@ class LoopbackDatacenter:
         self.handles: list[GatewayHandle] = []
         self.model_id = "tiny-llama" if self.model == "tiny" else self.model
         self.recomputer_url = ""
+        self.console_url = ""
         self.recomputer_key = ""
         self._lock = threading.Lock()  # add_gateway may run in several threads
         self._named = 0
+        self._tpms: list[Any] = []  # ivp.device.swtpm.Swtpm, one per TPM gateway
 
     # --- set-up ---------------------------------------------------------------------------
     def prepare_model(self) -> Path:
         if self.prebuilt_model is not None:
             return Path(self.prebuilt_model)
         if self.model == "tiny":
-            from ivp.engine.tiny import build_tiny_model
+            from ivp.engine.tiny import HEAD_DIM, VLLM_HEAD_DIM, build_tiny_model
 
-            return build_tiny_model(self.root / "model")
+            return build_tiny_model(self.root / "model", head_dim=VLLM_HEAD_DIM
+                                    if self.engine == "vllm" else HEAD_DIM)
         if self.model == "gemma-3-270m":
             from ivp.engine.gemma import prepare_gemma
 
@@ -207,7 +234,8 @@ class LoopbackDatacenter:
         self.log("building and whitelisting the model")
         self.model_dir = self.prepare_model()
         self.inspectors = Inspectors.create(self.root / "inspectors")
-        self.manifest = make_manifest(self.model_dir, self.model_id)
+        self.manifest = make_manifest(self.model_dir, self.model_id, engine=self.engine,
+                                      noise_bound=self.noise_bound)
         whitelist = Whitelist(version=1, expires=time.time() + 30 * 86400,
                               manifests=[self.manifest])
         self.whitelist_path = self.root / "whitelist.json"
@@ -225,12 +253,18 @@ class LoopbackDatacenter:
             "--model", f"{self.model_id}={self.model_dir}", "--workers", str(self.workers),
             "--checkpoint-period", str(self.checkpoint_interval), *self.recomputer_args,
         ]
+        if self.console:
+            console_port = free_port()
+            self.console_url = f"http://127.0.0.1:{console_port}"
+            self._recomputer_args += ["--console", "--console-port", str(console_port)]
         self.recomputer = self._spawn("recomputer", self._recomputer_args,
                                       self.recomputer_launcher)
 
         for i in range(self.gateways):
             self.handles.append(self._new_handle(attack=self.attacks.get(i)))
         self.wait_http(self.recomputer_url + "/status", "recomputer")
+        if self.console_url:
+            self.log(f"inspectors' console (read-only): {self.console_url}")
         self.log("enrolling the gateways (quorum of US + CN inspectors)")
         for h in self.handles:
             self.enrol(h)
@@ -253,25 +287,44 @@ class LoopbackDatacenter:
             i, self._named = self._named, self._named + 1
         gid = f"gw-{chr(ord('a') + i)}" if i < 26 else f"gw-{i}"
         state = self.root / gid
-        ident = self._identity(["gateway", "--state", str(state), "--gateway-id", gid])
+        device_args = []
+        if self.device == "tpm":
+            from ivp.device.swtpm import Swtpm
+
+            tpm = Swtpm(self.root / "tpms" / gid)
+            with self._lock:
+                self._tpms.append(tpm)
+            device_args = ["--device", "tpm", "--tpm", tpm.tcti]
+        ident = self._identity(["gateway", "--state", str(state), "--gateway-id", gid,
+                                *device_args])
         return GatewayHandle(gid, f"http://127.0.0.1:{free_port()}", state,
                              ident["public_key"], attack=attack, uplink_url=uplink_url,
-                             reboot_interval=reboot_interval)
+                             reboot_interval=reboot_interval, device_args=device_args)
 
     def start_gateway(self, h: GatewayHandle, policy: str) -> None:
-        server_cmd = f"{sys.executable} -m ivp.cli server --port {{port}}"
+        python = sys.executable
+        if self.engine == "vllm":
+            from ivp.engine.vllm_env import require_vllm_python
+
+            python = require_vllm_python()
+        server_cmd = " ".join([python, "-m", "ivp.cli", "server", "--host", "{host}", "--port",
+                               "{port}", "--engine", self.engine, *self.server_args])
+        if self.isolate:
+            server_cmd += " --weights-dir {weights}"
         if h.attack:
             h.trigger = self.root / f"{h.gateway_id}.attack"
             server_cmd += f" --attack {h.attack} --attack-trigger {h.trigger}"
         port = h.url.rsplit(":", 1)[1]
+        h.server_port = free_port()
         h.process = self._spawn(h.gateway_id, [
             "gateway", "--state", str(h.state_dir), "--gateway-id", h.gateway_id,
             "--port", port, "--recomputer", h.uplink_url or self.recomputer_url,
             "--recomputer-key", self.recomputer_key, "--policy", policy,
             "--whitelist", str(self.whitelist_path), "--epsilon", str(self.epsilon),
-            "--server-port", str(free_port()), "--server-cmd", server_cmd,
+            "--server-port", str(h.server_port), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
-            "--reboot-interval", str(h.reboot_interval), *h.extra_args,
+            "--reboot-interval", str(h.reboot_interval), "--engine", self.engine,
+            *h.device_args, *(["--isolate"] if self.isolate else []), *h.extra_args,
         ])
 
     def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,
@@ -525,6 +578,8 @@ class LoopbackDatacenter:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+        for tpm in self._tpms:
+            tpm.stop()
 
     def __enter__(self) -> LoopbackDatacenter:
         try:

@@ -148,7 +148,7 @@ class ControlShell:
                                  outcome=outcome,  # type: ignore[arg-type]
                                  state=gw._state.value, time=time.time(),
                                  detail=detail[:500], counter=gw.device.counter())
-        return to_builtins(sign_message(RECEIPT, message, gw.device.signing_key()))
+        return to_builtins(sign_message(RECEIPT, message, gw.device.signer()))
 
     async def lock_down(self, reason: str) -> None:
         """The log was set back (``rollback``): refuse all traffic from now on, across
@@ -339,7 +339,8 @@ class ControlShell:
         whitelist = gw.whitelist.update(body)
         await gw._db(gw.log.set_meta, META_WHITELIST, body)
         boot = gw._boot
-        if boot is not None and whitelist.manifest(boot.manifest.model_id) is None:
+        if boot is not None and whitelist.manifest(boot.manifest.model_id, boot.manifest.engine,
+                                                   boot.manifest.dtype) is None:
             # the inspectors revoked the model being served: stop serving it now
             await gw.alarm("model_revoked", f"{boot.manifest.model_id} left the whitelist "
                            f"(version {whitelist.version}): forced reboot")

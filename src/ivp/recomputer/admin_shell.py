@@ -119,7 +119,7 @@ class AdminShell:
         rows = await self._db(self.store.admin_log)
         head = adm.verify_log(rows)
         head_doc = {"seq": len(rows), "hash": head, "time": time.time()}
-        signed = env.sign(adm.LOG_HEAD, canonical(head_doc), [self.device.signing_key()])
+        signed = env.sign(adm.LOG_HEAD, canonical(head_doc), [self.device.signer()])
         return {"entries": [{**json.loads(raw), "hash": h} for _, raw, h in rows],
                 "head": to_builtins(signed)}
 

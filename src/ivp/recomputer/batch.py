@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 MAX_ITEMS = 256  # envelopes per uplink batch (gateways send 64)
 MAX_BODY = 16 * 1024 * 1024  # bytes of one uplink body (64 audit records fit many times)
 
-#: One signature to check: (signed message, signature, raw Ed25519 public key).
-SignatureTask = tuple[bytes, bytes, bytes]
+#: One signature to check: (signed message, signature, raw public key, its scheme).
+SignatureTask = tuple[bytes, bytes, bytes, str]
 
 
 def batch_items(body: bytes, max_items: int = MAX_ITEMS) -> list[Any]:
@@ -68,23 +68,25 @@ def signature_tasks(ingest: Ingest, items: Sequence[Any]
                 raw_sig = base64.b64decode(sig.sig, validate=True)
             except (binascii.Error, ValueError):
                 continue
-            out.append((i, sig.keyid, (message, raw_sig, device.key.raw)))
+            out.append((i, sig.keyid, (message, raw_sig, device.key.raw, device.key.scheme)))
     return out
 
 
 def verify_signatures(tasks: Sequence[SignatureTask]) -> list[bool]:
-    """Ed25519 checks, one bool each. Pure: runs in a worker process."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    """Signature checks, one bool each. Pure: runs in a worker process."""
+    from ivp.errors import SignatureError
+    from ivp.protocol.keys import VerifyKey
 
-    keys: dict[bytes, Ed25519PublicKey] = {}
+    keys: dict[tuple[bytes, str], VerifyKey] = {}
     out = []
-    for message, signature, raw in tasks:
+    for message, signature, raw, scheme in tasks:
         try:
-            key = keys.get(raw) or keys.setdefault(raw, Ed25519PublicKey.from_public_bytes(raw))
+            key = keys.get((raw, scheme))
+            if key is None:
+                key = keys[raw, scheme] = VerifyKey(raw, scheme)  # type: ignore[arg-type]
             key.verify(signature, message)
             out.append(True)
-        except (InvalidSignature, ValueError):
+        except (SignatureError, ValidationError):
             out.append(False)
     return out
 

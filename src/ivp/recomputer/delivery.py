@@ -154,7 +154,7 @@ class Delivery:
         relay = Relay(gateway_id=row.gateway_id, relay_seq=row.relay_seq,
                       admin_seq=row.admin_seq, instruction=row.instruction,
                       request=env.Envelope.from_bytes(row.envelope))
-        data = canonical(env.sign_message(env.RELAY, relay, self.device.signing_key()))
+        data = canonical(env.sign_message(env.RELAY, relay, self.device.signer()))
         status, answer = await self._post(row.gateway_id, "/admin", data, 30.0)
         error = answer if status == 0 else f"gateway answered {status}: {answer[:500]}"
         if status == 200:
@@ -189,7 +189,7 @@ class Delivery:
         message = Readmit(gateway_id=gateway_id, shutdown_nonce=shutdown_nonce,
                           reason=f"re-admitted by inspectors (admin log {seq})", time=now,
                           nonce=secrets.token_hex(16))
-        return canonical(env.sign_message(env.READMIT, message, self.device.signing_key()))
+        return canonical(env.sign_message(env.READMIT, message, self.device.signer()))
 
 
 

@@ -133,7 +133,7 @@ class Ingest(RecordChecks):
 
         Raises:
             StateError: the id or the key is already enrolled (use rotate_key).
-            ValidationError: the key is not a 32-byte hex Ed25519 key.
+            ValidationError: the key is not the text of an Ed25519 or P-256 key.
         """
         key = VerifyKey.from_hex(public_key)
         if device_id in self.devices:

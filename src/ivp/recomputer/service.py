@@ -48,6 +48,8 @@ from ivp.recomputer.admin_shell import AdminRefusedError, AdminShell
 from ivp.recomputer.alarms import Alarm, authenticated
 from ivp.recomputer.delivery import Delivery
 from ivp.recomputer.ingest import Ingest, Rules
+from ivp.recomputer.notices import MAX_BATCH as MAX_NOTICES
+from ivp.recomputer.notices import NoticeLog
 from ivp.recomputer.routing import RateLimiter, Route, Router
 from ivp.recomputer.sensors import SensorHub, SensorReading, SensorRules
 from ivp.recomputer.sensors import batch_items as sensor_items
@@ -111,6 +113,9 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         if self.device.bricked:
             raise BrickedError("recomputer device is bricked (tamper detected): it does nothing")
         self.store = Store(Path(config.state_dir) / "recomputer.sqlite")
+        self.notices = NoticeLog(Path(config.state_dir) / "notices.sqlite",
+                                 self.device.signer())
+        self._notice_wake = asyncio.Event()
         self.whitelist = TrustedWhitelist(config.policy)
         self._install_whitelists()
         self.sources = self._load_models()
@@ -179,10 +184,17 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         """
         sources = []
         for model_id, directory in self.config.models.items():
-            manifest = self.whitelist.manifest(model_id)
-            if manifest is None:
+            manifests = self.whitelist.manifests_for(model_id)
+            if not manifests:
                 raise ValidationError(f"--model {model_id}: not in the installed whitelist")
-            sources.append(ModelSource(manifest, read_model_files(Path(directory), manifest)))
+            # one source per serving profile (engine, dtype, δ): a BOOT names one of them;
+            # profiles of the same files share one read of them
+            read: dict[tuple[str, ...], dict[str, bytes]] = {}
+            for manifest in manifests:
+                key = tuple(f.digest for f in manifest.files)
+                if key not in read:
+                    read[key] = read_model_files(Path(directory), manifest)
+                sources.append(ModelSource(manifest, read[key]))
         return sources
 
     def _boot_envelope(self, gateway_id: str, boot_id: str) -> bytes:
@@ -233,6 +245,7 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
             self.store.add_alarms(folded)
         self._db_exec.shutdown(wait=True)
         self.store.close()
+        self.notices.close()
 
     # --- helpers ----------------------------------------------------------------------------
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -344,7 +357,7 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         now = time.time()
         order = Shutdown(gateway_id=gateway_id, reason=reason[:1000], time=now,
                          nonce=secrets.token_hex(16))
-        data = canonical(env.sign_message(env.SHUTDOWN, order, self.device.signing_key()))
+        data = canonical(env.sign_message(env.SHUTDOWN, order, self.device.signer()))
         await self._db(self.store.set_gateway, gateway_id, "shutdown", reason[:1000], now,
                        True, data)
         self.ingest.shut_down(gateway_id, reason[:1000], now)
@@ -375,6 +388,7 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
                         self.metrics.alarms(alarms)
                         await self._enforce_all(alarms)
                 await self.flush_noise()
+                await self.publish_notices()
                 if now - last_health >= self.config.health_interval:
                     last_health = now
                     await self.health_check()
@@ -439,14 +453,48 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         self.check_alive()
         return await views.status(self)
 
+    # --- notices: signed alarms and verdicts for inspectors -----------------------------------
+    async def publish_notices(self) -> int:
+        """Sign and append every alarm and verdict stored since the last call (the
+        ticker calls it each tick); wakes waiting subscribers."""
+        alarms = await self._db(self.store.alarms_after, self.notices.cursor("alarm"))
+        verdicts = await self._db(self.store.verdicts_after, self.notices.cursor("verdict"))
+        items = [("alarm", a.id, a.time, a.to_json()) for a in alarms]
+        items += [("verdict", audit_id, t, json.loads(raw))
+                  for audit_id, t, raw in verdicts]
+        items.sort(key=lambda item: (item[2], item[0], item[1]))
+        new = await self._db(self.notices.publish, items) if items else 0
+        if new:
+            self._notice_wake.set()
+            self._notice_wake = asyncio.Event()
+        return new
+
+    async def notice_feed(self, after: int, wait: float) -> dict[str, Any]:
+        """``GET /notices``: the signed notices after ``after`` (waiting up to ``wait``
+        seconds for one), and a heartbeat signed now naming the head.
+
+        Raises:
+            BrickedError: the device was tampered with (nothing is signed any more).
+        """
+        self.check_alive()
+        await self.publish_notices()
+        batch = await self._db(self.notices.after, after)
+        if not batch and wait > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._notice_wake.wait(), min(wait, 60.0))
+            batch = await self._db(self.notices.after, after)
+        beat = await self._db(self.notices.heartbeat)
+        return {"notices": [json.loads(b) for b in batch],
+                "more": len(batch) >= MAX_NOTICES, "heartbeat": json.loads(beat)}
+
     async def verdicts(self, gateway_id: str | None = None) -> list[Any]:
         self.check_alive()
         rows = await self._db(self.store.verdicts, gateway_id)
         return [json.loads(r) for r in rows]
 
-    async def alarms(self) -> list[dict[str, Any]]:
+    async def alarms(self, open_only: bool = False) -> list[dict[str, Any]]:
         self.check_alive()
-        return [a.to_json() for a in await self._db(self.store.alarms)]
+        return [a.to_json() for a in await self._db(self.store.alarms, open_only)]
 
 
 __all__ = ["DEFAULT_SHUTDOWN_ON", "AdminRefusedError", "Config", "Recomputer", "Scope"]

@@ -205,7 +205,7 @@ class UplinkShell:
         assert len(receipts) == len(outcomes), "every outcome carries its receipt"
         signed = env.sign_message(env.ACK, UplinkAck(gateway_id=gateway_id, results=receipts,
                                                      time=time.time()),
-                                  self.device.signing_key())
+                                  self.device.signer())
         return Ack(results=[UplinkResult(ok=o.ok, error="" if o.error is None else
                                          f"{type(o.error).__name__}: {o.error}")
                             for o in outcomes], signed=signed)
@@ -235,7 +235,7 @@ class UplinkShell:
     async def signed_cursor(self, gateway_id: str, boot_id: str | None) -> env.Envelope:
         """:meth:`cursor`, signed by the recomputer's device key (payload ``CURSOR``)."""
         cursor = await self.cursor(gateway_id, boot_id)
-        return env.sign_message(env.CURSOR, cursor, self.device.signing_key())
+        return env.sign_message(env.CURSOR, cursor, self.device.signer())
 
 
 def _one_gateway(a: Authenticated | Outcome, gateway_id: str | None) -> Authenticated | Outcome:
