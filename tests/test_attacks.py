@@ -37,6 +37,9 @@ ISSUE_NAMES = {
     "upload-exfiltration", "unpaired-output", "forged-audit", "replayed-audit",
     "withheld-audit", "silenced-gateway", "seed-ignored", "stego", "admin-replay",
     "admin-no-quorum", "sensor-spoof", "lone-entry",
+    # issue 12: the operator who owns the wire, the disk and the power
+    "forged-ack", "abandoned-boot", "gap-then-cheat", "log-rollback", "fake-control",
+    "junk-uplink", "timing-channel", "small-holes",
 }
 #: `ivp demo --attack NAME` run here (issue 3's acceptance; every other scenario takes
 #: the same path through the demo, and test_datacenter.py runs the default one)
@@ -81,7 +84,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
     errors: list[BaseException] = []
     live = Settings(epsilon=0.5, checkpoint_interval=1.0, cap=80, patience=20.0,
                     model_dir=tiny_model_dir)
-    off = Settings(epsilon=0.5, checkpoint_interval=1.0, cap=24, patience=8.0,
+    off = Settings(epsilon=0.5, checkpoint_interval=1.0, cap=40, patience=14.0,
                    knockouts=tuple(sorted(set(KNOCKED.values()))), model_dir=tiny_model_dir)
     plans = {"live": (resolve(["all"]), live),
              "defenceless": (resolve(list(KNOCKED)), off)}
@@ -111,6 +114,7 @@ def explain(r: Result) -> str:
     return json.dumps(r.summary(), indent=1) + "\n" + json.dumps(r.details, default=str)
 
 
+@pytest.mark.timeout(1800)  # the fixture plays every scenario, twice over, in this test
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario_is_detected_by_the_live_system(runs: dict[str, Report], name: str) -> None:
     r = result_of(runs["live"], name)
@@ -154,6 +158,22 @@ def test_server_data_never_leaves_the_gateway(runs: dict[str, Report], name: str
 def test_unpaired_output_never_reaches_a_client(runs: dict[str, Report]) -> None:
     r = result_of(runs["live"], "unpaired-output")
     assert r.requests_before_detection == 0, explain(r)
+
+
+def test_timing_channel_is_bounded(runs: dict[str, Report]) -> None:
+    """What a delaying server gets through under the release policy (issue 12, class 7)."""
+    r = result_of(runs["live"], "timing-channel")
+    within, past = r.details["within_budget"], r.details["past_budget"]
+    assert within["bits_per_response"] <= 0.25, explain(r)
+    assert past["bits_per_response"] <= r.details["bound_bits_per_response"], explain(r)
+
+
+def test_rolled_back_log_and_forged_acks_lose_no_record(runs: dict[str, Report]) -> None:
+    for name in ("forged-ack", "abandoned-boot"):
+        r = result_of(runs["live"], name)
+        assert any("arrived and was verified" in str(e) for e in r.evidence), explain(r)
+    r = result_of(runs["live"], "log-rollback")
+    assert r.details["input_after_restore"] == 403, explain(r)  # serves nothing
 
 
 def test_silenced_gateway_loses_nothing(runs: dict[str, Report]) -> None:

@@ -70,13 +70,14 @@ class InProcess:
         return canonical(ack)
 
     async def cursor(self, gateway_id: str, boot_id: str | None) -> bytes:
-        return canonical(await self.rec.cursor(gateway_id, boot_id))
+        return canonical(await self.rec.signed_cursor(gateway_id, boot_id))
 
 
 async def wired(tmp_path: Path, tiny_model_dir: Path, *, cursor: bool = True,
                 **config: Any) -> tuple[Rig, Recomputer, InProcess]:
     rig = make_rig(tmp_path / "gw", tiny_model_dir, epsilon=1.0, **config)
     rec = recomputer(rig, tmp_path)
+    trust(rig, rec)
     await enrol(rec, rig)
     link = InProcess(rec, with_cursor=cursor)
     assert rig.gw.uplink is not None
@@ -84,6 +85,13 @@ async def wired(tmp_path: Path, tiny_model_dir: Path, *, cursor: bool = True,
     if not cursor:
         rig.gw.uplink._reconcile = None
     return await started(rig), rec, link
+
+
+def trust(rig: Rig, rec: Recomputer) -> None:
+    """Give the gateway the real recomputer's key (as ``--recomputer-key`` does)."""
+    key = rec.device.public_key
+    rig.gw.recomputer_key = key
+    rig.gw._spool.recomputer_key = key
 
 
 def stored(rec: Recomputer, sql: str) -> list[bytes]:
@@ -204,7 +212,7 @@ class Deployed:
         rc_url = str(self.rc.make_url("")).rstrip("/")
         assert self.rig.gw.uplink is not None
         self.rig.gw.uplink.transport = HttpUplink(rc_url)
-        self.rig.gw.recomputer_key = self.rec.device.public_key
+        trust(self.rig, self.rec)
         await self.gw.start_server()  # starts the gateway (uplink in the background)
         self.gw_url = str(self.gw.make_url("")).rstrip("/")
         self.rig.gw.config.url = self.gw_url
@@ -298,10 +306,13 @@ def test_inspectors_instructions_are_relayed_to_the_gateways(
             assert [a["kind"] for a in await rec.alarms()] == []
             relays = (await rec.status())["gateways"]["gw-test"]["relays"]
             assert relays == {"delivered": 3}
-            # the operator replaying a relay at the gateway changes nothing
-            relay = stored(rec, "SELECT envelope FROM relays ORDER BY id LIMIT 1")[0]
-            again = await dc.gw.post("/admin", data=relay)
-            assert again.status == 200 and (await again.json())["applied"] is False
+            # the operator delivering the inspectors' request at the gateway itself (not
+            # numbered and signed by the recomputer) changes nothing
+            request = stored(rec, "SELECT envelope FROM relays ORDER BY id LIMIT 1")[0]
+            again = await dc.gw.post("/admin", data=request)
+            assert again.status == 400
+            assert (await again.json())["error"]["type"] == "ValidationError"
+            assert rig.gw._settings.relay_seq == 3
     run(body())
 
 

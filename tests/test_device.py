@@ -196,3 +196,53 @@ def test_tamper_by_another_process_is_noticed(tmp_path: Path) -> None:
         with pytest.raises(BrickedError):
             op(dev)
     assert dev._uid is None and dev._signing is None and not dev._aeads
+
+
+# --- monotonic counter ------------------------------------------------------------------------
+def test_counter_only_goes_up_and_survives_a_restart(tmp_path: Path) -> None:
+    dev = SoftDevice(tmp_path / "dev")
+    assert dev.counter() == 0
+    assert [dev.advance_counter() for _ in range(3)] == [1, 2, 3]
+    assert dev.counter() == 3
+    again = SoftDevice(tmp_path / "dev")  # power cycle
+    assert again.counter() == 3
+    assert again.advance_counter() == 4
+    assert SoftDevice(tmp_path / "dev").counter() == 4
+
+
+def test_counter_survives_a_torn_write(tmp_path: Path) -> None:
+    """A crash in the middle of a write damages one slot: the other still opens, so the
+    value read back is the last or the one before, never less."""
+    dev = SoftDevice(tmp_path / "dev")
+    for _ in range(5):
+        dev.advance_counter()
+    path = tmp_path / "dev" / "counter"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 + 30] ^= 0xFF  # the slot of value 5 (odd slot, second half)
+    path.write_bytes(bytes(data))
+    assert SoftDevice(tmp_path / "dev").counter() == 4
+
+
+def test_counter_cannot_be_edited_to_another_value(tmp_path: Path) -> None:
+    """The operator edits the counter file (to set it back or forward): it no longer
+    opens, and the device says so rather than guessing."""
+    dev = SoftDevice(tmp_path / "dev")
+    dev.advance_counter()
+    dev.advance_counter()
+    path = tmp_path / "dev" / "counter"
+    data = bytearray(path.read_bytes())
+    for i in range(0, len(data), len(data) // 2):
+        data[i + 7] = 0  # the stated value of each slot
+    path.write_bytes(bytes(data))
+    with pytest.raises(PeerDataError, match="counter does not open"):
+        SoftDevice(tmp_path / "dev").counter()
+
+
+def test_counter_refuses_when_bricked(tmp_path: Path) -> None:
+    dev = SoftDevice(tmp_path / "dev")
+    dev.advance_counter()
+    dev.tamper()
+    with pytest.raises(BrickedError):
+        dev.counter()
+    with pytest.raises(BrickedError):
+        dev.advance_counter()

@@ -122,6 +122,34 @@ def test_state_dir_copied_to_another_tpm_is_not_this_device(tmp_path: Path, swtp
             stranger.unseal("log", sealed)
 
 
+def test_counter_is_a_tpm_nv_counter_that_survives_the_disk(tmp_path: Path, swtpm: Swtpm
+                                                          ) -> None:
+    """The monotonic counter lives in the TPM: it goes up by one per advance, survives
+    a power cycle, and neither restoring the state directory nor deleting the NV index
+    (the operator's moves) sets it back (the TPM starts a redefined counter at the
+    largest value any counter on the chip had)."""
+    dev = TpmDevice(tmp_path / "dev", swtpm.tcti)
+    assert dev.counter() == 0
+    shutil.copytree(tmp_path / "dev", tmp_path / "old-copy")
+    assert [dev.advance_counter() for _ in range(3)] == [1, 2, 3]
+    assert dev.counter() == 3
+    dev.close()
+    again = TpmDevice(tmp_path / "dev", swtpm.tcti)
+    assert again.counter() == 3
+    again.close()
+    shutil.rmtree(tmp_path / "dev")
+    shutil.copytree(tmp_path / "old-copy", tmp_path / "dev")  # the disk rolled back
+    restored = TpmDevice(tmp_path / "dev", swtpm.tcti)
+    assert restored.counter() == 3
+    # delete the index with the owner's (empty) authorisation, as root could
+    restored._esys.nv_undefine_space(restored._counter_nv())
+    restored._nv = None
+    assert restored.counter() == 0  # defined again, not yet incremented ...
+    assert restored.advance_counter() > 3  # ... and it does not start below 3
+    # the state directory holds no counter: only the label and the public key
+    assert sorted(p.name for p in (tmp_path / "dev").iterdir()) == ["tpm.json"]
+
+
 def test_unreachable_tpm_is_a_transport_error(tmp_path: Path, swtpm: Swtpm) -> None:
     port = swtpm.port
     swtpm.stop()
@@ -139,6 +167,8 @@ OPS: dict[str, Callable[[TpmDevice], Any]] = {
     "random_u64": lambda d: d.random_u64(),
     "seal": lambda d: d.seal("log", b"x"),
     "unseal": lambda d: d.unseal("log", b"\x00" * 40),
+    "counter": lambda d: d.counter(),
+    "advance_counter": lambda d: d.advance_counter(),
 }
 
 

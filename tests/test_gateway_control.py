@@ -9,25 +9,66 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from test_gateway_rig import COMPLETION, Rig, flush, make_rig, run, started
 
-from ivp.errors import ChainError, ExpiredError, QuorumError, SignatureError, ValidationError
+from ivp.errors import (
+    ChainError,
+    ExpiredError,
+    QuorumError,
+    SignatureError,
+    TransportError,
+    ValidationError,
+)
+from ivp.gateway.control import RelayGapError
 from ivp.gateway.core import State
 from ivp.gateway.errors import ShutdownError
-from ivp.protocol.encoding import canonical, decode, to_builtins
-from ivp.protocol.envelope import ADMIN, READMIT, SHUTDOWN, Envelope, sign
+from ivp.protocol.acks import ControlReceipt, Relay, digest_of
+from ivp.protocol.encoding import canonical, convert, decode, to_builtins
+from ivp.protocol.envelope import (
+    ADMIN,
+    READMIT,
+    RECEIPT,
+    RELAY,
+    SHUTDOWN,
+    Envelope,
+    open_signed,
+    sign,
+)
 from ivp.protocol.keys import SigningKey
 from ivp.protocol.messages import AdminRequest, Readmit, Shutdown
 
 
-def relayed(rig: Rig, instruction: str, args: dict[str, Any], *, ttl: float = 300.0,
+def request(rig: Rig, instruction: str, args: dict[str, Any], *, ttl: float = 300.0,
             nonce: str | None = None, keys: list[SigningKey] | None = None) -> bytes:
-    """An inspectors' admin request as the recomputer relays it (quorum: one US key)."""
+    """An inspectors' admin request (quorum: one US key), as they sign it."""
     req = AdminRequest(instruction=instruction, args=args,  # type: ignore[arg-type]
                        nonce=nonce or secrets.token_hex(16), expires=time.time() + ttl)
     return sign(ADMIN, canonical(req), keys if keys is not None else
                 [rig.model.inspector]).to_bytes()
+
+
+def wrap(rig: Rig, data: bytes, seq: int | None = None,
+         key: SigningKey | None = None) -> bytes:
+    """``data`` as the recomputer relays it: the next numbered Relay, signed by it."""
+    relay = Relay(gateway_id="gw-test",
+                  relay_seq=rig.gw._settings.relay_seq + 1 if seq is None else seq,
+                  admin_seq=7, instruction="set_epsilon", request=Envelope.from_bytes(data))
+    return sign(RELAY, canonical(relay), [key or rig.recomputer_key]).to_bytes()
+
+
+def relayed(rig: Rig, instruction: str, args: dict[str, Any], **kw: Any) -> bytes:
+    """An inspectors' admin request as the recomputer relays it (the next relay)."""
+    return wrap(rig, request(rig, instruction, args, **kw))
+
+
+def receipt_of(rig: Rig, answer: dict[str, Any], data: bytes) -> ControlReceipt:
+    """The gateway's signed receipt in ``answer``, checked as the recomputer does."""
+    envelope = convert(answer["receipt"], Envelope)
+    receipt = decode(open_signed(envelope, RECEIPT, rig.device.public_key), ControlReceipt)
+    assert receipt.gateway_id == "gw-test" and receipt.digest == digest_of(data)
+    return receipt
 
 
 def readmit(rig: Rig, shutdown_nonce: str = "0123456789abcdef0123", *,
@@ -52,11 +93,14 @@ def test_relayed_epsilon_applies_from_the_next_boot_and_survives_restart(
     async def body() -> None:
         rig = await started(make_rig(tmp_path, tiny_model_dir, epsilon=1.0))
         await rig.upload()
-        answer = await rig.gw.admin(relayed(rig, "set_epsilon", {"epsilon": 0.25}))
+        data = relayed(rig, "set_epsilon", {"epsilon": 0.25})
+        answer = await rig.gw.admin(data)
+        assert receipt_of(rig, answer, data).outcome == "applied"
+        del answer["receipt"]
         assert answer == {"applied": True, "instruction": "set_epsilon", "epsilon": 0.25,
-                          "model_id": None, "effective": "next boot"}
+                          "model_id": None, "effective": "next boot", "relay_seq": 1}
         await serve_one(rig)  # still drawn at ε = 1 (this boot declared 1)
-        assert (await rig.gw.status())["audits"] == 1
+        assert rig.log.totals()[1] == 1
         await rig.upload()
         await flush(rig)
         assert [b.epsilon for b in rig.recomputer.boots] == [1.0, 0.25]
@@ -112,8 +156,8 @@ def test_relayed_whitelist_installs_and_a_retried_relay_changes_nothing(
         assert answer["applied"] is True and answer["version"] == 2
         assert rig.gw.whitelist.current is not None and rig.gw.whitelist.current.version == 2
         again = await rig.gw.admin(request)  # the recomputer resending (lost answer)
-        assert again == {"applied": False, "instruction": "whitelist_update",
-                         "reason": "this request was already applied"}
+        assert again["applied"] is False and "handled already" in again["reason"]
+        assert receipt_of(rig, again, request).outcome == "duplicate"
         # another request carrying a stale version: answered, nothing changes
         stale = await rig.gw.admin(relayed(rig, "whitelist_update", {"whitelist": v2}))
         assert stale["applied"] is False and stale["version"] == 2
@@ -135,8 +179,8 @@ def test_forged_or_stale_relayed_request_is_refused_and_nothing_changes(
             data, err, match = relayed(rig, "set_epsilon", args, keys=[SigningKey.generate()]), \
                 QuorumError, "0 valid signature"
         elif attack == "other-type":
-            good = Envelope.from_bytes(relayed(rig, "set_epsilon", args))
-            data = canonical(Envelope(SHUTDOWN, good.payload, good.signatures))
+            good = Envelope.from_bytes(request(rig, "set_epsilon", args))
+            data = wrap(rig, canonical(Envelope(SHUTDOWN, good.payload, good.signatures)))
             err, match = ValidationError, "expected payload type"
         elif attack == "expired":
             data, err, match = relayed(rig, "set_epsilon", args, ttl=-1), ExpiredError, \
@@ -156,13 +200,65 @@ def test_forged_or_stale_relayed_request_is_refused_and_nothing_changes(
             data, err, match = relayed(rig, "set_epsilon", {"epsilon": 7}), ValidationError, \
                 "EpsilonArgs"
         before = rig.gw._settings
-        stored = rig.log.get_meta("settings")
-        with pytest.raises(err, match=match):
-            await rig.gw.admin(data)
-        assert rig.gw._settings == before and rig.log.get_meta("settings") == stored
+        answer = await rig.gw.admin(data)  # refused: answered with a signed receipt
+        receipt = receipt_of(rig, answer, data)
+        assert answer["applied"] is False and receipt.outcome == "refused"
+        assert receipt.detail.startswith(err.__name__) and match in receipt.detail
+        # nothing changed but the relay's number, used up (the next relay may follow)
+        assert msgspec.structs.replace(rig.gw._settings, relay_seq=before.relay_seq) == before
+        assert rig.gw._settings.relay_seq == before.relay_seq + 1
         await rig.upload()
         await flush(rig)
         assert rig.recomputer.boots[-1].epsilon == (0.5 if attack == "nonce-reused" else 1.0)
+        await rig.gw.close()
+    run(body())
+
+
+def test_relays_apply_in_order_and_an_old_one_after_a_newer_is_refused(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Attack: the operator holds back an old set_epsilon (ε = 0.01) and delivers it
+    after the newer one (ε = 0.2): the gateway once applied it and audited at a tenth of
+    the agreed rate. Relays are numbered by the recomputer; an older number is refused
+    and changes nothing, a number ahead of the next waits (409)."""
+    async def body() -> None:
+        rig = await started(make_rig(tmp_path, tiny_model_dir, epsilon=1.0))
+        old = relayed(rig, "set_epsilon", {"epsilon": 0.01})  # relay 1, held back
+        new = wrap(rig, request(rig, "set_epsilon", {"epsilon": 0.2}), seq=2)
+        with pytest.raises(RelayGapError, match="relay 2 before relay 1"):
+            await rig.gw.admin(new)  # 2 cannot overtake 1
+        assert rig.gw._settings.epsilon is None
+        assert (await rig.gw.admin(old))["applied"] is True
+        assert (await rig.gw.admin(new))["applied"] is True
+        replayed = await rig.gw.admin(old)  # the old one delivered again, after the new
+        assert replayed["applied"] is False and receipt_of(rig, replayed, old).outcome == \
+            "duplicate"
+        assert rig.gw._settings.epsilon == 0.2 and rig.gw._settings.relay_seq == 2
+        await rig.gw.close()
+    run(body())
+
+
+@pytest.mark.parametrize("attack", ["bare-request", "operator-key", "other-gateway"])
+def test_relays_only_from_the_recomputer_for_this_gateway(
+        tmp_path: Path, tiny_model_dir: Path, attack: str) -> None:
+    """Attack: the operator delivers the inspectors' requests itself (bare, or in a
+    relay of its own making, or meant for another gateway), in an order it chooses."""
+    async def body() -> None:
+        rig = await started(make_rig(tmp_path, tiny_model_dir, epsilon=1.0))
+        bare = request(rig, "set_epsilon", {"epsilon": 0.01})
+        if attack == "bare-request":
+            data, err, match = bare, ValidationError, "inside a numbered Relay"
+        elif attack == "operator-key":
+            data, err, match = wrap(rig, bare, key=SigningKey.generate()), SignatureError, \
+                "no valid signature"
+        else:
+            relay = Relay(gateway_id="gw-other", relay_seq=1, admin_seq=1,
+                          instruction="set_epsilon", request=Envelope.from_bytes(bare))
+            data = sign(RELAY, canonical(relay), [rig.recomputer_key]).to_bytes()
+            err, match = SignatureError, "for gateway 'gw-other'"
+        before = rig.gw._settings
+        with pytest.raises(err, match=match):
+            await rig.gw.admin(data)
+        assert rig.gw._settings == before
         await rig.gw.close()
     run(body())
 
@@ -179,6 +275,8 @@ def test_readmit_lifts_the_shutdown_it_names_then_a_fresh_upload_serves(
         assert rig.gw.state is State.SHUTDOWN and not rig.server.powered
         message = readmit(rig, nonce)
         answer = await rig.gw.control(message)
+        assert receipt_of(rig, answer, message).outcome == "applied"
+        del answer["receipt"]
         assert answer == {"state": "upload", "readmitted": True}
         assert rig.server.powered and rig.server.state == "empty"
         assert (await rig.gw.control(message))["readmitted"] is False  # resent: no change
@@ -357,30 +455,40 @@ def test_lost_ack_before_a_crash_is_reconciled_at_start(tmp_path: Path,
     run(body())
 
 
-def test_cursor_claiming_more_than_was_stored_only_drops_what_the_recomputer_misses(
+def test_a_cursor_not_signed_by_the_recomputer_drops_nothing(
         tmp_path: Path, tiny_model_dir: Path) -> None:
     """Attack: the operator answers the cursor in the recomputer's name, claiming the
-    spooled audit records were stored. The gateway drops them — exactly what dropping
-    them on the wire would do — and the next record shows the gap at the recomputer."""
+    spooled audit record was stored (a forged cursor once made the gateway drop its
+    spool). Unsigned, or signed by another key, it is not believed: the record stays
+    and reaches the recomputer."""
+    from ivp.protocol.envelope import CURSOR, sign_message
+    from ivp.protocol.messages import UplinkCursor
+
     async def body() -> None:
         rig = await started(make_rig(tmp_path, tiny_model_dir, epsilon=1.0))
         assert rig.gw.uplink is not None
         await rig.upload()
         await flush(rig)
-        await serve_one(rig)
         real = rig.recomputer.cursor
+        forgeries = iter([lambda c: canonical(c),
+                          lambda c: canonical(sign_message(CURSOR, c, SigningKey.generate()))])
 
         async def lying(gateway_id: str, boot_id: str | None) -> bytes:
-            from ivp.protocol.messages import UplinkCursor
-            honest = decode(await real(gateway_id, boot_id), UplinkCursor)
-            import msgspec
-            return canonical(msgspec.structs.replace(honest, next_audit_seq=2))
+            raw = await real(gateway_id, boot_id)
+            honest = decode(Envelope.from_bytes(raw).payload_bytes(), UplinkCursor)
+            return next(forgeries)(msgspec.structs.replace(honest, next_audit_seq=9))
 
         rig.recomputer.cursor = lying  # type: ignore[method-assign]
-        rig.gw.uplink._stale = True
-        await serve_one(rig)
-        await flush(rig)
-        assert [a.audit_seq for a in rig.recomputer.audits] == [2]  # record 1 never came
+        for _ in range(2):
+            rig.recomputer.mode = "down"
+            await serve_one(rig)
+            with pytest.raises(TransportError):
+                await rig.gw.uplink.flush_once()
+            rig.recomputer.mode = "ok"
+            assert rig.gw.uplink._stale
+            await flush(rig)  # reconciles first: the lie is not believed
+        assert "cursor not believed" in rig.gw.uplink.stats.last_error
+        assert [a.audit_seq for a in rig.recomputer.audits] == [1, 2]  # nothing dropped
         await rig.gw.close()
     run(body())
 

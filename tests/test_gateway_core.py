@@ -16,6 +16,7 @@ from ivp.errors import (
     BrickedError,
     SignatureError,
     StateError,
+    TransportError,
     ValidationError,
 )
 from ivp.gateway.core import State
@@ -322,7 +323,7 @@ def test_a_tampered_row_among_draws_sharing_a_commit_undoes_no_other(
         db.close()
         await asyncio.gather(*(r.after_release() for r in replies))  # one queued run
         status = await rig.gw.status()
-        assert status["audits"] == 3 and status["pairs_served"] == 4
+        assert rig.log.totals() == (4, 3) and status["pairs_served"] == 4
         assert rig.log.pair_count() == 1  # the altered row stays for recovery
         assert [a["kind"] for a in await rig.gw.alarms()] == ["log_corrupt"]
         await flush(rig)
@@ -382,7 +383,7 @@ def test_epsilon_sampling_rate_is_plausible(tmp_path: Path, tiny_model_dir: Path
         for _ in range(200):
             r = await rig.gw.complete("completions", COMPLETION)
             await r.after_release()
-        audits = (await rig.gw.status())["audits"]
+        audits = rig.log.totals()[1]
         assert 25 <= audits <= 80  # Binomial(200, 0.25): mean 50, sd 6.1
         await rig.gw.close()
     run(body())
@@ -508,9 +509,11 @@ def test_restart_decides_undecided_pairs_and_continues_the_audit_sequence(
     run(body())
 
 
-@pytest.mark.parametrize("mode", ["down", "garbage", "short"])
+@pytest.mark.parametrize("mode", ["down", "garbage", "forge", "short", "retry"])
 def test_uplink_failures_lose_nothing(tmp_path: Path, tiny_model_dir: Path, mode: str) -> None:
-    """A recomputer that is away or answers garbage acks: records stay spooled."""
+    """A recomputer that is away, answers garbage, an operator answering in its name
+    (``ok: true`` for everything, unsigned), a signed Ack that leaves a record out, or
+    one that says "retry": every record not named held by a signed receipt stays."""
     async def body() -> None:
         rig = await started(make_rig(tmp_path, tiny_model_dir, epsilon=1.0))
         assert rig.gw.uplink is not None
@@ -519,13 +522,26 @@ def test_uplink_failures_lose_nothing(tmp_path: Path, tiny_model_dir: Path, mode
         for _ in range(3):
             r = await rig.gw.complete("completions", COMPLETION)
             await r.after_release()
-        with pytest.raises(Exception, match=r"unreachable|garbage"):
+        if mode in ("short", "retry"):
             await rig.gw.uplink.flush_once()
-        assert rig.log.spool_depth() == 4
+            assert rig.log.spool_depth() == (1 if mode == "short" else 4)
+        else:
+            with pytest.raises(TransportError, match=r"unreachable|garbage|unsigned"):
+                await rig.gw.uplink.flush_once()
+            # + the signed alarm about the forged answer (the recomputer must learn of it)
+            assert rig.log.spool_depth() == (5 if mode == "forge" else 4)
+        if mode == "forge":  # alarmed once (uplinked), however often it is forged
+            with pytest.raises(TransportError):
+                await rig.gw.uplink.flush_once()
+            kinds = [a["kind"] for a in rig.log.alarms()]
+            assert kinds.count("uplink_forged_ack") == 1
+            rig.recomputer.audits.clear()  # what the forging operator passed on: not held
+        rig.gw.uplink._held.clear()  # no pause before the retry, for the test
         rig.recomputer.mode = "ok"
+        rig.recomputer.replays = 0
         await flush(rig)
         assert rig.log.spool_depth() == 0
-        assert [a.audit_seq for a in rig.recomputer.audits] == [1, 2, 3]
+        assert sorted(a.audit_seq for a in rig.recomputer.audits) == [1, 2, 3]
         await rig.gw.close()
     run(body())
 
@@ -705,15 +721,20 @@ def test_no_key_material_on_disk_after_tamper(tmp_path: Path, tiny_model_dir: Pa
                      st.sampled_from(["results", "ok", "error", "accepted"]), c, max_size=3),
                  max_leaves=8).map(lambda v: json.dumps(v).encode())))
 def test_garbage_acks_never_drop_a_record(answer: bytes) -> None:
-    """Hypothesis: whatever the 'recomputer' answers, a record leaves the spool only
-    under a well-formed Ack that names it."""
+    """Hypothesis: whatever the 'recomputer' answers without the recomputer's key, no
+    record leaves the spool (only a signed receipt naming it may delete it)."""
+    from ivp.gateway.answers import Spooled, judge_ack
     from ivp.gateway.uplink import Uplink
+    from ivp.protocol.keys import SigningKey
 
-    store = {1: b"{}", 2: b"{}"}
+    store = {1: Spooled(1, "AUDIT", "b", 1, b'{"payloadType":"x","payload":"","signatures":[]}'),
+             2: Spooled(2, "AUDIT", "b", 2, b'{"payloadType":"x","payload":"e30=",'
+                                            b'"signatures":[]}')}
     removed: list[int] = []
+    key = SigningKey.generate().verify_key
 
-    async def fetch(n: int) -> list[tuple[int, bytes]]:
-        return list(store.items())[:n]
+    async def fetch(n: int, skip: frozenset[int] = frozenset()) -> list[Spooled]:
+        return [v for k, v in store.items() if k not in skip][:n]
 
     async def done(acked: list[int], refused: list[tuple[int, str]]) -> None:
         removed.extend(acked)
@@ -727,15 +748,13 @@ def test_garbage_acks_never_drop_a_record(answer: bytes) -> None:
             return answer
 
     async def body() -> None:
-        up = Uplink(Garbage(), fetch, done, alarm)
+        up = Uplink(Garbage(), fetch, done, alarm,
+                    lambda raw, batch: judge_ack(raw, batch, key, "gw-test"))
         try:
             await up.flush_once()
         except Exception as exc:
             assert type(exc).__name__ == "TransportError"
-            assert removed == []
-            return
-        ack = json.loads(answer)  # accepted: it must have been a well-formed 2-result Ack
-        assert len(ack["results"]) == 2 and sorted(removed) == [1, 2]
+        assert removed == []
     run(body())
 
 
@@ -761,7 +780,7 @@ def test_client_leaving_during_the_commit_still_gets_its_pair_drawn(
             await task
         await asyncio.sleep(0.4)
         assert rig.log.pair_count() == 0
-        assert (await rig.gw.status())["audits"] == 1
+        assert rig.log.totals()[1] == 1
         await rig.gw.close()
     run(body())
 

@@ -24,9 +24,20 @@ from test_gateway_rig import MODEL_ID, tiny
 
 from ivp.errors import PeerDataError
 from ivp.protocol import chain
-from ivp.protocol.encoding import canonical, decode
-from ivp.protocol.envelope import ALARM, AUDIT, BOOT, CHECKPOINT, Envelope, open_signed
-from ivp.protocol.keys import VerifyKey
+from ivp.protocol.acks import UplinkAck, UplinkReceipt, payload_digest
+from ivp.protocol.encoding import canonical, decode, to_builtins
+from ivp.protocol.envelope import (
+    ACK,
+    ALARM,
+    AUDIT,
+    BOOT,
+    CHECKPOINT,
+    HEARTBEAT,
+    Envelope,
+    open_signed,
+    sign_message,
+)
+from ivp.protocol.keys import SigningKey, VerifyKey
 from ivp.protocol.messages import AuditRecord, BootRecord, Checkpoint, GatewayAlarm
 
 pytestmark = pytest.mark.slow
@@ -50,6 +61,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.key: VerifyKey | None = None
+        self.signer = SigningKey.generate()  # the "recomputer" key: it signs every answer
         self.audits: list[AuditRecord] = []
         self.boots: list[BootRecord] = []
         self.checkpoints: list[Checkpoint] = []
@@ -86,6 +98,8 @@ class Receiver:
             self.checkpoints.append(decode(payload, Checkpoint))
         elif env.payloadType == ALARM:
             self.alarms.append(decode(payload, GatewayAlarm))
+        elif env.payloadType == HEARTBEAT:
+            return
         elif env.payloadType == AUDIT:
             rec = decode(payload, AuditRecord)
             if self.stored.get((rec.boot_id, rec.audit_seq)) == payload:
@@ -103,15 +117,28 @@ class Receiver:
             raise PeerDataError("unknown type")
 
     async def _uplink(self, request: web.Request) -> web.Response:
-        results = []
+        results, receipts = [], []
         for raw in json.loads(await request.read())["envelopes"]:
+            env = decode(canonical(raw), Envelope)
+            payload = json.loads(env.payload_bytes())
+            kind = {AUDIT: "audit", BOOT: "boot", CHECKPOINT: "checkpoint", ALARM: "alarm",
+                    HEARTBEAT: "heartbeat"}[env.payloadType]
+            n = {"audit": payload.get("audit_seq", 0), "alarm": payload.get("seq", 0),
+                 "checkpoint": payload.get("pairs_served", 0)}.get(kind, 0)
+            status = "stored"
             try:
-                self._accept(decode(canonical(raw), Envelope))
+                self._accept(env)
                 results.append({"ok": True, "error": ""})
             except PeerDataError as exc:
                 self.refused.append(str(exc))
                 results.append({"ok": False, "error": str(exc)})
-        return web.json_response({"results": results})
+                status = "refused"
+            receipts.append(UplinkReceipt(digest=payload_digest(env.payload_bytes()),
+                                          status=status, kind=kind,  # type: ignore[arg-type]
+                                          boot_id=payload.get("boot_id"), n=n))
+        ack = UplinkAck(gateway_id="gw-loop", results=receipts, time=time.time())
+        return web.json_response({"results": results, "signed": to_builtins(
+            sign_message(ACK, ack, self.signer))})
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -141,7 +168,9 @@ class GatewayProc:
         self.proc = subprocess.Popen([
             sys.executable, "-m", "ivp.cli", "gateway", "--state", str(self.state),
             "--gateway-id", "gw-loop", "--port", str(self.port),
-            "--recomputer", self.receiver.url, "--policy", str(self.state / "policy.json"),
+            "--recomputer", self.receiver.url,
+            "--recomputer-key", self.receiver.signer.verify_key.hex,
+            "--policy", str(self.state / "policy.json"),
             "--whitelist", str(self.state / "whitelist.json"), "--epsilon", str(self.epsilon),
             "--checkpoint-interval", "0.5",
         ], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -111,8 +111,8 @@ def make_rig(state_dir: Path, model_dir: Path, *, epsilon: float = 1.0,
     trusted.update(whitelist_bytes or model.whitelist_bytes)
     server = server or FakeServer()
     power = FakePower(server)
-    rc = FakeRecomputer(gateway_key=None if device.bricked else device.public_key)
     rkey = recomputer_key or SigningKey.from_seed(b"r" * 32)
+    rc = FakeRecomputer(gateway_key=None if device.bricked else device.public_key, key=rkey)
     config.setdefault("checkpoint_interval", 0)
     gw = Gateway(GatewayConfig(gateway_id="gw-test", epsilon=epsilon, **config), device, log,
                  trusted, server, power, uplink=rc if with_uplink else None,

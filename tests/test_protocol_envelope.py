@@ -215,7 +215,7 @@ def test_wrong_key_and_missing_signature_fail() -> None:
 def test_signature_checked_over_received_bytes() -> None:
     """Non-canonical bytes verify as signed and come back untouched; a re-serialised copy
     (same meaning, other bytes) does not verify: nothing is re-encoded before checking."""
-    received = b'{ "v": 1, "time": 10.0, "gateway_id": "gw-1", "boot_id": "b1", ' \
+    received = b'{ "v": 2, "time": 10.0, "gateway_id": "gw-1", "boot_id": "b1", ' \
                b'"pairs_served": 5, "audits": 1, "chain_head": "' + b"ab" * 32 + b'" }'
     env = dsse.sign(dsse.CHECKPOINT, received, [ALICE])
     payload = dsse.open_signed(env, dsse.CHECKPOINT, ALICE.verify_key)

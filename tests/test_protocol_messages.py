@@ -17,12 +17,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ivp.errors import ValidationError
+from ivp.protocol.acks import (
+    NO_DIGEST,
+    ControlReceipt,
+    Heartbeat,
+    Relay,
+    UplinkAck,
+    UplinkReceipt,
+)
 from ivp.protocol.encoding import canonical, convert, decode, to_builtins
 from ivp.protocol.envelope import Envelope, Signature
 from ivp.protocol.messages import (
     Ack,
     AdminRequest,
     AuditRecord,
+    BootClose,
     BootRecord,
     Checkpoint,
     FileEntry,
@@ -34,6 +43,7 @@ from ivp.protocol.messages import (
     ServerResponse,
     Shutdown,
     Tag,
+    UplinkCursor,
     UplinkResult,
     Verdict,
     Whitelist,
@@ -90,6 +100,22 @@ SAMPLES: list[msgspec.Struct] = [
     Whitelist(version=3, expires=2e9, manifests=[manifest("a"), manifest("b")]),
     AdminRequest(instruction="set_epsilon", args={"epsilon": 0.1}, nonce="n" * 16,
                  expires=2e9),
+    # version 2 and the signed answers (ivp.protocol.acks)
+    BootRecord(gateway_id="gw-1", boot_id="boot-8", model_id="tiny-llama",
+               manifest_digest=H, epsilon=0.2, time=6.0, counter=41,
+               previous=BootClose(boot_id="boot-7", pairs_served=10, audits=2, chain_head=H,
+                                  counter=40)),
+    UplinkCursor(gateway_id="gw-1", boot_id="boot-7", boot_known=True, next_audit_seq=3,
+                 audits_above=[5, 6], alarms_above=[9]),
+    UplinkAck(gateway_id="gw-1", time=7.0, results=[
+        UplinkReceipt(digest=H, status="stored", kind="audit", boot_id="boot-7", n=3),
+        UplinkReceipt(digest=NO_DIGEST, status="retry", error="SignatureError: unenrolled")]),
+    Relay(gateway_id="gw-1", relay_seq=2, admin_seq=17, instruction="set_epsilon",
+          request=Envelope(payloadType="t", payload="", signatures=[])),
+    ControlReceipt(gateway_id="gw-1", kind="shutdown", digest=H, ref="n" * 16,
+                   outcome="applied", state="shutdown", time=8.0, counter=42),
+    Heartbeat(gateway_id="gw-1", state="shutdown", time=9.0, counter=43,
+              shutdown_nonce="n" * 16),
 ]
 
 
@@ -154,19 +180,45 @@ def test_all_top_level_messages_are_versioned() -> None:
 
 
 @pytest.mark.parametrize("msg", VERSIONED, ids=lambda m: type(m).__name__)
-@pytest.mark.parametrize("v", [0, 2, -1, 10**6])
-def test_wrong_version_rejected(msg: msgspec.Struct, v: int) -> None:
+@pytest.mark.parametrize("v", [0, "next", -1, 10**6])
+def test_wrong_version_rejected(msg: msgspec.Struct, v: Any) -> None:
     obj = json.loads(canonical(msg))
-    obj["v"] = v
+    obj["v"] = max(type(msg).VERSIONS) + 1 if v == "next" else v  # type: ignore[attr-defined]
     with pytest.raises(ValidationError, match="version"):
         decode(json.dumps(obj).encode(), type(msg))
 
 
 @pytest.mark.parametrize("msg", VERSIONED, ids=lambda m: type(m).__name__)
-def test_missing_version_means_v1(msg: msgspec.Struct) -> None:
+def test_missing_version_means_the_current_one(msg: msgspec.Struct) -> None:
     obj = json.loads(canonical(msg))
     del obj["v"]
     assert decode(json.dumps(obj).encode(), type(msg)) == msg
+
+
+def test_version_1_boot_and_checkpoint_still_decode_without_the_new_fields() -> None:
+    """A v1 record (before the monotonic counter) reads as v1; one that carries a
+    field v1 does not have is refused (it would be a v2 record mislabelled)."""
+    boot = json.loads(canonical(SAMPLES[6]))
+    boot["v"] = 1
+    assert decode(json.dumps(boot).encode(), BootRecord).v == 1
+    boot["counter"] = 5
+    with pytest.raises(ValidationError, match="counter not in BootRecord version 1"):
+        decode(json.dumps(boot).encode(), BootRecord)
+    cp = json.loads(canonical(SAMPLES[7]))
+    cp["v"] = 1
+    assert decode(json.dumps(cp).encode(), Checkpoint).drawn == 10
+    cp["undecided"] = 1
+    with pytest.raises(ValidationError, match="undecided not in Checkpoint version 1"):
+        decode(json.dumps(cp).encode(), Checkpoint)
+
+
+def test_checkpoint_pending_draws_are_bounded_by_pairs() -> None:
+    with pytest.raises(ValueError, match="2 audits and 9 pending draws of only 10 pairs"):
+        Checkpoint(gateway_id="g", boot_id="b", pairs_served=10, chain_head=H, audits=2,
+                   time=1.0, undecided=9)
+    cp = Checkpoint(gateway_id="g", boot_id="b", pairs_served=10, chain_head=H, audits=2,
+                    time=1.0, undecided=3, counter=7)
+    assert cp.drawn == 7
 
 
 def _with(msg: msgspec.Struct, path: str, value: Any) -> bytes:

@@ -42,10 +42,23 @@ async def refused(rec: Recomputer, data: bytes) -> AdminRefusedError:
     return info.value
 
 
-def refusal_case(config: Any, data_of: Any, error: type, match: str) -> None:
+async def refused_unlogged(rec: Recomputer, data: bytes) -> AdminRefusedError:
+    """Refused, and with no valid inspector signature: not in the log at all."""
+    before = (set(rec.ingest.devices), set(rec.admin.nonces), rec.admin.seq,
+              len(rec.store.admin_log()))
+    with pytest.raises(AdminRefusedError) as info:
+        await rec.handle_admin(data)
+    assert info.value.log_seq is None
+    assert (set(rec.ingest.devices), set(rec.admin.nonces), rec.admin.seq,
+            len(rec.store.admin_log())) == before
+    return info.value
+
+
+def refusal_case(config: Any, data_of: Any, error: type, match: str,
+                 logged: bool = True) -> None:
     async def main() -> None:
         rec = Recomputer(config)
-        err = await refused(rec, data_of())
+        err = await (refused if logged else refused_unlogged)(rec, data_of())
         assert type(err.cause) is error, err.cause
         assert match in str(err.cause)
         await rec.close()
@@ -103,7 +116,7 @@ def test_other_document_type_is_refused(config, inspectors) -> None:
     """Abuse: a quorum signature over another document type replayed as an instruction."""
     refusal_case(config, lambda: inspectors.request("enrol_device", enrol_args(),
                                                     payload_type=env.WHITELIST),
-                 ValidationError, "expected payload type")
+                 ValidationError, "expected payload type", logged=False)
 
 
 def test_malformed_arguments_are_refused(config, inspectors) -> None:
@@ -113,8 +126,18 @@ def test_malformed_arguments_are_refused(config, inspectors) -> None:
                  ValidationError, "epsilon")
 
 
-def test_garbage_is_refused_and_logged(config) -> None:
-    refusal_case(config, lambda: b"\x00garbage", ValidationError, "Envelope")
+def test_junk_is_refused_without_a_permanent_log_entry(config) -> None:
+    """Attack: unauthenticated junk POSTed to /admin, over and over: each once added a
+    permanent entry to the append-only admin log. A request with no valid inspector
+    signature is refused and counted, never logged."""
+    refusal_case(config, lambda: b"\x00garbage", ValidationError, "Envelope", logged=False)
+    outsider = SigningKey.generate()
+    deep = b'{"instruction":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    refusal_case(config, lambda: env.sign(env.ADMIN, deep, [outsider]).to_bytes(),
+                 ValidationError, "nested too deeply", logged=False)
+    refusal_case(config, lambda: env.sign(env.ADMIN, b'{"instruction":"set_epsilon"}',
+                                          [outsider]).to_bytes(),
+                 QuorumError, "0 valid signature(s)", logged=False)
 
 
 def test_replayed_nonce_is_refused_also_after_restart(config, inspectors) -> None:

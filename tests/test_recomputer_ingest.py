@@ -97,15 +97,40 @@ def test_gateway_speaking_for_another_is_refused(booted, tiny_engine, tiny_manif
     assert ("gw-b", other.boot_id) not in ing.boots
 
 
-def test_sequence_gap_is_refused_and_alarmed(booted) -> None:
-    """Attack: the operator withholds audit record 2 (the cheating pair) and sends 3."""
+def test_record_after_a_gap_is_stored_and_the_gap_alarmed(booted) -> None:
+    """Attack: the operator withholds audit record 2 (the cheating pair) and sends 3.
+
+    Record 3 and every later one are stored and verified (one withheld record must not
+    make the rest of the boot unauditable); the gap stays open until 2 arrives."""
     ing, gw = booted
     assert admit(ing, gw.audit()).ok
-    gw.audit()  # record 2, withheld
+    late = gw.audit()  # record 2, held back
     out = admit(ing, gw.audit())
-    assert isinstance(out.error, ChainError)
-    assert str(out.error) == "audit sequence gap: got 3, expected 2 (1 record(s) withheld)"
+    assert out.ok and out.effect is not None and out.effect.kind == "audit"
     assert kinds(out) == ["sequence_gap"]
+    assert out.alarms[0].detail.startswith("audit sequence gap: got 3, expected 2 (1 record(s) "
+                                           "missing)")
+    assert out.receipt is not None and out.receipt.status == "stored"
+    assert admit(ing, gw.audit()).ok and seq_of(ing, gw) == 2  # 4: no second alarm
+    out = admit(ing, late)  # the gap closes
+    assert out.ok and kinds(out) == []
+    assert seq_of(ing, gw) == 5
+    assert ing.boots[(gw.gateway_id, gw.boot_id)].sequence.above == {}
+
+
+def test_record_filling_a_gap_must_sit_between_its_neighbours(booted) -> None:
+    """Attack: a late record for a hole carrying a pair from elsewhere in the boot."""
+    ing, gw = booted
+    p0, p1, p2 = gw.pair(), gw.pair(), gw.pair()
+    assert admit(ing, gw.audit(p0)).ok
+    gw.audit(p1)  # record 2 held back
+    assert admit(ing, gw.audit(p2)).ok
+    gw.audit_seq = 1  # a second record numbered 2, holding pair 2 again
+    out = admit(ing, gw.audit(p2))
+    assert isinstance(out.error, ChainError) and kinds(out) == ["pair_order"]
+    assert "not before pair 2 of the record after" in str(out.error)
+    assert out.receipt is not None and out.receipt.status == "refused"
+    assert out.evidence is not None and out.evidence.n == 2
     assert seq_of(ing, gw) == 2
 
 
@@ -378,8 +403,9 @@ def test_audit_arriving_after_its_checkpoint_must_lie_within_it(booted) -> None:
 def _checkpoint(gw: ScriptedGateway, pairs: int, audits: int, head: str | None) -> Any:
     from ivp.protocol.messages import Checkpoint
 
+    gw.counter += 1
     return Checkpoint(gateway_id=gw.gateway_id, boot_id=gw.boot_id, pairs_served=pairs,
-                      audits=audits, chain_head=head or gw.head, time=NOW)
+                      audits=audits, chain_head=head or gw.head, time=NOW, counter=gw.counter)
 
 
 # --- the gateways' own alarms ---------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace as dc_replace
@@ -18,6 +19,8 @@ from test_recomputer_support import MODEL_ID, Inspectors, ScriptedGateway, body,
 
 from ivp.errors import BrickedError, ValidationError
 from ivp.protocol import envelope as env
+from ivp.protocol.acks import ControlReceipt, digest_of
+from ivp.protocol.encoding import to_builtins
 from ivp.protocol.keys import SigningKey, VerifyKey
 from ivp.protocol.messages import Shutdown
 from ivp.recomputer.app import make_app
@@ -35,6 +38,7 @@ class FakeGateway:
         self.controls: list[bytes] = []
         self.served = 0
         self.server: TestServer | None = None
+        self.key: SigningKey | None = None  # signs receipts (None: the operator's 200)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -47,9 +51,17 @@ class FakeGateway:
                                       "model": payload["model"], "by": self.gateway_id})
 
         async def control(request: web.Request) -> web.Response:
-            self.controls.append(await request.read())
+            data = await request.read()
+            self.controls.append(data)
             self.state = "shutdown"
-            return web.json_response({"state": "shutdown"})
+            answer: dict[str, Any] = {"state": "shutdown"}
+            if self.key is not None:  # what a real gateway signs
+                receipt = ControlReceipt(gateway_id=self.gateway_id, kind="shutdown",
+                                         digest=digest_of(data), ref="x", outcome="applied",
+                                         state="shutdown", time=time.time())
+                answer["receipt"] = to_builtins(env.sign_message(env.RECEIPT, receipt,
+                                                                 self.key))
+            return web.json_response(answer)
 
         async def status(request: web.Request) -> web.Response:
             return web.json_response({"gateway_id": self.gateway_id, "state": self.state,
@@ -86,10 +98,11 @@ async def online(rec: Recomputer, client: TestClient, inspectors: Inspectors,
                  gw: ScriptedGateway, fake: FakeGateway) -> None:
     """Start the fake gateway, enrol it, send its BOOT."""
     gw.url = await fake.start()
+    fake.key = gw.key
     fake.boot_id = gw.boot_id
     await enrol(rec, inspectors, gw)
     r = await client.post("/uplink", data=body(gw.boot()))
-    assert (await r.json()) == {"results": [{"ok": True, "error": ""}]}
+    assert (await r.json())["results"] == [{"ok": True, "error": ""}]
 
 
 def test_honest_audits_are_stored_then_verified_and_pass(config, inspectors, gateway) -> None:
@@ -267,9 +280,14 @@ def test_rate_limit_per_client(config, inspectors, gateway) -> None:
             codes = [(await client.post("/v1/completions", json={"model": MODEL_ID})).status
                      for _ in range(3)]
             assert codes == [200, 200, 429]
-            r = await client.post("/v1/completions", json={"model": MODEL_ID},
-                                  headers={"Authorization": "Bearer other-client"})
-            assert r.status == 200
+            # Attack: a fresh Authorization header per request (ivp verifies none, so it
+            # must not buy a fresh bucket: 12 of 12 got through that way)
+            for i in range(12):
+                r = await client.post("/v1/completions", json={"model": MODEL_ID},
+                                      headers={"Authorization": f"Bearer rotated-{i}"})
+                assert r.status == 429, i
+                assert (await r.json())["error"]["type"] == "RateLimitedError"
+            assert fake.served == 2  # nothing more reached the gateway
         await fake.close()
     run(main())
 
@@ -285,7 +303,7 @@ def test_cluster_shutdown_policy_and_readmission(config, inspectors, tiny_engine
                 await online(rec, client, inspectors, gw, fake)
             gws[0].audit_seq = 4  # a gap: records 1..4 withheld
             r = await client.post("/uplink", data=body(gws[0].audit(max_tokens=3)))
-            assert (await r.json())["results"][0]["ok"] is False
+            assert (await r.json())["results"][0]["ok"] is True  # stored after the gap
             for _ in range(100):
                 if all(f.controls for f in fakes):
                     break
@@ -487,9 +505,12 @@ def test_uplink_cursor_and_gateway_alarms_survive_a_restart(config, inspectors,
             assert [x["ok"] for x in (await r.json())["results"]] == [True] * 3
             r = await client.get(f"/uplink/cursor?gateway_id=gw-a&boot_id={gateway.boot_id}")
             assert r.status == 200
-            cur = await r.json()
-            assert (cur["boot_known"], cur["next_audit_seq"], cur["next_alarm_seq"]) == \
-                (True, 2, 2)
+            from ivp.protocol.encoding import convert, decode
+            from ivp.protocol.messages import UplinkCursor
+            signed = convert(await r.json(), env.Envelope)  # signed by the recomputer's key
+            cur = decode(env.open_signed(signed, env.CURSOR, rec.device.public_key),
+                         UplinkCursor)
+            assert (cur.boot_known, cur.next_audit_seq, cur.next_alarm_seq) == (True, 2, 2)
             r = await client.get("/uplink/cursor")
             assert r.status == 400 and "gateway_id" in (await r.json())["error"]["message"]
             r = await client.get("/uplink/cursor?gateway_id=bad%20id")
@@ -502,4 +523,31 @@ def test_uplink_cursor_and_gateway_alarms_survive_a_restart(config, inspectors,
             r = await client.post("/uplink", data=body(alarm))
             assert (await r.json())["results"][0]["error"].startswith("ChainError: gateway "
                                                                       "alarm 1 replayed")
+    run(main())
+
+
+def test_nested_json_is_a_400_not_a_500(config) -> None:
+    """Attack: a body nested 100,000 deep raised RecursionError (HTTP 500) on INPUT, the
+    uplink and the sensors route; it is bad input, answered 400 ValidationError."""
+    async def main() -> None:
+        async with serving(config) as (_rec, client):
+            deep = b"[" * 100_000 + b"]" * 100_000
+            for path in ("/v1/completions", "/uplink", "/sensors"):
+                r = await client.post(path, data=deep)
+                assert r.status == 400, path
+                assert (await r.json())["error"]["type"] == "ValidationError", path
+    run(main())
+
+
+def test_junk_uplink_is_refused_whole_before_any_per_item_work(config) -> None:
+    """Attack: 300,000 junk items in one uplink body once stalled the recomputer 23 s;
+    the batch is refused at once, naming the cap, and nothing is stored or alarmed."""
+    async def main() -> None:
+        async with serving(config) as (rec, client):
+            r = await client.post("/uplink", data=json.dumps({"envelopes": [{}] * 300_000}))
+            assert r.status == 400
+            assert "at most 256 per batch" in (await r.json())["error"]["message"]
+            r = await client.post("/uplink", data=b"x" * (16 * 1024 * 1024 + 1))
+            assert r.status == 413
+            assert (await rec.status())["alarms"] == 0
     run(main())

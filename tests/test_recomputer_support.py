@@ -27,6 +27,7 @@ from ivp.protocol.keys import SigningKey
 from ivp.protocol.messages import (
     AdminRequest,
     AuditRecord,
+    BootClose,
     BootRecord,
     Checkpoint,
     Manifest,
@@ -89,6 +90,11 @@ class ScriptedGateway:
     audit_seq: int = 0
     pos: int = 0  # pairs linked into the chain (only audited ones, here)
     head: str = ""
+    counter: int = 0  # the device's monotonic counter
+    boot_counter: int = 0  # the counter the current boot's BOOT states
+    booted: bool = False
+    previous: BootClose | None = None
+    boot_time: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         self.head = genesis(self.gateway_id, self.boot_id)
@@ -97,22 +103,37 @@ class ScriptedGateway:
         return to_builtins(env.sign_message(payload_type, message, key or self.key))
 
     def boot(self, boot_id: str | None = None, **changes: Any) -> dict:
-        if boot_id is not None:
+        """The BOOT of ``boot_id`` (or the current boot again), naming the previous
+        boot's closing state and the next device counter, as a gateway does."""
+        if boot_id is not None and boot_id != self.boot_id:
+            self.previous = BootClose(boot_id=self.boot_id, pairs_served=self.pos,
+                                      audits=self.audit_seq, chain_head=self.head,
+                                      counter=self.counter) if self.booted else None
             self.boot_id, self.pair_seq, self.audit_seq, self.pos = boot_id, 0, 0, 0
             self.head = genesis(self.gateway_id, boot_id)
+            self.boot_counter = 0
+        if not self.boot_counter:
+            self.counter += 1
+            self.boot_counter = self.counter
+        self.booted = True
         fields = dict(gateway_id=self.gateway_id, boot_id=self.boot_id,
                       model_id=self.manifest.model_id,
                       manifest_digest=manifest_digest(self.manifest), epsilon=self.epsilon,
-                      time=time.time(), url=self.url)
+                      time=self.boot_time, url=self.url, counter=self.boot_counter,
+                      previous=self.previous)
         fields.update(changes)
         return self.sign(env.BOOT, BootRecord(**fields))
 
-    def checkpoint(self, pairs_served: int | None = None, audits: int | None = None) -> dict:
-        return self.sign(env.CHECKPOINT, Checkpoint(
+    def checkpoint(self, pairs_served: int | None = None, audits: int | None = None,
+                   **changes: Any) -> dict:
+        self.counter += 1
+        fields: dict[str, Any] = dict(
             gateway_id=self.gateway_id, boot_id=self.boot_id,
             pairs_served=self.pos if pairs_served is None else pairs_served,
             audits=self.audit_seq if audits is None else audits, chain_head=self.head,
-            time=time.time()))
+            time=time.time(), counter=self.counter)
+        fields.update(changes)
+        return self.sign(env.CHECKPOINT, Checkpoint(**fields))
 
     def pair(self, prompt: str = "The quick brown fox", *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, max_tokens: int = 12,

@@ -240,7 +240,8 @@ def test_streaming_gives_the_same_tokens(booted: str, route: str) -> None:
 
 
 @pytest.mark.parametrize(("body", "needle"), [
-    (b"{not json", "not valid JSON"),
+    (b"{not json", "is not JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # once an HTTP 500
     (b"[1, 2]", "JSON object"),
     ({"max_tokens": 4}, "'prompt'"),
     ({"prompt": ""}, "'prompt'"),

@@ -377,6 +377,31 @@ def test_cli_keys_policy(inspectors: Path) -> None:
     assert not (inspectors / "p").exists()
 
 
+def test_cli_keys_policy_requires_every_party_by_default(inspectors: Path) -> None:
+    """Attack: a policy written without --require let two keys of ONE party make a
+    quorum (the other government is never asked). By default every party with a key
+    is required; dropping that needs an explicit --any-party."""
+    from ivp.protocol.envelope import sign
+
+    keys = inspectors / "keys"
+    r = run("keys", "policy", "--threshold", "2", *sorted(keys.glob("*.pub.json")),
+            "--out", inspectors / "default.json")
+    assert r.exit_code == 0, r.output
+    policy = decode((inspectors / "default.json").read_bytes(), QuorumPolicy)
+    assert sorted(policy.required_parties) == ["CN", "US"]
+    us = [SigningKey.load(keys / f"us-{i}.key") for i in (1, 2)]
+    result = policy.check(sign("t", b"x", us))
+    assert not result and result.explain() == "no signature from party CN"
+    assert policy.check(sign("t", b"x", [us[0], SigningKey.load(keys / "cn-1.key")]))
+    r = run("keys", "policy", "--threshold", "1", *sorted(keys.glob("*.pub.json")),
+            "--out", inspectors / "low.json")
+    assert r.exit_code == 2 and "below the 2 required parties" in r.stderr
+    r = run("keys", "policy", "--threshold", "2", "--any-party",
+            *sorted(keys.glob("*.pub.json")), "--out", inspectors / "any.json")
+    assert r.exit_code == 0 and "WARNING: no party required" in r.stdout
+    assert decode((inspectors / "any.json").read_bytes(), QuorumPolicy).required_parties == []
+
+
 def test_cli_manifest(tmp_path: Path) -> None:
     d = make_model(tmp_path / "m")
     out = tmp_path / "tiny.json"

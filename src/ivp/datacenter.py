@@ -117,6 +117,8 @@ class GatewayHandle:
     ``uplink_url``: where the gateway sends its audit/BOOT/checkpoint envelopes (None:
     straight to the recomputer; the attack suite puts an operator-controlled tap there).
     ``reboot_interval``: the gateway's forced reboot period in seconds (0: off).
+    ``enrol_url``: the URL enrolled for it (None: its own; the attack suite puts an
+    operator-controlled proxy there). ``extra_args``: more ``ivp gateway`` flags.
     """
 
     gateway_id: str
@@ -128,6 +130,8 @@ class GatewayHandle:
     trigger: Path | None = None
     uplink_url: str | None = None
     reboot_interval: float = 0.0
+    enrol_url: str | None = None
+    extra_args: tuple[str, ...] = ()
     server_port: int = 0
     device_args: list[str] = field(default_factory=list)  # e.g. --device tpm --tpm TCTI
 
@@ -320,11 +324,13 @@ class LoopbackDatacenter:
             "--server-port", str(h.server_port), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
             "--reboot-interval", str(h.reboot_interval), "--engine", self.engine,
-            *h.device_args, *(["--isolate"] if self.isolate else []),
+            *h.device_args, *(["--isolate"] if self.isolate else []), *h.extra_args,
         ])
 
     def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,
-                    upload: bool = True, reboot_interval: float = 0.0) -> int:
+                    upload: bool = True, reboot_interval: float = 0.0,
+                    extra_args: tuple[str, ...] = (),
+                    enrol_url: Callable[[str], str] | None = None) -> int:
         """Enrol, start and (by default) boot one more gateway after :meth:`start`.
 
         Args:
@@ -333,12 +339,16 @@ class LoopbackDatacenter:
             upload: upload the whitelisted weights and wait until the recomputer routes
                 to it; False leaves it powered in UPLOAD mode.
             reboot_interval: its forced reboot period in seconds (0: off).
+            extra_args: more ``ivp gateway`` flags (e.g. ``--allow-tamper-endpoint``).
+            enrol_url: given the gateway's URL, the URL to enrol instead (a proxy).
 
         Returns:
             The new gateway's index in :attr:`handles`. Safe to call from several
             threads at once.
         """
         h = self._new_handle(attack, uplink_url, reboot_interval)
+        h.extra_args = tuple(extra_args)
+        h.enrol_url = enrol_url(h.url) if enrol_url is not None else None
         with self._lock:
             self.handles.append(h)
             index = len(self.handles) - 1
@@ -368,6 +378,20 @@ class LoopbackDatacenter:
         if h.process is not None:
             h.process.stop()
 
+    def kill_gateway(self, index: int) -> None:
+        """kill -9 one gateway (its server dies with it): a power cut, or the operator."""
+        h = self.handles[index]
+        if h.process is not None and h.process.alive():
+            h.process.stopped = True
+            h.process.popen.kill()
+            h.process.popen.wait()
+
+    def restart_gateway(self, index: int) -> None:
+        """Start gateway ``index`` again on its state directory (after a stop or kill)."""
+        h = self.handles[index]
+        self.start_gateway(h, self.policy_path)
+        self.wait_http(h.url + "/status", h.gateway_id)
+
     def restart_recomputer(self, wait: bool = True, timeout: float = 60.0) -> Process:
         """Stop the recomputer and start it again on the same state and port.
 
@@ -389,7 +413,7 @@ class LoopbackDatacenter:
     def enrol(self, h: GatewayHandle) -> dict[str, Any]:
         body = self.inspectors.admin_envelope("enrol_device", {
             "device_id": h.gateway_id, "public_key": h.public_key, "kind": "gateway",
-            "url": h.url,
+            "url": h.enrol_url or h.url,
         })
         status, answer = self.post(self.recomputer_url + "/admin", body)
         if status != 200:

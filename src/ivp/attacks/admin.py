@@ -69,7 +69,13 @@ def no_quorum(ctx: Context, result: Result) -> None:
         status, answer = post_admin(ctx, body)
         found = require(result, f"{who}: refused (403 QuorumError)",
                         refusal(f"POST /admin ({who})", status, answer, 403, "QuorumError"))
-        if found is not None:
+        if found is None:
+            continue
+        if signers == [operator]:  # no inspector signature at all: junk, not logged
+            require(result, f"{who}: refused without a log entry",
+                    Evidence(time.time(), "POST /admin", "log_seq null: not logged")
+                    if answer.get("log_seq") is None else None)
+        else:
             require(result, f"{who}: refusal logged",
                     logged_refusal(ctx, answer.get("log_seq")))
     settings = ctx.dc.recomputer_status().get("settings", {})

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from ivp.attacks.tap import UplinkTap
+    from ivp.attacks.tap import ControlTap, UplinkTap
     from ivp.datacenter import LoopbackDatacenter
     from ivp.recomputer.sensors import SensorSimulator
 
@@ -40,11 +40,17 @@ class Victim:
         server_attack: the cheat armed in its server (``ivp.server.attacks``), or None.
         tapped: its uplink crosses the operator's :class:`~ivp.attacks.tap.UplinkTap`.
         upload: boot it with the whitelisted weights before the scenario starts.
+        gateway_args: more ``ivp gateway`` flags (a release policy, the tamper route).
+        fronted: the URL enrolled for it is the operator's
+            :class:`~ivp.attacks.tap.ControlTap` in front of it (SHUTDOWN, relays and
+            INPUT from the recomputer cross a proxy the operator controls).
     """
 
     server_attack: str | None = None
     tapped: bool = False
     upload: bool = True
+    gateway_args: tuple[str, ...] = ()  # more `ivp gateway` flags
+    fronted: bool = False  # the recomputer reaches it through the operator's ControlTap
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class Scenario:
     needs: Needs = "shared"
     victim: Victim | None = None
     background: bool = False  # mostly waiting: may run beside the others
+    recomputer_args: tuple[str, ...] = ()  # its own datacenter's recomputer flags
 
 
 # --- the live system, as a scenario sees it ----------------------------------------------
@@ -128,6 +135,7 @@ class Context:
     victim: int | None = None  # index in dc.handles
     honest: int = 0  # the honest gateway every session has (gw-a), behind its own tap
     taps: dict[int, UplinkTap] = field(default_factory=dict)  # gateway index -> its tap
+    fronts: dict[int, ControlTap] = field(default_factory=dict)  # gateway index -> proxy
     sensors: SensorSimulator | None = None  # the session's (ivp.attacks.physical)
     cap: int = 200  # most requests a scenario sends while waiting for detection
     patience: float = 60.0  # most seconds a scenario waits for a timed alarm

@@ -243,7 +243,7 @@ SCENARIOS = (
         "The operator opens a gateway (to read its key or log, or bypass it).",
         "tamper = brick: the mesh destroys the UID secret; every key, the sealed log and "
         "the I/O path stop working, for good", tamper_gateway, needs="gateway",
-        victim=Victim()),
+        victim=Victim(gateway_args=("--allow-tamper-endpoint",))),
     Scenario(
         "tamper-recomputer", "note",
         "The operator opens the recomputer (to forge verdicts or use its keys).",

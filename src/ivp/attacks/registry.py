@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ivp.attacks import admin, boot, physical, serving, uplink
+from ivp.attacks import admin, boot, evasions, physical, serving, uplink
 from ivp.attacks.base import Scenario
 
 ORDER = (
@@ -13,9 +13,13 @@ ORDER = (
     "model-swap-at-upload", "upload-exfiltration", "unpaired-output", "forged-audit",
     "replayed-audit", "withheld-audit", "silenced-gateway", "seed-ignored", "stego",
     "admin-replay", "admin-no-quorum", "sensor-spoof", "lone-entry",
+    # the operator who owns the wire, the disk and the power (issue 12)
+    "forged-ack", "abandoned-boot", "gap-then-cheat", "log-rollback", "fake-control",
+    "junk-uplink", "timing-channel", "small-holes",
 )
 
-_ALL = {s.name: s for m in (serving, boot, uplink, admin, physical) for s in m.SCENARIOS}
+_ALL = {s.name: s for m in (serving, boot, uplink, admin, physical, evasions)
+        for s in m.SCENARIOS}
 if set(_ALL) != set(ORDER):  # a scenario module and ORDER disagree
     raise RuntimeError(f"scenarios vs ORDER: {sorted(set(_ALL) ^ set(ORDER))}")
 SCENARIOS: dict[str, Scenario] = {name: _ALL[name] for name in ORDER}

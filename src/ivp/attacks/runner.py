@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ivp.attacks.base import Context, Result, Scenario
-from ivp.attacks.tap import UplinkTap
+from ivp.attacks.tap import ControlTap, UplinkTap
 from ivp.protocol.messages import NoiseBound
 
 
@@ -60,13 +60,14 @@ class AttackSession:
     """One live datacenter for scenarios. Use as a context manager."""
 
     def __init__(self, root: Path, settings: Settings, *, tamper_endpoint: bool = False,
-                 workers: int = 1) -> None:
+                 workers: int = 1, recomputer_args: tuple[str, ...] = ()) -> None:
         from ivp.attacks import physical
         from ivp.datacenter import LoopbackDatacenter
 
         self.root = Path(root)
         self.settings = settings
         args = ["--allow-tamper-endpoint"] if tamper_endpoint else []
+        args += list(recomputer_args)
         launcher: tuple[str, ...] = ("-m", "ivp.cli")
         if settings.knockouts:
             launcher = ("-m", "ivp.attacks.knockouts", "--off", ",".join(settings.knockouts))
@@ -77,6 +78,7 @@ class AttackSession:
             prebuilt_model=settings.model_dir, isolate=settings.isolate,
             engine=settings.engine, noise_bound=settings.noise_bound)
         self.taps: dict[int, UplinkTap] = {}
+        self.fronts: dict[int, ControlTap] = {}
         self.cheaters: set[str] = set()  # gateways whose server carries a cheat
         self.sensors = physical.simulator()
         self.honest = 0
@@ -102,9 +104,10 @@ class AttackSession:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self.dc.stop()
-        for tap in self.taps.values():
+        for tap in [*self.taps.values(), *self.fronts.values()]:
             tap.stop()
         self.taps.clear()
+        self.fronts.clear()
 
     def __enter__(self) -> AttackSession:
         return self.start()
@@ -132,15 +135,26 @@ class AttackSession:
         spec = scenario.victim
         assert spec is not None
         tap = UplinkTap(lambda: self.dc.recomputer_url).start() if spec.tapped else None
+        behind: list[str] = []
+        front = ControlTap(lambda: behind[0]).start() if spec.fronted else None
+
+        def enrolled(url: str) -> str:
+            behind.append(url)
+            return front.url if front is not None else url
+
         try:
             index = self.dc.add_gateway(spec.server_attack, upload=False,
-                                        uplink_url=tap.url if tap else None)
+                                        uplink_url=tap.url if tap else None,
+                                        extra_args=spec.gateway_args, enrol_url=enrolled)
         except BaseException:
-            if tap is not None:
-                tap.stop()
+            for t in (tap, front):
+                if t is not None:
+                    t.stop()
             raise
         if tap is not None:
             self.taps[index] = tap
+        if front is not None:
+            self.fronts[index] = front
         if spec.server_attack:
             self.cheaters.add(self.dc.handles[index].gateway_id)
         return index
@@ -167,6 +181,7 @@ class AttackSession:
         scratch = self.root / "attacker"
         scratch.mkdir(parents=True, exist_ok=True)
         return Context(self.dc, victim=victim, honest=self.honest, taps=self.taps,
+                       fronts=self.fronts,
                        sensors=self.sensors, cap=self.settings.cap,
                        patience=self.settings.patience, say=self.settings.say,
                        scratch=scratch)
@@ -191,9 +206,10 @@ class AttackSession:
     def retire(self, index: int) -> None:
         """Stop a victim gateway (and its tap): it must not serve the next scenario."""
         self.dc.stop_gateway(index)
-        tap = self.taps.pop(index, None)
-        if tap is not None:
-            tap.stop()
+        for taps in (self.taps, self.fronts):
+            tap = taps.pop(index, None)  # type: ignore[attr-defined]
+            if tap is not None:
+                tap.stop()
 
     def honest_counts(self) -> dict[str, Any]:
         """Verdict counts of the gateways whose server carries no cheat."""
@@ -267,7 +283,8 @@ def _run_own(scenarios: Sequence[Scenario], root: Path, settings: Settings,
     for i, scenario in enumerate(scenarios):
         try:
             with AttackSession(root / f"datacenter-{i + 2}", settings,
-                               tamper_endpoint=True) as session:
+                               tamper_endpoint=True,
+                               recomputer_args=scenario.recomputer_args) as session:
                 settings.model_dir = settings.model_dir or session.dc.model_dir
                 result = play(session, scenario)
                 counts = result.details.get("honest")

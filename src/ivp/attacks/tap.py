@@ -6,8 +6,9 @@ checkpoint a gateway sends to the recomputer crosses wires the operator controls
 the tap's URL sends its ``POST /uplink`` batches here; the tap forwards them to the
 real recomputer and hands the answer back, unless the scenario told it otherwise:
 
-* ``drop`` a chosen envelope and lie to the gateway that the recomputer took it (the
-  gateway then deletes it from its spool: a withheld audit record);
+* ``drop`` a chosen envelope and lie to the gateway that the recomputer took it (an
+  answer of its own, ``ok: true``: the operator holds no recomputer key, so it cannot
+  sign it, and the gateway deletes nothing on it);
 * ``block`` the whole uplink (answer 503: the gateway keeps its spool and retries; the
   recomputer hears nothing: a silenced gateway);
 * keep a copy of everything that passed (:attr:`UplinkTap.seen`), so a scenario can
@@ -187,6 +188,7 @@ class UplinkTap:
                 item.action = "dropped"
         passed = [i for i in items if i.action == "passed"]
         results: list[dict[str, Any]] = []
+        answer = b""
         if passed:
             status, answer = self._forward([i.envelope for i in passed])
             if status != 200:
@@ -197,8 +199,11 @@ class UplinkTap:
             for item, result in zip(passed, results, strict=True):
                 item.ok = bool(result.get("ok"))
         self._record(items)
+        if len(passed) == len(items):  # nothing dropped: the recomputer's answer, as it is
+            return 200, answer
         merged, it = [], iter(results)
-        for item in items:  # a dropped envelope is reported taken: the gateway deletes it
+        for item in items:  # a dropped envelope is reported taken, in the recomputer's
+            # name: the operator holds no recomputer key, so this answer is unsigned
             merged.append(next(it) if item.action == "passed" else {"ok": True, "error": ""})
         return 200, json.dumps({"results": merged}).encode()
 
@@ -226,4 +231,93 @@ def post_uplink(recomputer_url: str, body: bytes, timeout: float = 30.0) -> tupl
         return 502, json.dumps({"error": {"message": str(e), "type": "TransportError"}}).encode()
 
 
-__all__ = ["Seen", "UplinkTap", "decode_payload", "payload_kind", "post_uplink"]
+@dataclass
+class ControlTap:
+    """An HTTP proxy the operator puts in front of a gateway: the URL enrolled for it,
+    so everything the recomputer sends the gateway (INPUT, SHUTDOWN, READMIT, relays)
+    crosses it. It forwards everything, except the paths :attr:`fake` names, which it
+    answers itself with ``200 {"state": "shutdown"}`` (an operator's answer: it holds
+    no gateway key) and keeps (:attr:`kept`) instead of delivering.
+
+    Args:
+        target: returns the gateway's own URL.
+    """
+
+    target: Callable[[], str]
+    fake: set[str] = field(default_factory=set)  # e.g. {"/control", "/admin"}
+    kept: list[tuple[str, bytes]] = field(default_factory=list)  # (path, body) not delivered
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> ControlTap:
+        tap = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self._answer(*tap.forward("GET", self.path, None, self.headers))
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                with tap.lock:
+                    faked = self.path.split("?")[0] in tap.fake
+                    if faked:
+                        tap.kept.append((self.path, body))
+                if faked:
+                    self._answer(200, b'{"state": "shutdown"}', "application/json")
+                else:
+                    self._answer(*tap.forward("POST", self.path, body, self.headers))
+
+            def _answer(self, status: int, body: bytes, content_type: str) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *_args: object) -> None:
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True,
+                         name="ivp-control-tap").start()
+        return self
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def forward(self, method: str, path: str, body: bytes | None,
+                headers: Any) -> tuple[int, bytes, str]:
+        """Pass a request to the gateway: (status, body, content type)."""
+        req = urllib.request.Request(self.target().rstrip("/") + path, data=body,
+                                     method=method, headers={
+                                         "Content-Type": headers.get("Content-Type",
+                                                                     "application/json")})
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return r.status, r.read(), r.headers.get("Content-Type", "application/json")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), e.headers.get("Content-Type", "application/json")
+        except OSError as e:
+            return 502, json.dumps({"error": {"message": str(e),
+                                              "type": "TransportError"}}).encode(), \
+                "application/json"
+
+    def deliver_kept(self) -> list[tuple[int, bytes]]:
+        """The operator hands over what it kept, in the order it came (late)."""
+        with self.lock:
+            kept, self.kept = self.kept, []
+        return [self.forward("POST", path, body, {})[:2] for path, body in kept]
+
+
+__all__ = ["ControlTap", "Seen", "UplinkTap", "decode_payload", "payload_kind",
+           "post_uplink"]

@@ -5,10 +5,20 @@ deletes the UID secret and leaves a brick marker. Every key is derived from that
 secret and never stored, so after a tamper nothing sealed by the device can be opened
 by anyone, and every operation raises :class:`~ivp.errors.BrickedError` — also after a
 restart, because the marker stays and the secret is gone.
+
+The **monotonic counter** (:meth:`Device.counter`, :meth:`Device.advance_counter`) is
+what a TPM 2.0 NV counter gives: a number that only goes up and that the operator,
+who holds the disk, cannot set back. The gateway binds it into its sealed log, its
+BOOT records and its checkpoints, so a restored or deleted log shows. The software
+device emulates it with a sealed file in the device directory (two slots written in
+turn, so a torn write never loses the value): it cannot be edited to another value
+unseen, but an operator who restores an old copy of the *whole* device directory
+sets it back too — only a hardware counter stops that (docs/GATEWAY.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -25,6 +35,8 @@ from ivp.protocol.keys import Signer, SigningKey, VerifyKey
 
 _UID = "uid.secret"
 _BRICK = "BRICKED"
+_COUNTER = "counter"  # the emulated NV counter: two sealed slots
+_SLOT = 8 + 12 + 16 + 8  # value + AES-GCM nonce, ciphertext of the value, tag
 #: Seconds between checks for a brick marker written by another process (a tamper
 #: through this object bricks at once; one stat per key use cost ~6% of the gateway's CPU).
 _RECHECK = 0.05
@@ -54,6 +66,14 @@ class Device(Protocol):
     def seal(self, purpose: str, plaintext: bytes, aad: bytes = b"") -> bytes: ...
 
     def unseal(self, purpose: str, sealed: bytes, aad: bytes = b"") -> bytes: ...
+
+    def counter(self) -> int:
+        """The monotonic counter's value (a TPM NV counter: only ever goes up)."""
+        ...
+
+    def advance_counter(self) -> int:
+        """Add one to the counter, durably, and return the new value."""
+        ...
 
     def tamper(self) -> None: ...
 
@@ -94,6 +114,8 @@ class SoftDevice:
         self._uid: bytes | None = None
         self._signing: SigningKey | None = None
         self._aeads: dict[str, AESGCM] = {}  # per seal purpose; dropped with the UID
+        self._count: int | None = None  # the counter's value, once read
+        self._count_fd: int | None = None
         if not self.bricked:
             uid_path = self._dir / _UID
             if not uid_path.exists():
@@ -122,6 +144,7 @@ class SoftDevice:
         self._uid = None
         self._signing = None
         self._aeads = {}
+        self._count = None
 
     def tamper(self) -> None:
         """The tamper mesh fired: destroy the UID for good. Irreversible."""
@@ -180,6 +203,57 @@ class SoftDevice:
 
     def random_u64(self) -> int:
         return int.from_bytes(self.random(8), "little")
+
+    # --- monotonic counter ------------------------------------------------------------------
+    def counter(self) -> int:
+        """The counter's value (0 before its first advance).
+
+        Raises:
+            BrickedError: the device was tampered with.
+            PeerDataError: no slot of the counter file opens (edited or torn): the
+                counter is unknown, and nothing that relies on it may go on.
+        """
+        self._secret()
+        if self._count is None:
+            self._count = self._read_counter()
+        return self._count
+
+    def advance_counter(self) -> int:
+        """Add one and return the new value, durably (on disk before it returns).
+
+        The emulation writes the value sealed into the older of two slots and syncs
+        it; a crash leaves the other slot, so the value read back is the new one or
+        the one before, never less.
+        """
+        value = self.counter() + 1
+        aead = self._aead("device/counter")
+        nonce = os.urandom(12)
+        slot = value.to_bytes(8, "big") + nonce + aead.encrypt(
+            nonce, value.to_bytes(8, "big"), b"ivp/counter")
+        if self._count_fd is None:
+            path = os.fspath(self._dir / _COUNTER)
+            self._count_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.pwrite(self._count_fd, slot, (value % 2) * _SLOT)
+        os.fdatasync(self._count_fd)
+        self._count = value
+        return value
+
+    def _read_counter(self) -> int:
+        path = self._dir / _COUNTER
+        if not path.exists():
+            return 0
+        data = path.read_bytes()
+        aead = self._aead("device/counter")
+        values = []
+        for i in range(0, min(len(data), 2 * _SLOT), _SLOT):
+            slot = data[i:i + _SLOT]
+            with contextlib.suppress(InvalidTag, ValueError):
+                value = aead.decrypt(slot[8:20], slot[20:], b"ivp/counter")
+                if value == slot[:8]:
+                    values.append(int.from_bytes(value, "big"))
+        if not values:
+            raise PeerDataError("the device counter does not open (edited or corrupt)")
+        return max(values)
 
     # --- sealed storage --------------------------------------------------------------------
     def seal(self, purpose: str, plaintext: bytes, aad: bytes = b"") -> bytes:

@@ -12,6 +12,10 @@ its storage hierarchy's primary seed, which never leaves the chip:
   so the log's encryption key exists only while this TPM answers. Sealing is AES-256-GCM
   under such a key (per record a TPM round trip would cost the log its throughput).
 - **TRNG**: TPM2_GetRandom, read in blocks.
+- **monotonic counter**: a TPM NV counter index (``TPM2_NT_COUNTER``) at an owner index
+  derived from this device's label. It can only be incremented; the TPM starts a
+  counter index, also one deleted and defined again, at the largest value any counter
+  on the chip ever had, so neither deleting it nor restoring the disk sets it back.
 - **tamper = brick**: :meth:`TpmDevice.tamper` clears the TPM (TPM2_Clear): the storage
   seed is replaced, so neither key can ever be made again and no sealed byte can ever
   be opened, by anyone. A restart finds another public key than the one recorded at
@@ -52,6 +56,8 @@ _RECHECK = 0.05  # seconds between checks for a brick marker (as in the soft dev
 _RANDOM_BLOCK = 64  # bytes per TPM2_GetRandom (at most the largest digest a TPM has)
 _RANDOM_BUFFER = 1024  # bytes kept from the TPM's RNG, refilled when used up
 DEFAULT_TCTI = "device:/dev/tpmrm0"  # the kernel's resource manager of a real TPM
+_NV_OWNER_FIRST = 0x01000000  # NV indices 0x01000000-0x013FFFFF: the owner's range
+_NV_OWNER_MASK = 0x3FFFFF
 
 
 def _tpm() -> Any:
@@ -91,6 +97,8 @@ class TpmDevice:
         self._sign_key: Any = None
         self._hmac_key: Any = None
         self._public: VerifyKey | None = None
+        self._label = ""
+        self._nv: Any = None  # the counter's NV index (ESYS_TR), opened on first use
         if os.path.exists(self._marker):
             self._bricked = True
             return
@@ -101,6 +109,7 @@ class TpmDevice:
             raise TransportError(f"no TPM at {tcti!r}: {exc}") from None
         self._flush_stale()
         state = self._load_state()
+        self._label = state["label"]
         self._sign_key, self._public = self._signing_primary(state["label"])
         self._hmac_key = self._hmac_primary(state["label"])
         recorded = state.get("public_key")
@@ -184,7 +193,7 @@ class TpmDevice:
         self._bricked = True
         self._aeads = {}
         self._random = b""
-        self._sign_key = self._hmac_key = None
+        self._sign_key = self._hmac_key = self._nv = None
 
     def _mark_bricked(self) -> None:
         self._forget()
@@ -281,6 +290,66 @@ class TpmDevice:
     def random_u64(self) -> int:
         return int.from_bytes(self.random(8), "little")
 
+    # --- monotonic counter ----------------------------------------------------------------
+    @property
+    def counter_index(self) -> int:
+        """The counter's NV index: in the owner range, fixed by this device's label."""
+        digest = hashlib.sha256(b"ivp/counter/" + self._label.encode()).digest()
+        return _NV_OWNER_FIRST | (int.from_bytes(digest[:3], "big") & _NV_OWNER_MASK)
+
+    def _counter_nv(self) -> Any:
+        """The counter's index, defined on first use (under the lock)."""
+        if self._nv is not None:
+            return self._nv
+        t = _tpm()
+        index = self.counter_index
+        try:
+            handle = self._esys.tr_from_tpmpublic(index)
+        except t.TSS2_Exception:
+            handle = None
+        if handle is None:
+            attrs = (t.TPMA_NV.AUTHWRITE | t.TPMA_NV.AUTHREAD | t.TPMA_NV.NO_DA
+                     | (t.TPM2_NT.COUNTER << t.TPMA_NV.TPM2_NT_SHIFT))
+            public = t.TPM2B_NV_PUBLIC(nvPublic=t.TPMS_NV_PUBLIC(
+                nvIndex=index, nameAlg=t.TPM2_ALG.SHA256, attributes=attrs, dataSize=8))
+            handle = self._esys.nv_define_space(None, public)
+        else:
+            public, _ = self._esys.nv_read_public(handle)
+            if public.nvPublic.attributes.nt != t.TPM2_NT.COUNTER:
+                raise MisuseError(f"TPM NV index {index:#x} is not a counter (in use by "
+                                  "something else)")
+        self._nv = handle
+        return handle
+
+    def counter(self) -> int:
+        """The NV counter's value (0 before its first increment).
+
+        Raises:
+            BrickedError: the device was tampered with.
+            TransportError: the TPM does not answer.
+        """
+        t = _tpm()
+
+        def read() -> int:
+            nv = self._counter_nv()
+            try:
+                return int.from_bytes(bytes(self._esys.nv_read(nv, 8)), "big")
+            except t.TSS2_Exception as exc:
+                if exc.error == t.TPM2_RC.NV_UNINITIALIZED:
+                    return 0  # defined, never incremented
+                raise
+
+        return int(self._call(read))
+
+    def advance_counter(self) -> int:
+        """TPM2_NV_Increment, then the new value (the TPM writes it before answering)."""
+        def increment() -> int:
+            nv = self._counter_nv()
+            self._esys.nv_increment(nv)
+            return int.from_bytes(bytes(self._esys.nv_read(nv, 8)), "big")
+
+        return int(self._call(increment))
+
     # --- sealed storage -------------------------------------------------------------------
     def _aead(self, purpose: str) -> AESGCM:
         aead = self._aeads.get(purpose)
@@ -309,6 +378,6 @@ class TpmDevice:
                 if handle is not None:
                     with contextlib.suppress(t.TSS2_Exception):
                         self._esys.flush_context(handle)
-            self._sign_key = self._hmac_key = None
+            self._sign_key = self._hmac_key = self._nv = None
             self._esys.close()
             self._esys = None

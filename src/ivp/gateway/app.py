@@ -14,7 +14,8 @@ Routes (docs/ARCHITECTURE.md, "Gateway"; docs/GATEWAY.md):
 ``POST /control``          a Shutdown or Readmit envelope signed by the recomputer key
 ``POST /admin``            an inspectors' quorum-signed admin request (relayed)
 ``POST /whitelist``        a newer quorum-signed whitelist envelope
-``POST /tamper``           the emulated tamper mesh firing (demos, tests)
+``POST /tamper``           the emulated tamper mesh firing (only with
+                           ``tamper_endpoint``: demos and tests)
 ``GET /status``            state and counters; ``GET /metrics`` Prometheus;
 ``GET /alarms``            the gateway's own alarm log
 =========================  =====================================================
@@ -110,6 +111,9 @@ async def errors_middleware(
         if exc.status < 400:
             raise
         return web.json_response(error_json(exc.reason, "HTTPError"), status=exc.status)
+    except RecursionError:  # a parser reached by input nested too deeply: bad input
+        return web.json_response(error_json("input nested too deeply", "ValidationError"),
+                                 status=400)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return web.json_response(error_json("internal gateway error", "InternalError"),
@@ -167,8 +171,13 @@ async def _decrypted(chunks: AsyncIterator[bytes], key_pair: Any, info: bytes
         raise UploadStreamError(str(exc)) from None
 
 
-def build_app(gateway: Gateway) -> web.Application:
-    """The aiohttp application of one gateway; starts and stops it with the app."""
+def build_app(gateway: Gateway, *, tamper_endpoint: bool = False) -> web.Application:
+    """The aiohttp application of one gateway; starts and stops it with the app.
+
+    ``tamper_endpoint``: serve ``POST /tamper``, which stands for the tamper mesh
+    (demos and tests). Off by default: on a real gateway the mesh is hardware, and a
+    route that bricks the gateway must not be open to whoever reaches its port.
+    """
     app = web.Application(middlewares=[errors_middleware],
                           client_max_size=gateway.config.max_body)
     app[GATEWAY_KEY] = gateway
@@ -206,6 +215,8 @@ def build_app(gateway: Gateway) -> web.Application:
         return web.json_response(await gateway.install_whitelist(body))
 
     async def tamper(_request: web.Request) -> web.StreamResponse:
+        if not tamper_endpoint:
+            raise web.HTTPNotFound()
         return web.json_response(await gateway.tamper())
 
     async def status(_request: web.Request) -> web.StreamResponse:

@@ -24,9 +24,10 @@ from ivp.gateway import boot as bootmod
 from ivp.gateway import proxy, serving
 from ivp.gateway.errors import ServerProtocolError, UnknownModelError, UploadRefusedError
 from ivp.gateway.shared import State
+from ivp.protocol import chain
 from ivp.protocol.encoding import canonical
 from ivp.protocol.envelope import BOOT
-from ivp.protocol.messages import Manifest
+from ivp.protocol.messages import BootClose, Manifest
 
 if TYPE_CHECKING:
     from ivp.gateway.core import Gateway
@@ -228,11 +229,15 @@ class BootShell:
         now = time.time()
         # the inspectors' ε (relayed set_epsilon) from this boot on; the BOOT declares it
         epsilon = gw._settings.epsilon_for(manifest.model_id, gw.config.epsilon)
-        record, genesis = serving.boot_record(gw.gateway_id, boot_id, manifest, epsilon, now,
-                                              gw.config.url)
+        def sign_boot(counter: int, previous: BootClose | None) -> bytes:
+            record, _ = serving.boot_record(gw.gateway_id, boot_id, manifest, epsilon, now,
+                                            gw.config.url, counter, previous)
+            return gw._sign(BOOT, record)
+
+        genesis = chain.genesis(gw.gateway_id, boot_id)
         gw.draws.declare(boot_id, epsilon)
-        await gw._db(gw.log.begin_boot, boot_id, manifest.model_id, genesis,
-                     gw._sign(BOOT, record), now, epsilon)
+        await gw._db(gw.log.begin_boot, boot_id, manifest.model_id, genesis, sign_boot, now,
+                     epsilon)
         try:
             gw._check_alive()  # a shutdown or tamper during the upload wins
         except StateError:

@@ -66,8 +66,21 @@ def gateway(
              "then a fresh upload is needed (0 = off). A schedule the inspectors set "
              "(reboot_schedule) overrides it.")] = 0.0,
     release_grid_ms: Annotated[float, typer.Option(
-        help="Release responses only on a fixed time grid of this many ms (bounds the "
-             "timing side channel; 0 = release at once).")] = 0.0,
+        help="Release responses only on a fixed time grid of this many ms (lowers the "
+             "timing side channel's rate, does not bound it; 0 = release at once).")] = 0.0,
+    release_budget_ms: Annotated[float, typer.Option(
+        help="Release policy with a proven bound (docs/THREATS.md): every response leaves "
+             "exactly BASE + per-token costs after its request arrived; a later one at "
+             "budget·2^k (alarmed release_late), or is dropped after the last step. "
+             "0 = off (the grid, or at once).")] = 0.0,
+    release_per_token_ms: Annotated[float, typer.Option(
+        help="Budget per requested output token (max_tokens), ms.")] = 0.0,
+    release_per_prompt_token_ms: Annotated[float, typer.Option(
+        help="Budget per prompt token, ms.")] = 0.0,
+    release_late_steps: Annotated[int, typer.Option(
+        min=0, max=16, help="Late release points after the budget (each double the last); "
+                            "timing then carries at most log2(steps + 2) bits a "
+                            "response.")] = 3,
     sync: Annotated[str, typer.Option(
         help="SQLite synchronous mode of the pair log (FULL: fsync before every release).")
     ] = "FULL",
@@ -96,6 +109,10 @@ def gateway(
     print_identity: Annotated[bool, typer.Option(
         "--print-identity", help="Print {gateway_id, public_key, keyid} as JSON and exit "
                                  "(for enrolment by the inspectors).")] = False,
+    allow_tamper_endpoint: Annotated[bool, typer.Option(
+        "--allow-tamper-endpoint", help="Serve POST /tamper, which stands for the tamper "
+                                        "mesh and bricks the gateway (demos and tests "
+                                        "only; off: 404).")] = False,
 ) -> None:
     """Secure Network Gateway (SNG) in front of one inference server.
 
@@ -107,7 +124,7 @@ def gateway(
     only, committed to the sealed hash-chained log before release, then kept for
     audit with probability ε. A Shutdown signed by the recomputer stops it until a
     Readmit (after the inspectors' quorum) lifts it; POST /tamper (the emulated tamper
-    mesh) bricks it for good. See docs/GATEWAY.md.
+    mesh, with --allow-tamper-endpoint) bricks it for good. See docs/GATEWAY.md.
     """
     from ivp.device import open_device
     from ivp.errors import BrickedError, IvpError
@@ -130,6 +147,9 @@ def gateway(
     if policy is None or whitelist is None:
         _fail("--policy and --whitelist are required (the gateway boots only whitelisted "
               "models)")
+    if recomputer and not recomputer_key:
+        _fail("--recomputer needs --recomputer-key: the gateway deletes a spooled record "
+              "only on an acknowledgement signed by that key")
     assert policy is not None and whitelist is not None
     sandbox = None
     if isolate:
@@ -145,7 +165,9 @@ def gateway(
         built = _build(device, state, gateway_id, host, port, url, recomputer, recomputer_key,
                        policy, whitelist, epsilon, server_port, server_cmd,
                        checkpoint_interval, reboot_interval, release_grid_ms, sync, sandbox,
-                       engine, dtype)
+                       engine, dtype, allow_tamper_endpoint, _release_policy(
+                           release_budget_ms, release_per_prompt_token_ms,
+                           release_per_token_ms, release_late_steps))
     except (IvpError, OSError, ValueError) as exc:
         if sandbox is not None:
             sandbox.teardown()
@@ -164,6 +186,17 @@ def gateway(
             sandbox.teardown()
 
 
+def _release_policy(base_ms: float, prompt_ms: float, token_ms: float,
+                    steps: int) -> Any:
+    """The release policy of the CLI flags (None: off)."""
+    if base_ms <= 0:
+        return None
+    from ivp.gateway.release import ReleasePolicy
+
+    return ReleasePolicy(base=base_ms / 1e3, per_prompt_token=prompt_ms / 1e3,
+                         per_token=token_ms / 1e3, late_steps=steps)
+
+
 class _Built:
     def __init__(self, app: Any, config: Any, server_host: str, server_port: int) -> None:
         self.app, self.config = app, config
@@ -175,7 +208,7 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
            policy: Path, whitelist: Path, epsilon: float, server_port: int, server_cmd: str,
            checkpoint_interval: float, reboot_interval: float, release_grid_ms: float,
            sync: str, sandbox: Any = None, engine: str = "reference",
-           dtype: str = "") -> _Built:
+           dtype: str = "", tamper_endpoint: bool = False, release: Any = None) -> _Built:
     import socket
 
     from ivp.gateway.app import build_app
@@ -203,7 +236,7 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
     config = GatewayConfig(
         gateway_id=gateway_id, epsilon=epsilon, url=url or f"http://{host}:{port}",
         checkpoint_interval=checkpoint_interval, reboot_interval=reboot_interval,
-        release_grid=release_grid_ms / 1000.0, engine=engine, dtype=dtype,
+        release_grid=release_grid_ms / 1000.0, engine=engine, dtype=dtype, release=release,
     )
     state.mkdir(parents=True, exist_ok=True)
     log = PairLog(state / "log.sqlite", device, synchronous=sync)  # type: ignore[arg-type]
@@ -228,7 +261,8 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
     )
     if sandbox is not None:
         _alarm_on_network_attempts(core, power)  # type: ignore[arg-type]
-    return _Built(build_app(core), config, server_host, server_port)
+    return _Built(build_app(core, tamper_endpoint=tamper_endpoint), config, server_host,
+                  server_port)
 
 
 def _alarm_on_network_attempts(core: Any, power: Any) -> None:

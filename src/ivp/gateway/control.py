@@ -8,9 +8,12 @@ Three kinds of message reach a gateway other than inference and weights:
   inspectors' quorum ``readmit_gateway``: lift exactly the shutdown it names.
 * relayed admin requests (``POST /admin``): the inspectors' own quorum-signed
   ``set_epsilon``, ``reboot_schedule`` and ``whitelist_update`` envelopes, which the
-  recomputer forwards unchanged. The gateway checks the inspectors' quorum itself
-  (it holds the same policy), so a recomputer — or an operator posing as one — cannot
-  change a gateway's ε, reboot schedule or whitelist on its own.
+  recomputer forwards unchanged inside a ``Relay`` it signs and numbers per gateway.
+  The gateway checks the inspectors' quorum itself (it holds the same policy), so a
+  recomputer — or an operator posing as one — cannot change a gateway's ε, reboot
+  schedule or whitelist on its own; and it applies relays strictly in their number's
+  order, so an old instruction delivered after a newer one (the operator holding one
+  back) is refused as stale, never applied over it.
 
 :class:`Settings` is what the inspectors set, as the gateway persists it (sealed meta):
 it overrides the CLI flags, so an operator cannot undo an instruction by restarting
@@ -23,9 +26,10 @@ from __future__ import annotations
 import blake3
 import msgspec
 
-from ivp.errors import ChainError, ExpiredError, SignatureError, ValidationError
+from ivp.errors import ChainError, ExpiredError, SignatureError, StateError, ValidationError
+from ivp.protocol.acks import Relay
 from ivp.protocol.encoding import convert, decode
-from ivp.protocol.envelope import ADMIN, READMIT, SHUTDOWN, Envelope, open_signed
+from ivp.protocol.envelope import ADMIN, READMIT, RELAY, SHUTDOWN, Envelope, open_signed
 from ivp.protocol.keys import VerifyKey
 from ivp.protocol.messages import (
     ADMIN_ARGS,
@@ -58,6 +62,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         readmits: nonces of the Readmit messages obeyed (the newest few).
         lifted: nonces of the Shutdowns those Readmits lifted (a replayed lifted
             Shutdown is refused).
+        relay_seq: the number of the last relay handled; the next must be one more.
     """
 
     epsilon: float | None = None
@@ -66,6 +71,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     used: dict[str, tuple[float, str]] = {}
     readmits: list[str] = []
     lifted: list[str] = []
+    relay_seq: int = 0  # the last relay number handled (applied or refused)
 
     def epsilon_for(self, model_id: str, default: float) -> float:
         """The ε a BOOT of ``model_id`` declares (the recomputer expects the same)."""
@@ -135,6 +141,45 @@ def check_readmit(message: Readmit, shutdown_nonce: str | None) -> None:
                          f"in force is {shutdown_nonce!r}: refused")
 
 
+def open_relay(data: bytes, key: VerifyKey, gateway_id: str, settings: Settings) -> Relay:
+    """The recomputer's numbered relay in ``data``, in order.
+
+    Raises:
+        ValidationError: not a relay envelope, or a malformed one.
+        SignatureError: not signed by the recomputer key, or for another gateway (blocks
+            the operator delivering inspectors' requests on its own, in an order of its
+            choosing).
+        StaleRelayError: a relay number already handled (a replay, or an old
+            instruction held back and delivered after a newer one): nothing applies.
+        RelayGapError: a number beyond the next (an earlier relay has not arrived yet:
+            the recomputer delivers in order and retries).
+    """
+    payload = open_signed(Envelope.from_bytes(data), RELAY, key)
+    relay = decode(payload, Relay)
+    if relay.gateway_id != gateway_id:
+        raise SignatureError(f"relay is for gateway {relay.gateway_id!r}, not {gateway_id!r}")
+    if relay.relay_seq <= settings.relay_seq:
+        raise StaleRelayError(f"relay {relay.relay_seq} (admin log {relay.admin_seq}) was "
+                              f"handled already or is older than relay {settings.relay_seq}")
+    if relay.relay_seq != settings.relay_seq + 1:
+        raise RelayGapError(f"relay {relay.relay_seq} before relay {settings.relay_seq + 1}: "
+                            "relays apply in order")
+    return relay
+
+
+class StaleRelayError(ChainError):
+    """A relay number already handled: replayed, or older than one applied."""
+
+
+class RelayGapError(StateError):
+    """A relay ahead of the next expected one (HTTP 409: deliver the earlier first)."""
+
+
+def relayed(settings: Settings, relay: Relay) -> Settings:
+    """The settings after handling ``relay`` (applied or refused: its number is used)."""
+    return msgspec.structs.replace(settings, relay_seq=relay.relay_seq)
+
+
 def check_relayed(data: bytes, policy: QuorumPolicy, settings: Settings,
                   now: float) -> Relayed:
     """Check a relayed admin request on the bytes as received, in this order.
@@ -196,5 +241,6 @@ def readmitted(settings: Settings, message: Readmit) -> Settings:
     return msgspec.structs.replace(settings, readmits=kept, lifted=lifted)
 
 
-__all__ = ["RELAYED", "Relayed", "Settings", "apply", "check_readmit", "check_relayed",
-           "open_readmit", "open_shutdown", "readmitted"]
+__all__ = ["RELAYED", "RelayGapError", "Relayed", "Settings", "StaleRelayError", "apply",
+           "check_readmit", "check_relayed", "open_readmit", "open_relay", "open_shutdown",
+           "readmitted", "relayed"]

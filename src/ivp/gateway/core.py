@@ -48,8 +48,9 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from ivp.device import Device
-from ivp.errors import BrickedError, IvpError, StateError
+from ivp.errors import BrickedError, IvpError, SignatureError, StateError
 from ivp.gateway import control, proxy
+from ivp.gateway.answers import AckJudgement, Spooled, judge_ack
 from ivp.gateway.boot_shell import BootShell, load_whitelisted_tokenizer
 from ivp.gateway.commit import GroupCommit
 from ivp.gateway.control_shell import ControlShell
@@ -60,7 +61,7 @@ from ivp.gateway.metrics import GatewayMetrics
 from ivp.gateway.power import PowerSwitch
 from ivp.gateway.serving import Draws
 from ivp.gateway.shared import GatewayConfig, Reply, State
-from ivp.gateway.uplink import Spool, Uplink, UplinkTransport
+from ivp.gateway.uplink import Backoff, Spool, Uplink, UplinkTransport
 from ivp.gateway.upstream import Upstream
 from ivp.protocol.encoding import canonical
 from ivp.protocol.envelope import ALARM, AUDIT, CHECKPOINT, sign
@@ -73,7 +74,7 @@ T = TypeVar("T")
 #: Alarms about the uplink itself stay local: the recomputer already alarms every record
 #: it refuses, and an alarm about a failing uplink could only travel over that uplink
 #: (and would feed itself: a refused alarm would raise another).
-LOCAL_ONLY_ALARMS = frozenset({"uplink_refused", "uplink_garbage_ack"})
+LOCAL_ONLY_ALARMS = frozenset({"uplink_refused", "uplink_garbage_ack", "uplink_bad_receipt"})
 
 
 class Gateway:
@@ -125,10 +126,15 @@ class Gateway:
         self.control_shell = ControlShell(self)
         self.uplink: Uplink | None = None
         if uplink is not None:
-            self._spool = Spool(self._db, log, config.gateway_id, self.metrics)
+            self._spool = Spool(self._db, log, config.gateway_id, self.metrics,
+                                recomputer_key)
             reconcile = self._reconcile if hasattr(uplink, "cursor") else None
+            # retry at least once a checkpoint period: a recomputer back from a restart
+            # must hear from this gateway before it would count it silent
+            backoff = Backoff(cap=max(1.0, config.checkpoint_interval or 30.0))
             self.uplink = Uplink(uplink, self._spool.fetch, self._spool.done, self.alarm,
-                                 reconcile=reconcile)
+                                 self._judge_ack, depth=self._spool.depth,
+                                 reconcile=reconcile, backoff=backoff)
 
     # --- state ----------------------------------------------------------------------------
     @property
@@ -214,8 +220,11 @@ class Gateway:
         if self.device.bricked:
             self._set_state(State.BRICKED)
             return
+        check = await self.control_shell.counter_check()  # before any commit
         await self.control_shell.restore_settings()
-        await self._recover()
+        await self._recover(keep_all=check.keep_undecided)
+        if check.locked:  # the log was set back: serve nothing from it
+            await self.control_shell.lock_down(f"log rollback detected: {check.explain()}")
         reason = await self.control_shell.stored_shutdown()
         if reason is not None:
             self.shutdown_reason = reason
@@ -224,7 +233,11 @@ class Gateway:
             await self.control_shell.restore_whitelist()
         if self.uplink is not None:
             self.uplink.start()
+        # checkpoints while serving, heartbeats otherwise: from the first start, also
+        # while shut down (a shut-down gateway that falls silent is an alarm)
+        self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="ivp-checkpoints"))
         if self._state is State.SHUTDOWN:
+            await self.heartbeat()
             return
         self._operate()
         try:
@@ -233,19 +246,21 @@ class Gateway:
             await self.alarm("server_power", f"server did not come up at gateway start: {exc}")
 
     def _operate(self) -> None:
-        """Watch the server's power and run the checkpoint and reboot loops (once)."""
+        """Watch the server's power and run the reboot loop (once)."""
         if self._operating:
             return
         self._operating = True
         self.power.on_power_loss(self.boot_shell.on_power_loss)
-        self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="ivp-checkpoints"))
         self._tasks.append(asyncio.create_task(self.boot_shell.reboot_loop(),
                                                name="ivp-reboots"))
 
-    async def _recover(self) -> None:
+    async def _recover(self, keep_all: bool = False) -> None:
+        """Draw for every pair a crash left undecided (all kept when ``keep_all``: the
+        fate of the last draw batch is unknown), then close every boot left open."""
         for boot_id, eps in (await self._db(self.log.undecided_epsilons)).items():
             self.draws.recovered(boot_id, eps)  # the ε its BOOT declared
-        drawn = [self.datapath.draw(boot_id, pos)
+        drawn = [self.writer.decide(boot_id, pos, True) if keep_all
+                 else self.datapath.draw(boot_id, pos)
                  for boot_id, pos in await self._db(self.log.undecided)]
         self.writer.hurry()
         for op in drawn:
@@ -354,7 +369,13 @@ class Gateway:
         self._wake_uplink()
         return cp
 
+    async def heartbeat(self) -> None:
+        """See :meth:`ivp.gateway.control_shell.ControlShell.heartbeat`."""
+        await self.control_shell.heartbeat()
+
     async def _checkpoint_loop(self) -> None:
+        """A checkpoint every interval while serving, a heartbeat while not (shut down
+        included: the loop runs from the first start, whatever the state)."""
         interval = self.config.checkpoint_interval
         if interval <= 0:
             return
@@ -362,6 +383,7 @@ class Gateway:
             await asyncio.sleep(interval)
             with contextlib.suppress(IvpError):
                 await self.checkpoint()
+                await self.heartbeat()
 
     async def forced_reboot(self, why: str) -> None:
         """Power-cycle the server now; the gateway returns to UPLOAD."""
@@ -430,6 +452,12 @@ class Gateway:
         if self.uplink is not None:
             self.uplink.wake()
 
+    def _judge_ack(self, raw: bytes, batch: list[Spooled]) -> AckJudgement:
+        """The recomputer's answer to a batch, believed only if signed by its key."""
+        if self.recomputer_key is None:
+            raise SignatureError("no recomputer key configured: no answer is believed")
+        return judge_ack(raw, batch, self.recomputer_key, self.gateway_id)
+
     async def _reconcile(self, limit: int) -> int:
         """See :meth:`ivp.gateway.uplink.Spool.reconcile` (over the uplink's transport
         of the moment)."""
@@ -438,6 +466,11 @@ class Gateway:
 
     # --- status ---------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
+        """What anyone may read (``GET /status``). It tells no per-request audit
+        decision before the recomputer holds the record: ``audits`` counts the audit
+        records it acknowledged, and ``spool_depth`` is the spool after the last
+        uplink round, not a count that grows the moment a pair is kept (that once told
+        the operator at once which cheat to roll back)."""
         await self.writer.flush()  # counters include every draw already made
         boot = self._boot
         out: dict[str, Any] = {
@@ -446,7 +479,7 @@ class Gateway:
             "model_id": boot.manifest.model_id if boot else None,
             "boot_id": boot.boot_id if boot else None,
             "pairs_served": boot.pairs if boot else 0,
-            "audits": boot.audits if boot else 0,
+            "audits": 0,
             "epsilon": boot.epsilon if boot else self._settings.epsilon_for(
                 "", self.config.epsilon),
             "server": "on" if self.power.is_on else "off",
@@ -466,8 +499,9 @@ class Gateway:
             return out
         if boot is not None:
             c = await self._db(self.log.counters, boot.boot_id)
-            out.update(pairs_served=c.pairs, audits=c.audits, chain_head=c.head)
-        depth = await self._db(self.log.spool_depth)
+            out.update(pairs_served=c.pairs, audits=c.acked, chain_head=c.head)
+        depth = self.uplink.stats.depth if self.uplink is not None else \
+            await self._db(self.log.spool_depth)
         self.metrics.spool_depth.set(depth)
         out["spool_depth"] = depth
         out["alarms"] = await self._db(self.log.alarm_count)
@@ -475,8 +509,10 @@ class Gateway:
             out["whitelist_version"] = self.whitelist.current.version
         if self.uplink is not None:
             s = self.uplink.stats
-            out["uplink"] = {"acked": s.acked, "refused": s.refused, "failures": s.failures,
-                             "garbage": s.garbage, "last_error": s.last_error}
+            out["uplink"] = {"acked": s.acked, "refused": s.refused, "retried": s.retried,
+                             "failures": s.failures, "garbage": s.garbage,
+                             "forged": s.forged, "reconciled": s.reconciled,
+                             "last_error": s.last_error}
         return out
 
     async def alarms(self) -> list[dict[str, object]]:

@@ -19,7 +19,7 @@ import functools
 import time
 from typing import TYPE_CHECKING, Any
 
-from ivp.errors import BrickedError, IvpError, StateError
+from ivp.errors import BrickedError, IvpError, StateError, TransportError
 from ivp.gateway import proxy
 from ivp.gateway.commit import Write
 from ivp.gateway.errors import BodyTooLargeError, ServerProtocolError
@@ -40,6 +40,7 @@ class Datapath:
         self.gw = gw
         self._ok = {e: gw.metrics.requests.labels(e, "200")
                     for e in ("completions", "chat.completions")}  # hot path: no label lookup
+        self._late_count, self._late_alarmed = 0, -1e9
 
     async def complete(self, endpoint: proxy.Endpoint, body: bytes) -> Reply:
         """See :meth:`ivp.gateway.core.Gateway.complete`."""
@@ -61,7 +62,16 @@ class Datapath:
             t_request = time.time()
             boot.open_tag(seq)
             try:
-                out, t_server = await self._ask_server(boot, request, prompt_ids, tag, seed)
+                budget = self._budget(prompt_ids, request)
+                try:
+                    out, t_server = await self._ask_server(boot, request, prompt_ids, tag,
+                                                           seed, self._timeout(budget, t0))
+                except TransportError:
+                    if budget is not None and gw.config.release is not None and \
+                            time.monotonic() - t0 >= gw.config.release.deadline(budget):
+                        gw.metrics.late.labels("dropped").inc()
+                        await self._late(tag, time.monotonic() - t0, budget, True)
+                    raise
             finally:
                 boot.close_tag(seq)
             if gw._boot is not boot:  # boot ended (power kill, shutdown) meanwhile
@@ -86,7 +96,7 @@ class Datapath:
                     prompt_len=len(prompt_ids), token_ids=out.token_ids, text=text,
                     finish_reason=out.finish_reason)
                 content_type = "application/json"
-            await self._release_grid()
+            await self._release(t0, budget, tag)
         except BaseException:
             # no release will come: a committed pair gets its draw once its commit ends
             self._settle_unreleased(boot, seq, committing, drawn)
@@ -106,14 +116,13 @@ class Datapath:
         return Reply(payload, content_type, after_release=after_release)
 
     async def _ask_server(self, boot: Boot, request: proxy.ClientRequest,
-                          prompt_ids: list[int], tag: Tag,
-                          seed: int) -> tuple[proxy.ServerOutput, float]:
+                          prompt_ids: list[int], tag: Tag, seed: int,
+                          timeout: float) -> tuple[proxy.ServerOutput, float]:
         gw = self.gw
         body = proxy.server_request(boot.manifest.model_id, prompt_ids, request.params, seed,
                                     tag, request.stream)
         t = time.monotonic()
-        status, raw = await gw.upstream.post("/v1/completions", body,
-                                             timeout=gw.config.server_timeout)
+        status, raw = await gw.upstream.post("/v1/completions", body, timeout=timeout)
         elapsed = time.monotonic() - t
         gw.metrics.server_seconds.observe(elapsed)
         try:
@@ -132,11 +141,57 @@ class Datapath:
                 "the server's output was outside the protocol and was dropped; an alarm was "
                 "raised") from None
 
-    async def _release_grid(self) -> None:
-        grid = self.gw.config.release_grid
+    # --- release: the timing channel ----------------------------------------------------
+    def _budget(self, prompt_ids: list[int], request: proxy.ClientRequest) -> float | None:
+        policy = self.gw.config.release
+        if policy is None:
+            return None
+        return policy.budget(len(prompt_ids), request.params.max_tokens)
+
+    def _timeout(self, budget: float | None, t0: float) -> float:
+        """How long the server may take: to the release policy's last point (a held
+        request must not keep later draws undecided longer), else the server timeout."""
+        limit = self.gw.config.server_timeout
+        if budget is None or self.gw.config.release is None:
+            return limit
+        return max(0.001, min(limit, self.gw.config.release.deadline(budget)
+                              - (time.monotonic() - t0)))
+
+    async def _release(self, t0: float, budget: float | None, tag: Tag) -> None:
+        """Wait until the response may leave (``release.ReleasePolicy``; else the fixed
+        grid, else at once). A late one is counted and alarmed (``release_late``); one
+        later than the policy's last point is dropped (the request fails)."""
+        gw = self.gw
+        policy = gw.config.release
+        if policy is not None and budget is not None:
+            ready = time.monotonic() - t0
+            r = policy.release(budget, ready)
+            if r.late_step:
+                gw.metrics.late.labels("dropped" if r.dropped else str(r.late_step)).inc()
+                await self._late(tag, ready, budget, r.dropped)
+                if r.dropped:
+                    raise ServerProtocolError(
+                        "the server did not answer within its release budget; the "
+                        "response was dropped and an alarm was raised")
+            await asyncio.sleep(max(0.0, t0 + r.at - time.monotonic()))
+            return
+        grid = gw.config.release_grid
         if grid > 0:
             now = time.monotonic()
             await asyncio.sleep(grid - (now % grid))
+
+    async def _late(self, tag: Tag, ready: float, budget: float, dropped: bool) -> None:
+        """Alarm a late response, at most once per ten seconds (each one is counted in
+        /metrics): a server late on purpose is signalling, one late by accident is slow."""
+        now = time.monotonic()
+        self._late_count += 1
+        if now - self._late_alarmed < 10.0:
+            return
+        count, self._late_count, self._late_alarmed = self._late_count, 0, now
+        await self.gw.alarm("release_late", f"{tag.boot_id}/{tag.seq}: ready after "
+                            f"{ready:.3f} s, budget {budget:.3f} s"
+                            f"{' (dropped)' if dropped else ''}; {count} late response(s) "
+                            "since the last alarm")
 
     # --- settling and drawing -------------------------------------------------------------
     def _settle(self, boot: Boot, seq: int, where: Link | None,
@@ -203,13 +258,11 @@ class Datapath:
 
     def _count_draw(self, op: Write, record: AuditRecord | None) -> None:
         gw = self.gw
+        gw.metrics.draws.inc()  # kept or not: /metrics says nothing of the decision
         if record is not None:
-            gw.metrics.audits.inc()
             if gw._boot is not None and gw._boot.boot_id == op.boot_id:
                 gw._boot.counted(record)
             gw._wake_uplink()
-        elif not op.keep:
-            gw.metrics.deleted.inc()
 
 
 def _chain(source: asyncio.Future[Any], target: asyncio.Future[None]) -> None:

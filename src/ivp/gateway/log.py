@@ -26,7 +26,13 @@ holds that disk, so:
 * alarms are kept locally and, when the caller signs them, spooled as numbered
   ``GatewayAlarm`` envelopes in the same transaction (the counter is sealed meta);
 * ``meta`` holds the gateway's persisted state, sealed: the shutdown in force, the
-  newest whitelist, the inspectors' settings, the alarm counter.
+  newest whitelist, the inspectors' settings, the alarm counter;
+* every commit is **bound to the device's monotonic counter**: it advances the counter
+  first, then writes the new value into ``meta`` in the same transaction, so the log
+  always holds the counter value of its last commit. A restored copy of the log, or a
+  fresh one in place of a deleted log, holds a value behind the device's, which the
+  gateway sees at its next start (``rollback.judge``). The value also goes into every
+  BOOT record and checkpoint, so the recomputer sees it too.
 
 :class:`PairLog` is synchronous and not thread-safe: the gateway drives it from one
 worker thread. It signs nothing itself: callers pass a ``sign`` function (the device
@@ -47,7 +53,7 @@ from ivp.errors import PeerDataError, StateError
 from ivp.gateway import serving
 from ivp.gateway.serving import Link
 from ivp.protocol.encoding import decode
-from ivp.protocol.messages import AuditRecord, Checkpoint, PairRecord
+from ivp.protocol.messages import AuditRecord, BootClose, Checkpoint, PairRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -70,6 +76,7 @@ _PAIR = "gateway/log/pair"
 _SPOOL = "gateway/log/spool"
 _META = "gateway/log/meta"
 _ALARM_SEQ = "alarm_seq"  # meta key: the last GatewayAlarm number used
+_COUNTER = "counter"  # meta key: the device counter this log was last committed under
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class BootCounters:
     pairs: int
     audits: int
     closed: bool
+    acked: int = 0  # audit records the recomputer acknowledged (what /status may say)
 
 
 @dataclass(frozen=True)
@@ -112,15 +120,45 @@ class PairLog:
         self._db.execute(f"PRAGMA synchronous={self.synchronous}")
         self._db.executescript(SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(boots)")}
-        if "epsilon" not in columns:  # logs made before boots recorded their ε
-            self._db.execute("ALTER TABLE boots ADD COLUMN epsilon REAL")
+        for column in ("epsilon REAL", "acked INTEGER NOT NULL DEFAULT 0",
+                       "closed_counter INTEGER NOT NULL DEFAULT 0"):
+            if column.split()[0] not in columns:  # logs made before the column existed
+                self._db.execute(f"ALTER TABLE boots ADD COLUMN {column}")
+        self.bound = 0  # the device counter of the commit in progress (or the last one)
 
     def close(self) -> None:
         self._db.close()
 
     # --- transactions -------------------------------------------------------------------
-    def _txn(self) -> _Txn:
-        return _Txn(self._db)
+    def _txn(self, bind: bool = True) -> _Txn:
+        """A transaction; ``bind=False`` for a commit whose loss helps nobody (dropping
+        records the recomputer already holds: undone, they are only sent again), so it
+        costs no counter write on the serving path's thread."""
+        return _Txn(self._db, self._bind if bind else lambda: None)
+
+    def _bind(self) -> None:
+        """At the start of every commit: advance the device counter, and record the new
+        value in this very commit (the counter moves first: a commit the device never
+        counted cannot exist, and a restored log is behind the device)."""
+        self.bound = self.device.advance_counter()
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                         (_COUNTER, self.device.seal(_META, str(self.bound).encode(),
+                                                     _COUNTER.encode())))
+
+    def bound_counter(self) -> int | None:
+        """The device counter value of the log's last commit (None: never bound: a new
+        log, or one written before counters).
+
+        Raises:
+            PeerDataError: the stored value does not open (an edited log).
+        """
+        raw = self.get_meta(_COUNTER)
+        return None if raw is None else int(raw)
+
+    def has_history(self) -> bool:
+        """Whether the log holds anything from an earlier life (boots, spool, alarms)."""
+        return any(self._db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()
+                   for t in ("boots", "spool", "alarms"))
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -163,19 +201,33 @@ class PairLog:
                 self._db.execute("DELETE FROM meta WHERE key=?", (key,))
 
     # --- boots --------------------------------------------------------------------------
-    def begin_boot(self, boot_id: str, model_id: str, genesis: str, boot_envelope: bytes,
+    def begin_boot(self, boot_id: str, model_id: str, genesis: str,
+                   boot_envelope: Callable[[int, BootClose | None], bytes],
                    now: float | None = None, epsilon: float | None = None) -> None:
         """Open a boot's chain and spool its signed BOOT record, in one transaction.
 
+        ``boot_envelope(counter, previous)`` signs the BOOT record with this commit's
+        device counter and the previous boot's closing state (None: the log's first).
         ``epsilon`` is the audit probability the BOOT record declares: draws for this
         boot's pairs use it, also after a restart (recovery draws).
         """
         now = time.time() if now is None else now
         with self._txn():
+            previous = self.last_boot()
             self._db.execute(
                 "INSERT INTO boots(boot_id, model_id, started, genesis, head, epsilon) "
                 "VALUES (?, ?, ?, ?, ?, ?)", (boot_id, model_id, now, genesis, genesis, epsilon))
-            self._spool("BOOT", boot_id, 0, boot_envelope, now)
+            self._spool("BOOT", boot_id, 0, boot_envelope(self.bound, previous), now)
+
+    def last_boot(self) -> BootClose | None:
+        """The closing state of the latest boot in the log (None: no boot yet)."""
+        row = self._db.execute(
+            "SELECT boot_id, pairs, audits, head, closed_counter FROM boots "
+            "ORDER BY started DESC, rowid DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        return BootClose(boot_id=row[0], pairs_served=row[1], audits=row[2],
+                         chain_head=row[3], counter=row[4])
 
     def undecided_epsilons(self) -> dict[str, float]:
         """The ε each boot with pairs awaiting their draw declared (recovery draws)."""
@@ -186,11 +238,11 @@ class PairLog:
 
     def counters(self, boot_id: str) -> BootCounters:
         row = self._db.execute(
-            "SELECT model_id, head, pairs, audits, closed FROM boots WHERE boot_id=?",
+            "SELECT model_id, head, pairs, audits, closed, acked FROM boots WHERE boot_id=?",
             (boot_id,)).fetchone()
         if row is None:
             raise StateError(f"no boot {boot_id!r} in the log")
-        return BootCounters(boot_id, row[0], row[1], row[2], row[3], bool(row[4]))
+        return BootCounters(boot_id, row[0], row[1], row[2], row[3], bool(row[4]), row[5])
 
     def open_boots(self) -> list[str]:
         rows = self._db.execute("SELECT boot_id FROM boots WHERE closed=0 ORDER BY started")
@@ -198,7 +250,8 @@ class PairLog:
 
     def close_boot(self, boot_id: str) -> None:
         with self._txn():
-            self._db.execute("UPDATE boots SET closed=1 WHERE boot_id=?", (boot_id,))
+            self._db.execute("UPDATE boots SET closed=1, closed_counter=? WHERE boot_id=?",
+                             (self.bound, boot_id))
 
     def totals(self) -> tuple[int, int]:
         """(pairs served, audit records made) over every boot in the log."""
@@ -304,9 +357,20 @@ class PairLog:
         now = time.time() if now is None else now
         with self._txn():
             c = self.counters(boot_id)
-            cp = serving.checkpoint(gateway_id, boot_id, c.pairs, c.head, c.audits, now)
+            undecided = int(self._db.execute("SELECT COUNT(*) FROM pairs WHERE boot_id=?",
+                                             (boot_id,)).fetchone()[0])
+            cp = serving.checkpoint(gateway_id, boot_id, c.pairs, c.head, c.audits, now,
+                                    counter=self.bound, undecided=undecided)
             self._spool("CHECKPOINT", boot_id, c.pairs, sign(cp), now)
         return cp
+
+    def heartbeat(self, sign: Callable[[int], bytes], now: float | None = None) -> None:
+        """Spool a signed heartbeat (``sign(counter)``) in place of any unsent one: only
+        the latest says anything (alive, and in which state)."""
+        now = time.time() if now is None else now
+        with self._txn():
+            self._db.execute("DELETE FROM spool WHERE kind='HEARTBEAT'")
+            self._spool("HEARTBEAT", "", 0, sign(self.bound), now)
 
     # --- spool --------------------------------------------------------------------------
     def _spool(self, kind: str, boot_id: str, n: int, envelope: bytes, now: float) -> None:
@@ -317,24 +381,44 @@ class PairLog:
         sealed = self.device.seal(_SPOOL, envelope, f"{sid}/{kind}/{boot_id}/{n}".encode())
         self._db.execute("UPDATE spool SET sealed=? WHERE id=?", (sealed, sid))
 
-    def spool_batch(self, limit: int = 64) -> list[SpoolItem]:
-        """The oldest unacknowledged envelopes, in the order they were made."""
+    def spool_batch(self, limit: int = 64, skip: frozenset[int] = frozenset()
+                    ) -> list[SpoolItem]:
+        """The oldest unacknowledged envelopes, in the order they were made (those in
+        ``skip`` left out: records the recomputer asked to be sent again later)."""
         rows = self._db.execute(
-            "SELECT id, kind, boot_id, n, sealed FROM spool ORDER BY id LIMIT ?", (limit,))
+            "SELECT id, kind, boot_id, n, sealed FROM spool ORDER BY id LIMIT ?",
+            (limit + len(skip),))
         out = []
         for sid, kind, boot_id, n, sealed in rows.fetchall():
+            if sid in skip or len(out) >= limit:
+                continue
             env = self.device.unseal(_SPOOL, sealed, f"{sid}/{kind}/{boot_id}/{n}".encode())
             out.append(SpoolItem(sid, kind, boot_id, n, env))
+        return out
+
+    def spool_kinds(self, ids: list[int]) -> dict[int, str]:
+        """The kind of each spooled row among ``ids`` (rows gone are left out)."""
+        out = {}
+        for sid in ids:
+            row = self._db.execute("SELECT kind FROM spool WHERE id=?", (sid,)).fetchone()
+            if row is not None:
+                out[sid] = str(row[0])
         return out
 
     def spool_depth(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
 
     def spool_done(self, acked: list[int], refused: list[tuple[int, str]]) -> None:
-        """Drop acknowledged rows; drop refused rows and keep an alarm for each."""
+        """Drop rows the recomputer holds: acknowledged ones, and refused ones it keeps
+        as evidence (each alarmed here). Counts the boot's audit records acknowledged."""
         now = time.time()
-        with self._txn():
+        with self._txn(bind=False):
             for sid in acked:
+                row = self._db.execute("SELECT kind, boot_id FROM spool WHERE id=?",
+                                       (sid,)).fetchone()
+                if row is not None and row[0] == "AUDIT":
+                    self._db.execute("UPDATE boots SET acked = acked + 1 WHERE boot_id=?",
+                                     (row[1],))
                 self._db.execute("DELETE FROM spool WHERE id=?", (sid,))
             for sid, why in refused:
                 row = self._db.execute("SELECT kind, boot_id, n FROM spool WHERE id=?",
@@ -379,16 +463,23 @@ class PairLog:
 
 
 class _Txn:
-    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on error); nests as a no-op."""
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on error); nests as a no-op.
+    ``bind`` runs first in every outer transaction (the device counter)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, bind: Callable[[], None]) -> None:
         self._db = db
+        self._bind = bind
         self._outer = False
 
     def __enter__(self) -> None:
         if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")
             self._outer = True
+            try:
+                self._bind()
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if not self._outer:

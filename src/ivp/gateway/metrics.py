@@ -27,9 +27,12 @@ class GatewayMetrics:
         self.requests = Counter("ivp_gateway_requests", "Inference requests by outcome",
                                 ["endpoint", "status"], registry=r)
         self.pairs = Counter("ivp_gateway_pairs", "Pairs committed to the log", registry=r)
-        self.audits = Counter("ivp_gateway_audits", "Pairs kept as audit records", registry=r)
-        self.deleted = Counter("ivp_gateway_pairs_deleted", "Pairs deleted by the draw",
-                               registry=r)
+        # audit records are counted once the recomputer holds them, and draws whatever
+        # they decided: nothing here tells which pair was kept before its record is safe
+        self.audits = Counter("ivp_gateway_audits", "Audit records the recomputer "
+                              "acknowledged", registry=r)
+        self.draws = Counter("ivp_gateway_draws", "Sampling draws made (kept or not)",
+                             registry=r)
         self.uploads = Counter("ivp_gateway_uploads", "Uploads by outcome", ["outcome"],
                                registry=r)
         self.upload_bytes = Counter("ivp_gateway_upload_bytes", "Weight bytes hashed and "
@@ -40,7 +43,7 @@ class GatewayMetrics:
         self.uplink = Counter("ivp_gateway_uplink_envelopes", "Uplinked envelopes by outcome",
                               ["outcome"], registry=r)
         self.spool_depth = Gauge("ivp_gateway_spool_depth", "Envelopes waiting for the "
-                                 "recomputer", registry=r)
+                                 "recomputer after the last uplink round", registry=r)
         self.commit_batch = Histogram("ivp_gateway_commit_batch_pairs", "Pairs per group "
                                       "commit", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
                                       registry=r)
@@ -51,6 +54,9 @@ class GatewayMetrics:
         self.overhead_seconds = Histogram("ivp_gateway_overhead_seconds", "Gateway time per "
                                           "request, server time excluded (grid wait "
                                           "included)", buckets=_LATENCY, registry=r)
+        self.late = Counter("ivp_gateway_release_late", "Responses ready after their release "
+                            "budget, by the late step they were released at (or dropped)",
+                            ["step"], registry=r)
         self.state.state("upload")
 
     def render(self) -> bytes:

@@ -41,6 +41,7 @@ from ivp.protocol.chain import genesis, link_bytes
 from ivp.protocol.encoding import canonical, decode
 from ivp.protocol.messages import (
     AuditRecord,
+    BootClose,
     BootRecord,
     Checkpoint,
     Manifest,
@@ -233,19 +234,23 @@ def audit_record(gateway_id: str, where: Link, raw: bytes, audit_seq: int) -> Au
 
 
 def checkpoint(gateway_id: str, boot_id: str, pairs: int, head: str, audits: int,
-               now: float) -> Checkpoint:
-    """A checkpoint of one boot's counters: pairs served, their chain head, audits made."""
+               now: float, counter: int = 0, undecided: int = 0) -> Checkpoint:
+    """A checkpoint of one boot's counters: pairs served, their chain head, audits made,
+    the pairs whose draw is still pending, and the device counter of its commit."""
     return Checkpoint(gateway_id=gateway_id, boot_id=boot_id, pairs_served=pairs,
-                      chain_head=head, audits=audits, time=now)
+                      chain_head=head, audits=audits, time=now, counter=counter,
+                      undecided=undecided)
 
 
 def boot_record(gateway_id: str, boot_id: str, manifest: Manifest, epsilon: float,
-                now: float, url: str) -> tuple[BootRecord, str]:
-    """The BOOT record that opens a boot (it declares the boot's ε) and the chain's
+                now: float, url: str, counter: int = 0,
+                previous: BootClose | None = None) -> tuple[BootRecord, str]:
+    """The BOOT record that opens a boot (it declares the boot's ε, states the device
+    counter of its commit and names the previous boot's closing state) and the chain's
     genesis head."""
     record = BootRecord(gateway_id=gateway_id, boot_id=boot_id, model_id=manifest.model_id,
                         manifest_digest=manifest_digest(manifest), epsilon=epsilon,
-                        time=now, url=url)
+                        time=now, url=url, counter=counter, previous=previous)
     return record, genesis(gateway_id, boot_id)
 
 

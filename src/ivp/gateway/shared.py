@@ -14,6 +14,8 @@ import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ivp.gateway.release import ReleasePolicy
+
 
 class State(enum.Enum):
     UPLOAD = "upload"
@@ -34,8 +36,12 @@ class GatewayConfig:
         checkpoint_interval: seconds between signed checkpoints while serving (0: off).
         reboot_interval: forced reboot period in seconds while serving (0: off): power
             flicker + memory wipe + fresh upload (bounds how long in-memory state lives).
+        release: the release policy (``release.ReleasePolicy``): every response leaves
+            at a time fixed by its request and the model's budget; its timing then
+            carries at most ``log2(late_steps + 2)`` bits, and only when it is late
+            (alarmed). None: the grid below, or at once.
         release_grid: release responses only at multiples of this many seconds
-            (0: at once); bounds what response timing can carry.
+            (0: at once); lowers, but does not bound, what response timing can carry.
         server_timeout: seconds one inference may take on the server.
         boot_timeout: seconds a freshly powered server may take to answer /health.
         max_body: largest client request body in bytes.
@@ -53,6 +59,7 @@ class GatewayConfig:
     url: str = ""
     checkpoint_interval: float = 10.0
     reboot_interval: float = 0.0
+    release: ReleasePolicy | None = None
     release_grid: float = 0.0
     server_timeout: float = 600.0
     boot_timeout: float = 120.0

@@ -8,15 +8,30 @@ one attack each. Used by the gateway's tests and available to other parts' tests
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ivp.errors import PeerDataError, TransportError, ValidationError
-from ivp.protocol.encoding import canonical, decode
-from ivp.protocol.envelope import ALARM, AUDIT, BOOT, CHECKPOINT, Envelope, open_signed
-from ivp.protocol.keys import VerifyKey
+from ivp.errors import IvpError, PeerDataError, TransportError, ValidationError
+from ivp.protocol.acks import Heartbeat, UplinkAck, UplinkReceipt, payload_digest
+from ivp.protocol.encoding import canonical, decode, to_builtins
+from ivp.protocol.envelope import (
+    ACK,
+    ALARM,
+    AUDIT,
+    BOOT,
+    CHECKPOINT,
+    CURSOR,
+    HEARTBEAT,
+    Envelope,
+    open_signed,
+    sign_message,
+)
+from ivp.protocol.keys import SigningKey, VerifyKey
 from ivp.protocol.messages import (
     AuditRecord,
     BootRecord,
@@ -49,6 +64,7 @@ class FakeServer:
     junk_text: str = "SERVER-FORMATTED-TEXT"
     persist_state: bool = False  # a server that keeps its RAM across power cycles (attack)
     stop_reading_at: int | None = None  # stop consuming the weight stream after N bytes
+    delay: float = 0.0  # seconds each completion takes (a slow, or signalling, server)
 
     # --- power (driven by FakePower) ------------------------------------------------------
     def power(self, on: bool) -> None:
@@ -96,6 +112,11 @@ class FakeServer:
             assert isinstance(body, bytes)
             request = json.loads(body)
             self.requests.append(request)
+            if self.delay:
+                if self.delay > timeout:
+                    await asyncio.sleep(timeout)
+                    raise TransportError(f"server timed out after {timeout:.3f} s")
+                await asyncio.sleep(self.delay)
             if self.state != "ready":
                 return 503, b'{"error":{"message":"not booted","type":"StateError"}}'
             if self.answer is not None:
@@ -173,22 +194,30 @@ class FakePower:
 
 @dataclass
 class FakeRecomputer:
-    """The recomputer's /uplink: checks each envelope's signature, keeps what it stores.
+    """The recomputer's /uplink: checks each envelope's signature, keeps what it stores,
+    and answers as the real one does — an Ack whose ``signed`` part is an
+    ``UplinkAck`` signed with ``key`` (the gateway's ``--recomputer-key``).
 
-    ``mode``: "ok" (ack everything valid), "down" (transport failure), "garbage"
-    (answers bytes that are not an Ack), "short" (an Ack with too few results),
-    "refuse" (refuses everything), "lose_ack" (stores the batch, then the answer is
-    lost: a transport failure after the fact). Like the real one it refuses an audit
-    record or alarm it already holds (``replays`` counts them), and answers
-    :meth:`cursor` from what it stored.
+    ``mode``: "ok" (store everything valid), "down" (transport failure), "garbage"
+    (answers bytes that are not an Ack), "short" (the signed Ack leaves out the last
+    envelope), "refuse" (refuses everything, keeping it as evidence), "retry" (holds
+    nothing: every receipt says retry), "forge" (the operator's answer: ``ok: true``
+    for everything, nothing signed — what it stores it stores, but the gateway must
+    not believe it), "lose_ack" (stores the batch, then the answer is lost: a
+    transport failure after the fact). Like the real one it refuses an audit record or
+    alarm it already holds (``replays`` counts them), and answers :meth:`cursor` from
+    what it stored, signed.
     """
 
     gateway_key: VerifyKey | None = None
     mode: str = "ok"
+    key: SigningKey | None = None
+    gateway_id: str = "gw-test"
     boots: list[BootRecord] = field(default_factory=list)
     audits: list[AuditRecord] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     alarms: list[GatewayAlarm] = field(default_factory=list)
+    heartbeats: list[Heartbeat] = field(default_factory=list)
     posts: int = 0
     replays: int = 0
 
@@ -206,7 +235,9 @@ class FakeRecomputer:
                                boot_known=any(b.boot_id == boot_id for b in self.boots),
                                next_audit_seq=max(audits, default=0) + 1,
                                checkpoint=cps[-1] if cps else None)
-        return canonical(out)
+        if self.mode == "forge" or self.key is None:
+            return canonical(out)
+        return canonical(sign_message(CURSOR, out, self.key))
 
     async def post(self, body: bytes) -> bytes:
         self.posts += 1
@@ -215,27 +246,51 @@ class FakeRecomputer:
         if self.mode == "garbage":
             return b'{"accepted": [1, 2, 3]}'
         envelopes = json.loads(body)["envelopes"]
-        if self.mode == "short":
-            return json.dumps({"results": [{"ok": True}] * (len(envelopes) - 1)}).encode()
-        results = []
+        results, receipts = [], []
         for raw in envelopes:
-            if self.mode == "refuse":
+            env = Envelope.from_bytes(json.dumps(raw).encode())
+            digest = payload_digest(env.payload_bytes())
+            if self.mode in ("refuse", "retry"):
+                status = "refused" if self.mode == "refuse" else "retry"
                 results.append({"ok": False, "error": "refused by test"})
+                receipts.append(self._receipt(env, digest, status, "refused by test"))
                 continue
             try:
-                self._store(Envelope.from_bytes(json.dumps(raw).encode()))
+                self._store(env)
             except PeerDataError as exc:
                 results.append({"ok": False, "error": str(exc)})
+                receipts.append(self._receipt(env, digest, "refused", str(exc)))
                 continue
             results.append({"ok": True, "error": ""})
+            receipts.append(self._receipt(env, digest, "stored"))
         if self.mode == "lose_ack":
             raise TransportError("recomputer stored the batch, but its answer was lost")
-        return json.dumps({"results": results}).encode()
+        if self.mode == "short":
+            receipts = receipts[:-1]
+        if self.mode == "forge" or self.key is None:
+            return json.dumps({"results": [{"ok": True, "error": ""}] * len(envelopes)}
+                              ).encode()
+        ack = UplinkAck(gateway_id=self.gateway_id, results=receipts, time=time.time())
+        signed = to_builtins(sign_message(ACK, ack, self.key))
+        return json.dumps({"results": results, "signed": signed}).encode()
+
+    @staticmethod
+    def _receipt(env: Envelope, digest: str, status: str, error: str = "") -> UplinkReceipt:
+        kind, boot_id, n = "other", None, 0
+        with contextlib.suppress(IvpError):
+            value = json.loads(env.payload_bytes())
+            kind = {AUDIT: "audit", BOOT: "boot", CHECKPOINT: "checkpoint", ALARM: "alarm",
+                    HEARTBEAT: "heartbeat"}.get(env.payloadType, "other")
+            boot_id = value.get("boot_id")
+            n = {"audit": value.get("audit_seq", 0), "checkpoint": value.get("pairs_served", 0),
+                 "alarm": value.get("seq", 0)}.get(kind, 0)
+        return UplinkReceipt(digest=digest, status=status, kind=kind,  # type: ignore[arg-type]
+                             boot_id=boot_id, n=n, error=error[:500])
 
     def _store(self, env: Envelope) -> None:
         types = {AUDIT: (AuditRecord, self.audits), BOOT: (BootRecord, self.boots),
                  CHECKPOINT: (Checkpoint, self.checkpoints),
-                 ALARM: (GatewayAlarm, self.alarms)}
+                 ALARM: (GatewayAlarm, self.alarms), HEARTBEAT: (Heartbeat, self.heartbeats)}
         if env.payloadType not in types:
             raise ValidationError(f"unknown payload type {env.payloadType}")
         kind, store = types[env.payloadType]

@@ -5,26 +5,27 @@ envelopes from it to ``<recomputer>/uplink`` and back out of it once acknowledge
 
 * a batch goes out as ``{"envelopes": [...]}`` built from the stored envelope bytes
   (never re-serialised: the signature covers exactly those bytes);
-* the answer must be an :class:`~ivp.protocol.messages.Ack` with one result per
-  envelope, in order. ``ok`` → the row is deleted; refused → deleted and alarmed
-  (retrying would not help); a garbage answer (not an Ack, wrong length) acknowledges
-  nothing and is retried like a transport failure, so a broken or hostile answer can
-  never make the gateway drop a record;
+* the answer's signed ``UplinkAck`` decides (``answers.judge_ack``): a record leaves
+  the spool only on a receipt signed by the recomputer's key that names it and says
+  the recomputer holds it (``stored``, or ``refused`` and kept there as evidence,
+  which is alarmed here too). A record named ``retry``, or named by no receipt, stays
+  and is sent again after a pause of its own; an answer that is not signed by that
+  key for this gateway (a forged ``ok: true`` from the operator on the wire) deletes
+  nothing and raises ``uplink_forged_ack`` — once, until a genuine answer comes;
 * transport failures back off exponentially (with jitter) up to a cap; the spool
   survives restarts, so an audit record waits as long as the recomputer is away;
 * a lost acknowledgement (the recomputer stored a batch, but the gateway crashed or
   the answer never came) must not turn into a resend the recomputer refuses as a
   replay: at start and after every failed batch the uplink first *reconciles* — the
-  gateway asks the recomputer's cursor (``GET /uplink/cursor``: what it has stored)
-  and drops the spooled records the cursor shows stored (see
-  :meth:`Spool.reconcile`). Replay detection at the recomputer stays as strict as it
-  was: a record it already holds is still refused and alarmed.
+  gateway asks the recomputer's cursor (``GET /uplink/cursor``, signed like the Ack)
+  and drops the spooled records it shows stored (see :meth:`Spool.reconcile`).
 
 The transport is a small interface (:class:`UplinkTransport`: ``post``, and optionally
 ``cursor``), so tests use an in-memory recomputer and the CLI an aiohttp one.
 :class:`Spool` is the gateway's side: the log's spool, read and trimmed on the log's
 thread. This module owns no property of the note by itself: it carries the signed
-records that SNG properties 2 and 3 make (BOOT, AUDIT, CHECKPOINT, ALARM) to the SRC.
+records that SNG properties 2 and 3 make (BOOT, AUDIT, CHECKPOINT, ALARM, HEARTBEAT)
+to the SRC.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
-from ivp.errors import IvpError, TransportError, ValidationError
-from ivp.protocol.encoding import decode
-from ivp.protocol.envelope import Envelope
-from ivp.protocol.messages import Ack, Checkpoint, UplinkCursor
+from ivp.errors import IvpError, SignatureError, TransportError, ValidationError
+from ivp.gateway.answers import AckJudgement, Spooled, already_stored, describe, judge_cursor
+from ivp.protocol.keys import VerifyKey
+from ivp.protocol.messages import UplinkCursor
 
 if TYPE_CHECKING:
     from ivp.gateway.log import PairLog
@@ -109,48 +110,6 @@ def uplink_body(envelopes: list[bytes]) -> bytes:
     return b'{"envelopes":[' + b",".join(envelopes) + b"]}"
 
 
-def already_stored(kind: str, n: int, envelope: bytes, cursor: UplinkCursor | None) -> bool:
-    """Whether the recomputer's ``cursor`` shows a spooled record as stored (pure).
-
-    ``kind``/``n`` are the spool row's: BOOT (n = 0), AUDIT (n = audit_seq),
-    CHECKPOINT (n = pairs served) or ALARM (n = the alarm's number). A checkpoint is
-    stored when the latest stored checkpoint of its boot is it or a later one: a
-    gateway's checkpoints of one boot never go back in pairs, audits or time.
-    """
-    if cursor is None:
-        return False
-    if kind == "ALARM":
-        return n < cursor.next_alarm_seq
-    if not cursor.boot_known:
-        return False
-    if kind == "BOOT":
-        return True
-    if kind == "AUDIT":
-        return n < cursor.next_audit_seq
-    if kind == "CHECKPOINT" and cursor.checkpoint is not None:
-        try:
-            mine = decode(Envelope.from_bytes(envelope).payload_bytes(), Checkpoint)
-        except ValidationError:
-            return False
-        last = cursor.checkpoint
-        return (mine.boot_id == last.boot_id and mine.pairs_served <= last.pairs_served
-                and mine.audits <= last.audits and mine.time <= last.time)
-    return False
-
-
-def parse_ack(raw: bytes, n: int) -> Ack:
-    """The recomputer's Ack for a batch of ``n``.
-
-    Raises:
-        ValidationError: not an Ack, or not exactly one result per envelope (a
-            garbage acknowledgement: nothing is taken as acknowledged).
-    """
-    ack = decode(raw, Ack)
-    if len(ack.results) != n:
-        raise ValidationError(f"ack has {len(ack.results)} results for {n} envelopes")
-    return ack
-
-
 @dataclass
 class Backoff:
     """Exponential backoff with full jitter: ``uniform(0, min(cap, base * 2**tries))``."""
@@ -172,43 +131,57 @@ class Backoff:
 class UplinkStats:
     sent: int = 0
     acked: int = 0
-    refused: int = 0
+    refused: int = 0  # refused by the recomputer and kept there as evidence
+    retried: int = 0  # named "retry" (or by no receipt): kept here, sent again
     failures: int = 0
     garbage: int = 0
+    forged: int = 0  # answers not signed by the recomputer: nothing deleted
     reconciled: int = 0  # records found stored by the cursor (their ack was lost)
+    depth: int = 0  # records left in the spool after the last round
     last_error: str = ""
 
+
+RETRY_AFTER = (1.0, 60.0)  # a record named "retry" waits this long, doubling, at most
 
 class Uplink:
     """Drains the spool to the recomputer, forever, until stopped.
 
     Args:
         transport: where batches go.
-        fetch: returns the oldest spooled items (runs in the log's thread).
-        done: records acknowledged ids and refused (id, reason) pairs.
+        fetch: returns the oldest spooled records, skipping the ids given (runs in the
+            log's thread).
+        done: records ids the recomputer holds, and refused (id, reason) pairs it keeps
+            as evidence.
         alarm: records an alarm (kind, message).
+        judge: the recomputer's answer for a batch → an ``AckJudgement``
+            (``answers.judge_ack`` with the recomputer key and this gateway's id).
+        depth: the number of records still spooled (after each round).
         batch: envelopes per POST.
         reconcile: called before the first batch and before the first batch after a
             failure, with the batch size; returns how many spooled records it found
             already stored (and removed). A TransportError from it is not fatal: the
-            batch is sent anyway (a recomputer without a cursor is still served).
+            batch is sent anyway.
     """
 
     def __init__(self, transport: UplinkTransport,
-                 fetch: Callable[[int], Awaitable[list[tuple[int, bytes]]]],
+                 fetch: Callable[[int, frozenset[int]], Awaitable[list[Spooled]]],
                  done: Callable[[list[int], list[tuple[int, str]]], Awaitable[None]],
                  alarm: Callable[[str, str], Awaitable[None]],
-                 *, batch: int = 64, backoff: Backoff | None = None,
-                 idle_poll: float = 5.0,
+                 judge: Callable[[bytes, list[Spooled]], AckJudgement],
+                 *, depth: Callable[[], Awaitable[int]] | None = None, batch: int = 64,
+                 backoff: Backoff | None = None, idle_poll: float = 5.0,
                  reconcile: Callable[[int], Awaitable[int]] | None = None) -> None:
         self.transport = transport
-        self._fetch, self._done, self._alarm = fetch, done, alarm
+        self._fetch, self._done, self._alarm, self._judge = fetch, done, alarm, judge
+        self._depth = depth
         self._reconcile = reconcile
         self._stale = reconcile is not None  # the last batch's fate is unknown
         self.batch = batch
         self.backoff = backoff or Backoff()
         self.idle_poll = idle_poll
         self.stats = UplinkStats()
+        self._held: dict[int, tuple[float, float]] = {}  # id -> (until, next pause)
+        self._forged = False  # an unsigned answer was alarmed; until a genuine one
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # one batch in flight: never the same record twice
         self._task: asyncio.Task[None] | None = None
@@ -240,13 +213,16 @@ class Uplink:
         if self._stale and self._reconcile is not None:
             try:
                 self.stats.reconciled += await self._reconcile(self.batch)
-            except TransportError as exc:  # no cursor: send anyway, as before
+            except TransportError as exc:  # no cursor: send anyway
                 self.stats.last_error = f"cursor: {exc}"
             self._stale = False
-        items = await self._fetch(self.batch)
+        now = asyncio.get_running_loop().time()
+        self._held = {i: h for i, h in self._held.items() if h[0] > now}
+        items = await self._fetch(self.batch, frozenset(self._held))
         if not items:
+            await self._count_depth()
             return 0
-        body = uplink_body([env for _, env in items])
+        body = uplink_body([item.envelope for item in items])
         self.stats.sent += len(items)
         try:
             raw = await self.transport.post(body)
@@ -254,19 +230,36 @@ class Uplink:
             self._stale = True  # the batch may have been stored: ask before resending
             raise
         try:
-            ack = parse_ack(raw, len(items))
+            verdict = self._judge(raw, items)
+        except SignatureError as exc:
+            self._stale = True
+            self.stats.forged += 1
+            if not self._forged:  # once per episode: a forged answer would feed itself
+                self._forged = True
+                await self._alarm("uplink_forged_ack", "an uplink answer not signed by the "
+                                  f"recomputer deleted nothing: {describe(exc)}")
+            raise TransportError(f"unsigned acknowledgement: {exc}") from None
         except ValidationError as exc:
             self._stale = True
             self.stats.garbage += 1
             await self._alarm("uplink_garbage_ack", f"recomputer answered garbage: {exc}")
             raise TransportError(f"garbage acknowledgement: {exc}") from None
-        acked = [sid for (sid, _), r in zip(items, ack.results, strict=True) if r.ok]
-        refused = [(sid, r.error or "refused") for (sid, _), r in
-                   zip(items, ack.results, strict=True) if not r.ok]
-        await self._done(acked, refused)
-        self.stats.acked += len(acked)
-        self.stats.refused += len(refused)
-        return len(items)
+        self._forged = False
+        await self._done(verdict.stored, verdict.refused)
+        for item_id, _why in verdict.kept:
+            pause = self._held.get(item_id, (0.0, RETRY_AFTER[0]))[1]
+            self._held[item_id] = (now + pause, min(RETRY_AFTER[1], pause * 2))
+        for text in verdict.mismatched:
+            await self._alarm("uplink_bad_receipt", text)
+        self.stats.acked += len(verdict.stored)
+        self.stats.refused += len(verdict.refused)
+        self.stats.retried += len(verdict.kept)
+        await self._count_depth()
+        return len(verdict.stored) + len(verdict.refused)
+
+    async def _count_depth(self) -> None:
+        if self._depth is not None:
+            self.stats.depth = await self._depth()
 
     async def _run(self) -> None:
         while True:
@@ -278,6 +271,8 @@ class Uplink:
             except TransportError as exc:
                 self.stats.failures += 1
                 self.stats.last_error = str(exc)
+                with contextlib.suppress(IvpError):
+                    await self._count_depth()  # what waits, as of this (failed) round
                 await asyncio.sleep(self.backoff.next_delay())  # new records do not cut it
                 continue
             except IvpError as exc:  # e.g. the device bricked under us: stop trying
@@ -286,7 +281,8 @@ class Uplink:
                 continue
             self.backoff.reset()
             if moved == 0:
-                await self._sleep(self.idle_poll)
+                await self._sleep(min(self.idle_poll, RETRY_AFTER[0]) if self._held
+                                  else self.idle_poll)
 
     async def _sleep(self, seconds: float) -> None:
         # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
@@ -298,26 +294,36 @@ class Uplink:
 
 class Spool:
     """The gateway's side of the uplink: the log's spool, read and trimmed on the log's
-    thread (``call``), and the reconciliation against the recomputer's cursor.
+    thread (``call``), and the reconciliation against the recomputer's signed cursor.
 
     Args:
         call: runs a log method on the log's thread (``commit.GroupCommit.call``).
         log: the durable log whose spool this drains.
         gateway_id: this gateway (a cursor of another is refused).
         metrics: acked / refused / reconciled counts.
+        recomputer_key: the key the recomputer signs its cursor with (None: no cursor
+            is believed).
     """
 
     def __init__(self, call: Callable[..., Awaitable[Any]], log: PairLog, gateway_id: str,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, recomputer_key: VerifyKey | None = None) -> None:
         self._call, self.log, self.gateway_id, self.metrics = call, log, gateway_id, metrics
+        self.recomputer_key = recomputer_key
 
-    async def fetch(self, limit: int) -> list[tuple[int, bytes]]:
-        items = await self._call(self.log.spool_batch, limit)
-        return [(item.id, item.envelope) for item in items]
+    async def fetch(self, limit: int, skip: frozenset[int] = frozenset()) -> list[Spooled]:
+        items = await self._call(self.log.spool_batch, limit, skip)
+        return [Spooled(i.id, i.kind, i.boot_id, i.n, i.envelope) for i in items]
+
+    async def depth(self) -> int:
+        return int(await self._call(self.log.spool_depth))
 
     async def done(self, acked: list[int], refused: list[tuple[int, str]]) -> None:
+        kinds = await self._call(self.log.spool_kinds, [*acked, *(i for i, _ in refused)])
         await self._call(self.log.spool_done, acked, refused)
         self.metrics.uplink.labels("acked").inc(len(acked))
+        # audit records are counted once the recomputer holds them, never at the draw:
+        # /metrics must not tell which pair was kept while its record can still be lost
+        self.metrics.audits.inc(sum(1 for k in kinds.values() if k == "AUDIT"))
         if refused:
             self.metrics.uplink.labels("refused").inc(len(refused))
             self.metrics.alarms.labels("uplink_refused").inc(len(refused))
@@ -328,39 +334,35 @@ class Spool:
         Only the oldest ``limit`` records can be concerned: the uplink sends the oldest
         first, one batch at a time, so a batch whose fate is unknown (the gateway died,
         the answer never came) is at the head of the spool. For each boot among them
-        (and for the gateway's alarms) the recomputer's cursor says what it holds;
-        :func:`already_stored` decides per record.
-
-        The cursor is unsigned: a cursor that claims more than the recomputer stored
-        (the operator answering in its name) makes the gateway drop records the
-        recomputer never got — which the recomputer alarms as a gap (``sequence_gap``,
-        ``audit_withheld``, ``gateway_alarm_gap``, ``unknown_boot``), exactly as if the
-        operator had dropped them on the wire, which it can do anyway. A cursor that
-        claims less only causes the resend this replaces (refused as a replay).
+        (and for the gateway's alarms) the recomputer's signed cursor says what it
+        holds; :func:`~ivp.gateway.answers.already_stored` decides per record. An
+        unsigned cursor (the operator answering in the recomputer's name) drops
+        nothing: the batch is then sent as it is, and a record the recomputer holds
+        comes back refused, as a replay, with a signed receipt that it holds it.
 
         Raises:
             TransportError: the cursor could not be read, or was not a cursor of this
-                gateway (the batch is then sent as it is).
+                gateway signed by the recomputer key.
         """
         ask = getattr(transport, "cursor", None)
-        if ask is None:
+        if ask is None or self.recomputer_key is None:
             return 0
-        items = await self._call(self.log.spool_batch, limit)
-        boots = list(dict.fromkeys(i.boot_id for i in items if i.kind != "ALARM"))
+        items = await self.fetch(limit)
+        boots = list(dict.fromkeys(i.boot_id for i in items
+                                   if i.kind not in ("ALARM", "HEARTBEAT")))
         if not boots and items:
             boots = [""]  # only alarms: the gateway-wide cursor is enough
         cursors: dict[str, UplinkCursor] = {}
         for boot_id in boots:
+            raw = await ask(self.gateway_id, boot_id or None)
             try:
-                cursor = decode(await ask(self.gateway_id, boot_id or None), UplinkCursor)
-            except ValidationError as exc:
-                raise TransportError(f"garbage cursor: {exc}") from None
-            if cursor.gateway_id != self.gateway_id or (cursor.boot_id or "") != boot_id:
-                raise TransportError("cursor of another gateway or boot")
-            cursors[boot_id] = cursor
+                cursors[boot_id] = judge_cursor(raw, self.recomputer_key, self.gateway_id,
+                                                boot_id or None)
+            except (ValidationError, SignatureError) as exc:
+                raise TransportError(f"cursor not believed: {describe(exc)}") from None
         alarms = next(iter(cursors.values()), None)
         stored = [i.id for i in items if already_stored(
-            i.kind, i.n, i.envelope, alarms if i.kind == "ALARM" else cursors.get(i.boot_id))]
+            i, alarms if i.kind == "ALARM" else cursors.get(i.boot_id))]
         if stored:
             await self._call(self.log.spool_done, stored, [])
             self.metrics.uplink.labels("reconciled").inc(len(stored))
@@ -375,7 +377,5 @@ __all__ = [
     "Uplink",
     "UplinkStats",
     "UplinkTransport",
-    "already_stored",
-    "parse_ack",
     "uplink_body",
 ]

@@ -28,7 +28,8 @@ def decode(data: bytes | str, type_: type[T]) -> T:
     """Decode and validate ``data`` as ``type_``.
 
     Raises:
-        ValidationError: not JSON, wrong shape, or a field violates its constraint.
+        ValidationError: not JSON, wrong shape, nested too deeply, or a field violates
+            its constraint.
     """
     try:
         return msgspec.json.decode(data, type=type_)
@@ -36,6 +37,29 @@ def decode(data: bytes | str, type_: type[T]) -> T:
         raise ValidationError(f"bad {getattr(type_, '__name__', type_)}: {exc}") from None
     except ValueError as exc:  # raised by __post_init__ checks
         raise ValidationError(f"bad {getattr(type_, '__name__', type_)}: {exc}") from None
+    except RecursionError:
+        raise ValidationError(f"bad {getattr(type_, '__name__', type_)}: {_DEEP}") from None
+
+
+_DEEP = "JSON nested too deeply"
+
+
+def loads(data: bytes | str, what: str = "body") -> Any:
+    """Parse untrusted JSON into plain values (dicts, lists, ...).
+
+    Every HTTP body and payload goes through this or :func:`decode`: a value nested
+    thousands deep makes a recursive parser raise ``RecursionError``, which would
+    otherwise escape as an internal error (HTTP 500) instead of a refusal.
+
+    Raises:
+        ValidationError: not JSON, or nested too deeply (``what`` names the input).
+    """
+    try:
+        return msgspec.json.decode(data)
+    except (msgspec.DecodeError, ValueError):
+        raise ValidationError(f"{what} is not JSON") from None
+    except RecursionError:
+        raise ValidationError(f"{what}: {_DEEP}") from None
 
 
 def convert(obj: Any, type_: type[T]) -> T:
@@ -48,6 +72,8 @@ def convert(obj: Any, type_: type[T]) -> T:
         return msgspec.convert(obj, type=type_)
     except (msgspec.ValidationError, ValueError) as exc:
         raise ValidationError(f"bad {getattr(type_, '__name__', type_)}: {exc}") from None
+    except RecursionError:
+        raise ValidationError(f"bad {getattr(type_, '__name__', type_)}: {_DEEP}") from None
 
 
 def to_builtins(obj: Any) -> Any:

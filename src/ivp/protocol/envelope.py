@@ -28,6 +28,12 @@ ADMIN = "application/vnd.ivp.admin+json;v=1"
 SENSOR = "application/vnd.ivp.sensor+json;v=1"
 ALARM = "application/vnd.ivp.alarm+json;v=1"  # a gateway's own alarm (GatewayAlarm)
 READMIT = "application/vnd.ivp.readmit+json;v=1"  # recomputer -> gateway (Readmit)
+# the signed answers (ivp.protocol.acks)
+ACK = "application/vnd.ivp.ack+json;v=1"  # recomputer -> gateway: an uplink batch's fate
+CURSOR = "application/vnd.ivp.cursor+json;v=1"  # recomputer -> gateway: what it holds
+RELAY = "application/vnd.ivp.relay+json;v=1"  # recomputer -> gateway: an admin request, numbered
+RECEIPT = "application/vnd.ivp.receipt+json;v=1"  # gateway -> recomputer: control obeyed
+HEARTBEAT = "application/vnd.ivp.heartbeat+json;v=1"  # gateway -> recomputer: alive, not serving
 
 
 class Signature(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

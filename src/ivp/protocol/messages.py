@@ -5,12 +5,18 @@ do not understand could carry meaning we would silently drop) and carries ``v``,
 message version. Constraints live on the types, so ``decode`` rejects out-of-range
 values with a message naming the field. ``__post_init__`` adds cross-field checks and
 runs on construction and on decode alike.
+
+Versions are per message: a message whose shape changed says so in ``v`` and lists
+the versions this build decodes in ``VERSIONS`` (a newer one is refused, never read
+as an older one). Version 2 of ``BootRecord`` and ``Checkpoint`` adds the device's
+monotonic counter, the previous boot's closing state and the pairs whose draw is
+pending (docs/ARCHITECTURE.md, "Wire versions").
 """
 
 from __future__ import annotations
 
 import typing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -68,11 +74,22 @@ def _coerce_floats(msg: Struct) -> None:
 
 class _Msg(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     v: int = VERSION
+    #: the versions of this message that this build decodes
+    VERSIONS: ClassVar[tuple[int, ...]] = (VERSION,)
 
     def __post_init__(self) -> None:
         _coerce_floats(self)
-        if self.v != VERSION:
-            raise ValueError(f"unsupported message version {self.v} (this build speaks {VERSION})")
+        if self.v not in self.VERSIONS:
+            raise ValueError(f"unsupported {type(self).__name__} version {self.v} (this build "
+                             f"speaks {', '.join(map(str, self.VERSIONS))})")
+
+    def _only_since(self, version: int, **fields: object) -> None:
+        """Refuse fields (given as name=value) set in a version before ``version``."""
+        if self.v < version:
+            late = sorted(name for name, value in fields.items() if value)
+            if late:
+                raise ValueError(f"{', '.join(late)} not in {type(self).__name__} version "
+                                 f"{self.v}")
 
 
 # --- inference --------------------------------------------------------------------------
@@ -171,9 +188,30 @@ class AuditRecord(_Msg, frozen=True):
             raise ValueError("pair tag names another gateway or boot")
 
 
-class BootRecord(_Msg, frozen=True):
-    """Sent when a gateway reaches SERVING: which model, under which manifest."""
+class BootClose(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How a gateway's previous boot ended, as its own sealed log holds it.
 
+    A BOOT names it, so the recomputer reconciles the old boot against what it
+    received (a boot abandoned with records withheld shows), and a gateway whose log
+    was deleted or rolled back names another boot, or an older state, than the one
+    the recomputer saw last."""
+
+    boot_id: Name
+    pairs_served: Count
+    audits: Count
+    chain_head: Hex256
+    counter: Count = 0  # the device counter when the boot was closed
+
+
+class BootRecord(_Msg, frozen=True, kw_only=True):
+    """Sent when a gateway reaches SERVING: which model, under which manifest.
+
+    Version 2 adds ``counter`` (the device's monotonic counter; it only goes up, so
+    a BOOT from a restored device state repeats or lowers it) and ``previous``.
+    """
+
+    v: int = 2
+    VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)
     gateway_id: Name
     boot_id: Name
     model_id: Name
@@ -181,17 +219,44 @@ class BootRecord(_Msg, frozen=True):
     epsilon: Probability
     time: float
     url: str = ""  # where the gateway serves INPUT (for routing)
+    counter: Count = 0  # v2: the device counter at this BOOT (0: a device without one)
+    previous: BootClose | None = None  # v2: the previous boot (None: the first one)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._only_since(2, counter=self.counter, previous=self.previous)
 
 
-class Checkpoint(_Msg, frozen=True):
-    """Periodic proof of life: how much was served and audited so far this boot."""
+class Checkpoint(_Msg, frozen=True, kw_only=True):
+    """Periodic proof of life: how much was served and audited so far this boot.
 
+    Version 2 adds ``counter`` (the device counter: never lower than the BOOT's) and
+    ``undecided`` (pairs served whose sampling draw is still pending: the audit-rate
+    test counts only pairs already drawn for).
+    """
+
+    v: int = 2
+    VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)
     gateway_id: Name
     boot_id: Name
     pairs_served: Count
     chain_head: Hex256
     audits: Count  # audit records made so far this boot (= last audit_seq)
     time: float
+    counter: Count = 0  # v2
+    undecided: Count = 0  # v2: pairs served whose draw has not happened yet
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._only_since(2, counter=self.counter, undecided=self.undecided)
+        if self.audits + self.undecided > self.pairs_served:
+            raise ValueError(f"{self.audits} audits and {self.undecided} pending draws of "
+                             f"only {self.pairs_served} pairs")
+
+    @property
+    def drawn(self) -> int:
+        """Pairs whose sampling draw has happened (what ``audits`` is a sample of)."""
+        return self.pairs_served - self.undecided
 
 
 # --- recomputer -> gateway ---------------------------------------------------------------
@@ -234,7 +299,7 @@ class GatewayAlarm(_Msg, frozen=True):
     boot_id: Name | None = None  # the boot it happened in, if serving
 
 
-class UplinkCursor(_Msg, frozen=True):
+class UplinkCursor(_Msg, frozen=True, kw_only=True):
     """What the recomputer has stored of one gateway (and one of its boots).
 
     A gateway asks for it (``GET /uplink/cursor``) when it starts and after a
@@ -244,12 +309,23 @@ class UplinkCursor(_Msg, frozen=True):
     got, which the recomputer sees as a gap anyway.
     """
 
+    v: int = 2
+    VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)
     gateway_id: Name
-    next_alarm_seq: Annotated[int, Meta(ge=1, le=I63)] = 1
+    next_alarm_seq: Annotated[int, Meta(ge=1, le=I63)] = 1  # every alarm below it is stored
     boot_id: Name | None = None
     boot_known: bool = False  # the BOOT record of ``boot_id`` is stored
-    next_audit_seq: Annotated[int, Meta(ge=1, le=I63)] = 1
+    next_audit_seq: Annotated[int, Meta(ge=1, le=I63)] = 1  # every audit below it is stored
     checkpoint: Checkpoint | None = None  # the latest stored checkpoint of the boot
+    # v2: numbers stored above the gap-free prefix (records that came after a gap)
+    audits_above: Annotated[list[Annotated[int, Meta(ge=1, le=I63)]],
+                            Meta(max_length=4096)] = []
+    alarms_above: Annotated[list[Annotated[int, Meta(ge=1, le=I63)]],
+                            Meta(max_length=4096)] = []
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._only_since(2, audits_above=self.audits_above, alarms_above=self.alarms_above)
 
 
 class UplinkResult(Struct, frozen=True, forbid_unknown_fields=True):
@@ -260,9 +336,15 @@ class UplinkResult(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Ack(Struct, frozen=True, forbid_unknown_fields=True):
-    """The recomputer's answer to an uplink batch: one result per envelope, in order."""
+    """The recomputer's answer to an uplink batch: one result per envelope, in order.
+
+    ``signed`` is the same answer as an ``UplinkAck`` envelope signed by the
+    recomputer's device key (``ivp.protocol.acks``): the only part a gateway acts on.
+    ``results`` is for people and tools; anyone on the wire can write it.
+    """
 
     results: list[UplinkResult]
+    signed: Envelope | None = None
 
 
 # --- verdicts ------------------------------------------------------------------------------
@@ -390,6 +472,7 @@ __all__ = [
     "Ack",
     "AdminRequest",
     "AuditRecord",
+    "BootClose",
     "BootRecord",
     "Checkpoint",
     "EngineName",

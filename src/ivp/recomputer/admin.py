@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from typing import Any, get_args
 
 import blake3
-import msgspec
 from msgspec import Struct
 
 from ivp.errors import ChainError, ExpiredError, IvpError, QuorumError, ValidationError
 from ivp.protocol import envelope as env
-from ivp.protocol.encoding import canonical, convert, decode
+from ivp.protocol.encoding import canonical, convert, decode, loads
 from ivp.protocol.keys import SigningKey
 from ivp.protocol.messages import (
     ADMIN_ARGS,
@@ -184,10 +183,7 @@ class AdminCore:
 def _peek(payload: bytes) -> tuple[str, str]:
     """Instruction and nonce named by a payload, before full validation (for the log
     and for a clear "not on the closed list" reason)."""
-    try:
-        value = msgspec.json.decode(payload)
-    except (msgspec.DecodeError, ValueError):
-        raise ValidationError("admin request payload is not JSON") from None
+    value = loads(payload, "admin request payload")
     if not isinstance(value, dict):
         raise ValidationError("admin request payload is not a JSON object")
     instr, nonce = value.get("instruction"), value.get("nonce")

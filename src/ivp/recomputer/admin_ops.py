@@ -109,8 +109,11 @@ def effects(t: AdminTargets, args: Any, seq: int, now: float, *, request: bytes 
     instruction = next((i for i, a in ADMIN_ARGS.items() if isinstance(args, a)), "")
     if instruction in RELAYED_INSTRUCTIONS and request:
         gateways = sorted(d.device_id for d in t.ingest.devices.values() if d.kind == "gateway")
-        sql += [("INSERT INTO relays(gateway_id, admin_seq, instruction, envelope, time)"
-                 " VALUES (?,?,?,?,?)", (g, seq, instruction, request, now)) for g in gateways]
+        # numbered per gateway: the gateway applies relays in this order only
+        sql += [("INSERT INTO relays(gateway_id, admin_seq, instruction, envelope, time,"
+                 " relay_seq) VALUES (?,?,?,?,?, (SELECT COALESCE(MAX(relay_seq), 0) + 1"
+                 " FROM relays WHERE gateway_id = ?))",
+                 (g, seq, instruction, request, now, g)) for g in gateways]
         result = {**result, "relayed_to": gateways}
     return sql, result
 

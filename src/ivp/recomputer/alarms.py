@@ -21,7 +21,8 @@ from dataclasses import dataclass
 # kind -> (authenticated, what it means)
 KINDS: dict[str, tuple[bool, str]] = {
     "verify_fail": (True, "a recomputed audit record failed verification"),
-    "sequence_gap": (True, "a signed audit record skipped sequence numbers (withheld records)"),
+    "sequence_gap": (True, "a signed audit record skipped sequence numbers (stored; the "
+                           "missing ones are withheld until they arrive)"),
     "fork": (True, "two different signed records with the same audit sequence number"),
     "chain_link": (True, "an audit record's chain head is not link(chain_prev, pair)"),
     "chain_fork": (True, "two signed records of one boot name different chain heads at "
@@ -30,7 +31,8 @@ KINDS: dict[str, tuple[bool, str]] = {
                           "pairs it counts"),
     "gateway_alarm_gap": (True, "a gateway's signed alarms skipped numbers (withheld)"),
     "pair_order": (True, "audited pairs of one boot are not in increasing pair order"),
-    "audit_withheld": (True, "a checkpoint claims audit records that never arrived"),
+    "audit_withheld": (True, "signed records (checkpoints, the next BOOT) claim audit "
+                             "records that never arrived within the grace"),
     "audit_rate": (True, "audits per pairs served implausible for ε (binomial test)"),
     "checkpoint_missing": (True, "a serving gateway sent no checkpoint for too long"),
     "checkpoint_regress": (True, "a checkpoint counts less than an earlier one"),
@@ -40,6 +42,12 @@ KINDS: dict[str, tuple[bool, str]] = {
     "epsilon_mismatch": (True, "a BOOT declares an ε other than the one inspectors set"),
     "reboot_overdue": (True, "a boot outlived the inspectors' reboot schedule"),
     "unknown_boot": (True, "a signed record names a boot the recomputer never saw"),
+    "rollback": (True, "a gateway's signed records show its log or device state was set "
+                       "back, deleted or replaced (device counter, previous boot, closing "
+                       "state)"),
+    "shutdown_silent": (True, "a shut-down gateway sent no heartbeat for too long"),
+    "gateway_locked": (True, "a gateway shut itself down: its log was set back (a signed "
+                             "heartbeat says so)"),
     "forged": (False, "a record with a bad signature by an enrolled key id"),
     "unenrolled": (False, "a record signed by no enrolled device key"),
     "replay": (False, "an audit record or gateway alarm already stored was sent again"),
@@ -51,6 +59,8 @@ KINDS: dict[str, tuple[bool, str]] = {
     "relay_undelivered": (False, "an inspectors' instruction could not be relayed to a "
                                  "gateway (retrying)"),
     "relay_refused": (False, "a gateway refused an inspectors' instruction relayed to it"),
+    "recomputer_stalled": (False, "the recomputer was not listening for a while (uplinks "
+                                  "waited): silence clocks restarted"),
     "sensor_forged": (False, "a sensor event with a bad or unknown signature"),
     "sensor_gap": (False, "a sensor skipped event sequence numbers"),
     "sensor_silent": (False, "an enrolled sensor sent nothing, not even a heartbeat, for "
@@ -88,6 +98,7 @@ class Alarm:
     detail: str
     time: float
     dedupe: bool = True
+    repeats: int = 1  # how many occurrences this one stands for (folded noise)
 
     def __post_init__(self) -> None:
         if not known(self.kind):

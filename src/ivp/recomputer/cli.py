@@ -73,9 +73,10 @@ def recomputer(
         min=0.0, help="Seconds one person may be alone in a zone before lone_entry "
                       "(the two-person rule).")] = 30.0,
     shutdown_on: Annotated[list[str] | None, typer.Option(
-        help="Alarm kind that shuts gateways down, repeatable (default verify_fail). "
-             "Only authenticated kinds are allowed (e.g. sequence_gap, audit_withheld, "
-             "audit_rate, checkpoint_missing).")] = None,
+        help="Alarm kind that shuts gateways down, repeatable (default verify_fail, "
+             "audit_withheld, rollback; giving any replaces the defaults). Only "
+             "authenticated kinds are allowed (e.g. sequence_gap, audit_rate, "
+             "checkpoint_missing, gateway:<kind>).")] = None,
     shutdown_scope: Annotated[str, typer.Option(
         help="What a shutdown covers: gateway (the offender), model (every gateway "
              "serving its model) or cluster (every gateway).")] = "gateway",
@@ -149,7 +150,9 @@ def recomputer(
         if not sep or not mid or not directory:
             _fail(f"--model {spec!r}: expected ID=DIR")
         models[mid] = Path(directory)
-    kinds = set(shutdown_on or ["verify_fail"])
+    from ivp.recomputer.service import DEFAULT_SHUTDOWN_ON
+
+    kinds = set(shutdown_on or DEFAULT_SHUTDOWN_ON)
     unknown = sorted(k for k in kinds if not known(k))
     if unknown:
         _fail(f"--shutdown-on: unknown alarm kind(s) {unknown}")

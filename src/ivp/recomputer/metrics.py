@@ -44,9 +44,12 @@ class Metrics:
         for a in alarms:
             self.alarms_total.labels(a.kind).inc()
 
-    def admin(self, decision: Any) -> None:
-        self.admin_total.labels(decision.instruction or "unknown",
-                                "accepted" if decision.accepted else "refused").inc()
+    def admin(self, decision: Any, logged: bool = True) -> None:
+        """``refused`` requests are in the admin log; ``unsigned`` ones (no valid
+        inspector signature) are only counted here."""
+        result = "accepted" if decision.accepted else "refused" if logged else "unsigned"
+        self.admin_total.labels(decision.instruction[:64] if logged else "unknown",
+                                result).inc()
 
     def render(self, queue_depth: int, states: Iterable[str],
                refresh: Callable[[], None] | None = None,

@@ -43,9 +43,10 @@ from msgspec import Meta, Struct
 
 from ivp.errors import ChainError, IvpError, SignatureError, ValidationError
 from ivp.protocol import envelope as env
-from ivp.protocol.encoding import canonical, convert, decode
+from ivp.protocol.encoding import canonical, convert, decode, loads
 from ivp.protocol.keys import SigningKey
 from ivp.recomputer.alarms import Alarm
+from ivp.recomputer.batch import MAX_ITEMS
 
 _Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$")]
 
@@ -308,13 +309,12 @@ def batch_items(body: bytes) -> list[Any]:
     Raises:
         ValidationError: not ``{"envelopes": [...]}``.
     """
-    try:
-        value = msgspec.json.decode(body)
-    except (msgspec.DecodeError, ValueError):
-        raise ValidationError("sensor body is not JSON") from None
+    value = loads(body, "sensor body")
     items = value.get("envelopes") if isinstance(value, dict) else None
     if not isinstance(items, list):
         raise ValidationError('sensor body must be {"envelopes": [...]}')
+    if len(items) > MAX_ITEMS:
+        raise ValidationError(f"sensor batch of {len(items)} envelopes; at most {MAX_ITEMS}")
     return items
 
 

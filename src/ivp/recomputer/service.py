@@ -35,53 +35,40 @@ from ivp.errors import (
     BrickedError,
     ExpiredError,
     IvpError,
-    PeerDataError,
     TransportError,
     ValidationError,
 )
 from ivp.protocol import envelope as env
-from ivp.protocol.encoding import canonical, decode, to_builtins
-from ivp.protocol.messages import (
-    Ack,
-    Readmit,
-    ReadmitArgs,
-    Shutdown,
-    UplinkCursor,
-    UplinkResult,
-    Verdict,
-)
+from ivp.protocol.encoding import canonical, decode
+from ivp.protocol.messages import Ack, Shutdown, UplinkResult
 from ivp.protocol.quorum import QuorumPolicy
 from ivp.recomputer import admin as adm
-from ivp.recomputer import admin_ops
+from ivp.recomputer import views
+from ivp.recomputer.admin_shell import AdminRefusedError, AdminShell
 from ivp.recomputer.alarms import Alarm, authenticated
-from ivp.recomputer.ingest import (
-    Ingest,
-    Rules,
-    batch_items,
-    signature_tasks,
-    verify_signatures,
-)
+from ivp.recomputer.delivery import Delivery
+from ivp.recomputer.ingest import Ingest, Rules
 from ivp.recomputer.notices import MAX_BATCH as MAX_NOTICES
 from ivp.recomputer.notices import NoticeLog
 from ivp.recomputer.routing import RateLimiter, Route, Router
 from ivp.recomputer.sensors import SensorHub, SensorReading, SensorRules
 from ivp.recomputer.sensors import batch_items as sensor_items
+from ivp.recomputer.signatures import SignaturePool
 from ivp.recomputer.store import QueuedAudit, Store
-from ivp.recomputer.workers import Mode, ModelSource, VerifyJob, WorkerPool, make_pool
+from ivp.recomputer.uplink import STALL, Noise, UplinkShell
+from ivp.recomputer.verifying import Verifying
+from ivp.recomputer.workers import Mode, ModelSource, WorkerPool, make_pool
 from ivp.whitelist import TrustedWhitelist, read_model_files
 
 log = logging.getLogger("ivp.recomputer")
 T = TypeVar("T")
-MAX_REFUSED_KEPT = 64 * 1024  # bytes of a refused admin request kept beside its log entry
 Scope = Literal["gateway", "model", "cluster"]
-
-
-class AdminRefusedError(PeerDataError):
-    """An admin request was refused (HTTP 403); it is in the admin log as ``log_seq``."""
-
-    def __init__(self, cause: IvpError, log_seq: int) -> None:
-        super().__init__(str(cause))
-        self.cause, self.log_seq = cause, log_seq
+#: What shuts a gateway down unless the inspectors configure otherwise: a failed audit,
+#: an audit record the gateway signed for that never arrived within the grace (the
+#: record that would have been checked is gone: as good as a failed audit), and a
+#: gateway whose log or device state was set back (records it made were erased), seen
+#: at its BOOT (``rollback``) or by the gateway itself (``gateway_locked``).
+DEFAULT_SHUTDOWN_ON = ("verify_fail", "audit_withheld", "rollback", "gateway_locked")
 
 
 @dataclass
@@ -97,7 +84,7 @@ class Config:
     mode: Mode = "tolerant"
     rules: Rules = field(default_factory=Rules)
     sensor_rules: SensorRules = field(default_factory=SensorRules)
-    shutdown_on: frozenset[str] = frozenset({"verify_fail"})
+    shutdown_on: frozenset[str] = frozenset(DEFAULT_SHUTDOWN_ON)
     shutdown_scope: Scope = "gateway"
     batch_size: int = 16
     rate_limit: float = 0.0  # requests/s per client; 0 = off
@@ -116,86 +103,7 @@ class Config:
                 "anyone can send, so they would let anyone shut an honest gateway down")
 
 
-class _SignaturePool:
-    """Signature checks of large uplink batches in worker processes.
-
-    In one process the GIL keeps signature checks serial, and they are most of what
-    ingestion costs. The pool starts on the first batch that needs it (tests and small
-    batches never start it); until it is warm, and for good if it ever fails, the checks
-    run inline in ``Ingest.admit`` — the same verdicts either way.
-    """
-
-    MIN_BATCH = 16
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._exec: Any = None  # concurrent.futures.ProcessPoolExecutor
-        self._ready = False
-
-    async def check(self, ingest: Ingest, items: Sequence[Any]
-                    ) -> list[frozenset[tuple[str, bytes]]] | None:
-        """Per item, the (keyid, key) pairs whose signature verified; None: check inline."""
-        if self.workers <= 0 or len(items) < self.MIN_BATCH:
-            return None
-        if not self._ready:
-            self._warm()
-            return None
-        tasks = signature_tasks(ingest, items)
-        try:
-            good = await asyncio.get_running_loop().run_in_executor(
-                self._exec, verify_signatures, [t for _, _, t in tasks])
-        except Exception as exc:  # a broken pool: inline from now on
-            self._fail(exc)
-            return None
-        found: list[set[tuple[str, bytes]]] = [set() for _ in items]
-        for (i, keyid, task), ok in zip(tasks, good, strict=True):
-            if ok:
-                found[i].add((keyid, task[2]))
-        return [frozenset(f) for f in found]
-
-    async def start(self) -> None:
-        """Start the workers now and wait until they answer (else they start lazily)."""
-        if self.workers <= 0:
-            return
-        self._warm()
-        while self.workers > 0 and not self._ready:
-            await asyncio.sleep(0.05)
-
-    def _warm(self) -> None:
-        if self._exec is not None:
-            return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        try:  # forkserver: safe with the threads this process runs
-            self._exec = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("forkserver"))
-            warm = asyncio.get_running_loop().run_in_executor(self._exec, verify_signatures,
-                                                              [])
-        except Exception as exc:
-            self._fail(exc)
-            return
-
-        def done(f: asyncio.Future[Any]) -> None:
-            if f.cancelled() or f.exception() is not None:
-                self._fail(f.exception() or RuntimeError("cancelled"))
-            else:
-                self._ready = True
-
-        warm.add_done_callback(done)
-
-    def _fail(self, exc: BaseException) -> None:
-        log.warning("signature worker pool unavailable (checks run inline): %s", exc)
-        self.workers, self._ready = 0, False
-        self.close()
-
-    def close(self) -> None:
-        if self._exec is not None:
-            self._exec.shutdown(wait=False, cancel_futures=True)
-            self._exec = None
-
-
-class Recomputer:
+class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
     """One SRC. ``open()`` (sync) loads trusted state; ``start()`` starts the pool and
     background tasks; ``close()`` stops them."""
 
@@ -216,7 +124,7 @@ class Recomputer:
         self.router = Router()
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
         snap = self.store.snapshot()
-        self.ingest.restore(snap, self._boot_envelope)
+        self.ingest.restore(snap, self._boot_envelope, time.time())
         self._apply_settings(snap.settings)
         self.admin.restore(snap.nonces, snap.admin_head)
         self.router.last_served.update(snap.served)
@@ -235,7 +143,8 @@ class Recomputer:
         self._spawned: set[asyncio.Task[Any]] = set()
         self._relaying: set[str] = set()  # gateways whose relays are being delivered
         self._closing = False
-        self._signatures = _SignaturePool(config.signature_workers)
+        self._signatures = SignaturePool(config.signature_workers)
+        self.noise = Noise()
         self._served_dirty = False
         self.session: Any = None  # aiohttp.ClientSession, made in start()
         from ivp.recomputer.metrics import Metrics
@@ -315,6 +224,7 @@ class Recomputer:
         for gw, data in await self._db(self.store.pending_shutdowns):
             self._spawn(self._deliver(gw, data))
         self._spawn(self._relay_pending())
+        self.ingest.resume(time.time())  # listening from now: silence counts from here
 
     async def close(self) -> None:
         self._closing = True
@@ -330,6 +240,9 @@ class Recomputer:
             await self.session.close()
         if self._served_dirty:
             self.store.put_served(self.router.last_served)
+        folded = self.noise.take(time.time(), force=True)
+        if folded:
+            self.store.add_alarms(folded)
         self._db_exec.shutdown(wait=True)
         self.store.close()
         self.notices.close()
@@ -365,74 +278,11 @@ class Recomputer:
         key = self.device.public_key
         return {"public_key": key.hex, "keyid": key.keyid}
 
-    # --- uplink ------------------------------------------------------------------------------
-    async def uplink(self, body: bytes) -> Ack:
-        """Admit a batch of envelopes; ``ok`` only for what is stored durably.
-
-        Raises:
-            ValidationError: the body is not ``{"envelopes": [...]}``.
-            TransportError: the store could not write (nothing was acknowledged).
-        """
-        self.check_alive()
-        items = batch_items(body)
-        # signatures first, in parallel and outside the lock (pure checks; ``admit``
-        # re-checks any signer whose key changed meanwhile)
-        verified = await self._signatures.check(self.ingest, items)
-        async with self._lock:
-            now = time.time()
-            outcomes = []
-            for i, item in enumerate(items):
-                outcome = self.ingest.admit(item, now, verified[i] if verified else frozenset())
-                if outcome.effect is not None:
-                    self.ingest.apply(outcome.effect)
-                outcomes.append(outcome)
-            alarms = [a for o in outcomes for a in o.alarms]
-            effects = [o.effect for o in outcomes
-                       if o.effect is not None and o.effect.kind != "duplicate"]
-            try:
-                ids = await self._db(self.store.write_uplink, effects, alarms)
-            except Exception as exc:
-                log.exception("uplink write failed; reloading trusted state from the store")
-                self._reload()
-                raise TransportError(f"recomputer store write failed: {exc}") from None
-            for effect, audit_id in zip(effects, ids, strict=True):
-                if effect.kind == "audit" and audit_id is not None:
-                    r = effect.record
-                    self._queue.append(QueuedAudit(audit_id, r.gateway_id, r.boot_id,
-                                                   r.audit_seq, effect.manifest_digest,
-                                                   effect.payload))
-                elif effect.kind == "boot":
-                    self.router.mark(effect.record.gateway_id, True)
-            self.metrics.uplink(outcomes)
-            self.metrics.alarms(alarms)
-            await self._enforce_all(alarms)
-        if self._queue:
-            self._wake.set()
-        return Ack(results=[UplinkResult(ok=o.ok, error="" if o.error is None else
-                                         f"{type(o.error).__name__}: {o.error}")
-                            for o in outcomes])
-
-    async def cursor(self, gateway_id: str, boot_id: str | None) -> UplinkCursor:
-        """What is stored of a gateway (and one of its boots): ``GET /uplink/cursor``.
-
-        Taken under the uplink's lock, so it reflects every batch that arrived before
-        it, durably written. A gateway asks after a failed batch and drops the records
-        it shows stored: a lost Ack no longer turns into a resend refused as a replay.
-
-        Raises:
-            ValidationError: an id that is not a valid name.
-        """
-        self.check_alive()
-        from ivp.protocol.encoding import convert
-
-        convert({"gateway_id": gateway_id, "boot_id": boot_id}, UplinkCursor)  # validates
-        async with self._lock:
-            return self.ingest.cursor(gateway_id, boot_id)
-
+    # --- uplink (the rest is in ``uplink.UplinkShell``) ------------------------------------
     def _reload(self) -> None:
         self.ingest = Ingest(self.whitelist.manifest, self.config.rules)
         snap = self.store.snapshot()
-        self.ingest.restore(snap, self._boot_envelope)
+        self.ingest.restore(snap, self._boot_envelope, time.time())
         self._apply_settings(snap.settings)
 
     # --- sensors -----------------------------------------------------------------------------
@@ -445,7 +295,7 @@ class Recomputer:
         """
         self.check_alive()
         items = sensor_items(body)
-        async with self._lock:
+        async with self._locked():
             now = time.time()
             keys = {d.device_id: d.key for d in self.ingest.devices.values()
                     if d.kind == "sensor"}
@@ -475,102 +325,6 @@ class Recomputer:
             self.metrics.alarms(alarms)
             await self._enforce_all(alarms)
         return Ack(results=answers)
-
-    # --- verification ---------------------------------------------------------------------------
-    def queue_depth(self) -> int:
-        return len(self._queue) + len(self._singles) + self._in_flight
-
-    async def drain(self, timeout: float = 60.0) -> None:
-        """Wait until every verifiable queued record has a verdict (tests, demo)."""
-        deadline = time.monotonic() + timeout
-        while self.queue_depth():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.queue_depth()} audit records still queued")
-            await asyncio.sleep(0.02)
-
-    async def _dispatch(self) -> None:
-        slots = asyncio.Semaphore(self.pool.size)
-        while not self._closing:
-            if not self._queue and not self._singles:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await slots.acquire()
-            if self._singles:  # records of a failed batch, retried one by one
-                batch = [self._singles.popleft()]
-            else:
-                batch = [self._queue.popleft()
-                         for _ in range(min(self.config.batch_size, len(self._queue)))]
-            if not batch:
-                slots.release()
-                continue
-            self._in_flight += len(batch)
-            self._spawn(self._verify(batch, slots))
-
-    async def _verify(self, batch: list[QueuedAudit], slots: asyncio.Semaphore) -> None:
-        t0 = time.perf_counter()
-        try:
-            outcomes = await self.pool.verify(
-                [VerifyJob(q.id, q.manifest_digest, q.payload) for q in batch])
-        except Exception as exc:
-            # A worker crash is no evidence against the gateway. Retry each record on
-            # its own; one that still crashes a worker is parked and alarmed (it would
-            # otherwise block the queue forever).
-            log.exception("verification worker failed on %d record(s)", len(batch))
-            self._in_flight -= len(batch)
-            slots.release()
-            if len(batch) == 1 and batch[0].id in self._retried:
-                q = batch[0]
-                self._parked[q.id] = q
-                await self._db(self.store.add_alarms, [Alarm(
-                    "verifier_error", q.gateway_id, q.boot_id,
-                    f"audit record {q.audit_seq} crashed the verifier twice: "
-                    f"{type(exc).__name__}: {exc}"[:500], time.time())])
-            else:
-                self._retried.update(q.id for q in batch)
-                self._singles.extend(batch)
-                await asyncio.sleep(0.5)
-            self._wake.set()
-            return
-        slots.release()
-        self.metrics.verify_seconds.observe(time.perf_counter() - t0)
-        by_id = {q.id: q for q in batch}
-        now = time.time()
-        verdicts: list[tuple[int, Verdict, bytes]] = []
-        alarms: list[Alarm] = []
-        for o in outcomes:
-            q = by_id[o.audit_id]
-            if o.verdict is None:
-                self._parked[q.id] = q
-                alarms.append(Alarm("model_unavailable", q.gateway_id, q.boot_id,
-                                    o.unverifiable, now))
-                continue
-            v = decode(o.verdict, Verdict)
-            verdicts.append((o.audit_id, v, o.verdict))
-            if not v.passed:
-                alarms.append(Alarm("verify_fail", v.gateway_id, v.boot_id,
-                                    f"audit record {v.audit_seq}: {v.reason}", now,
-                                    dedupe=False))
-        requeue = True
-        try:
-            async with self._lock:
-                fresh = set(await self._db(self.store.write_verdicts, verdicts, alarms))
-                requeue = False
-                self.metrics.verdicts([v for i, v, _ in verdicts if i in fresh])
-                self.metrics.alarms(alarms)
-                await self._enforce_all([a for a in alarms if a.kind != "verify_fail"])
-                for audit_id, v, _ in verdicts:
-                    if audit_id in fresh and not v.passed and \
-                            not self.ingest.judged(v.gateway_id, v.boot_id):
-                        await self._enforce("verify_fail", v.gateway_id,
-                                            f"audit record {v.audit_seq} failed: {v.reason}")
-        except Exception:
-            log.exception("storing verdicts or enforcing failed")
-            if requeue:
-                self._queue.extendleft(reversed(batch))
-        finally:
-            self._in_flight -= len(batch)
-        self._wake.set()
 
     # --- alarms and shutdown -------------------------------------------------------------------
     async def _enforce_all(self, alarms: Sequence[Alarm]) -> None:
@@ -606,106 +360,23 @@ class Recomputer:
         data = canonical(env.sign_message(env.SHUTDOWN, order, self.device.signer()))
         await self._db(self.store.set_gateway, gateway_id, "shutdown", reason[:1000], now,
                        True, data)
-        self.ingest.shut_down(gateway_id, reason[:1000])
+        self.ingest.shut_down(gateway_id, reason[:1000], now)
         log.warning("gateway %s shut down: %s", gateway_id, reason)
         self._spawn(self._deliver(gateway_id, data))
 
-    async def _deliver(self, gateway_id: str, data: bytes) -> bool:
-        """POST the signed SHUTDOWN (or READMIT) to the gateway's /control; alarm if
-        undeliverable (it is retried by the ticker until the gateway confirms)."""
-        import aiohttp
-
-        url = self.ingest.gateway_url(gateway_id)
-        error = "no URL known for the gateway"
-        if url:
-            try:
-                async with self.session.post(
-                    url.rstrip("/") + "/control", data=data,
-                    headers={"Content-Type": "application/json"},
-                    timeout=aiohttp.ClientTimeout(total=10),
-                ) as resp:
-                    if resp.status == 200:
-                        await self._db(self.store.shutdown_delivered, gateway_id)
-                        return True
-                    error = f"gateway answered {resp.status}: {(await resp.text())[:300]}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        kind = "shutdown_undelivered"
-        with contextlib.suppress(IvpError):
-            if env.Envelope.from_bytes(data).payloadType == env.READMIT:
-                kind = "readmit_undelivered"
-        alarm = Alarm(kind, gateway_id, None, error, time.time())
-        await self._db(self.store.add_alarms, [alarm])
-        return False
-
-    # --- relays: the inspectors' instructions, forwarded to each gateway ----------------------
-    async def _relay_pending(self) -> None:
-        """Deliver every pending relay, per gateway in admin-log order.
-
-        A gateway's relays go out one at a time, oldest first, and stop at the first
-        that cannot be delivered (retried by the ticker), so a gateway never gets a
-        newer instruction before an older one from this recomputer. An answer of 4xx is
-        final (the gateway refused: alarm ``relay_refused``); 200 is delivered.
-        """
-        targets = await self._db(self.store.relay_targets)
-        await asyncio.gather(*(self._relay_to(g) for g in targets))
-
-    async def _relay_to(self, gateway_id: str) -> None:
-        if gateway_id in self._relaying:  # the running loop picks up new relays too
-            return
-        self._relaying.add(gateway_id)
-        try:
-            while not self._closing:
-                pending = await self._db(self.store.pending_relays, gateway_id, 1)
-                if not pending:
-                    return
-                relay_id, _, data = pending[0]
-                if not await self._relay_one(gateway_id, relay_id, data):
-                    return
-        finally:
-            self._relaying.discard(gateway_id)
-
-    async def _relay_one(self, gateway_id: str, relay_id: int, data: bytes) -> bool:
-        """POST one relay to the gateway's /admin; False: not delivered (retry later)."""
-        import aiohttp
-
-        url = self.ingest.gateway_url(gateway_id)
-        if not url or self.session is None:
-            return False
-        try:
-            async with self.session.post(
-                url.rstrip("/") + "/admin", data=data,
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=30),
-            ) as resp:
-                answer = (await resp.text())[:2000]
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            await self._db(self.store.add_alarms, [Alarm(
-                "relay_undelivered", gateway_id, None, f"{type(exc).__name__}: {exc}"[:500],
-                time.time())])
-            return False
-        if status == 200:
-            await self._db(self.store.relay_done, relay_id, "delivered", answer)
-            return True
-        if 400 <= status < 500:
-            await self._db(self.store.relay_done, relay_id, "refused", answer, [Alarm(
-                "relay_refused", gateway_id, None,
-                f"gateway answered {status}: {answer[:500]}", time.time())])
-            return True
-        await self._db(self.store.add_alarms, [Alarm(
-            "relay_undelivered", gateway_id, None, f"gateway answered {status}: "
-            f"{answer[:500]}", time.time())])
-        return False
-
-    # --- timers ---------------------------------------------------------------------------------
     async def _ticker(self) -> None:
         last_health = last_retry = last_persist = 0.0
         while not self._closing:
+            asked = time.monotonic()
             await asyncio.sleep(self.config.tick_interval)
+            late = time.monotonic() - asked - self.config.tick_interval
+            if late > STALL:  # the event loop itself was blocked: nobody was listening
+                log.warning("recomputer loop was blocked %.1f s: silence is measured from "
+                            "now", late)
+                self.ingest.resume(time.time())
             try:
-                now = time.time()
-                async with self._lock:
+                async with self._locked():
+                    now = time.time()
                     alarms = self.ingest.tick(now)
                     alarms += self.sensors.tick(now, {
                         g.gateway_id: (g.state, g.last_seen)
@@ -716,6 +387,7 @@ class Recomputer:
                         await self._db(self.store.add_alarms, alarms)
                         self.metrics.alarms(alarms)
                         await self._enforce_all(alarms)
+                await self.flush_noise()
                 await self.publish_notices()
                 if now - last_health >= self.config.health_interval:
                     last_health = now
@@ -776,131 +448,10 @@ class Recomputer:
         self.router.end(route, time.time() if ok else None)
         self._served_dirty = self._served_dirty or ok
 
-    # --- admin ------------------------------------------------------------------------------------
-    async def handle_admin(self, body: bytes) -> dict[str, Any]:
-        """Decide, log and apply one admin request.
-
-        Raises:
-            AdminRefusedError: refused (the reason names the failed check).
-        """
-        self.check_alive()
-        async with self._lock:
-            now = time.time()
-            # decide runs on the store thread: state checks may read the store
-            targets = admin_ops.AdminTargets(self.ingest, self.store, self.whitelist,
-                                             self.router)
-            d = await self._db(self.admin.decide, body, now,
-                               lambda _i, args: admin_ops.check(targets, args))
-            seq, entry, digest = self.admin.next_entry(d, now)
-            effects: list[tuple[str, tuple[Any, ...]]] = []
-            result: dict[str, Any] = {}
-            readmit = None
-            if d.accepted and isinstance(d.args, ReadmitArgs):
-                readmit = await self._readmit_envelope(d.args.gateway_id, seq, now)
-            if d.accepted:
-                effects, result = admin_ops.effects(targets, d.args, seq, now, request=body,
-                                                    readmit=readmit)
-            # A refused request is kept whole only if small: unauthenticated junk must
-            # not fill the disk (its BLAKE3 digest is in the entry either way).
-            kept = body if d.accepted or len(body) <= MAX_REFUSED_KEPT else b""
-            await self._db(self.store.append_admin, seq, entry, digest, kept,
-                           d.request.nonce if d.accepted and d.request else None, effects)
-            self.admin.advance(seq, digest, d)
-            if d.accepted:
-                admin_ops.apply(targets, d.args, now)
-                if readmit is not None:
-                    self._spawn(self._deliver(d.args.gateway_id, readmit))  # type: ignore[union-attr]
-                if result.get("relayed_to"):
-                    self._spawn(self._relay_pending())
-            self.metrics.admin(d)
-        if not d.accepted:
-            assert d.error is not None
-            log.warning("admin request refused (log %d): %s", seq, d.reason)
-            raise AdminRefusedError(d.error, seq)
-        log.info("admin request accepted (log %d): %s", seq, d.instruction)
-        return {"accepted": True, "log_seq": seq, "instruction": d.instruction,
-                "signers": sorted(d.signers), "result": result}
-
-    async def _readmit_envelope(self, gateway_id: str, seq: int, now: float) -> bytes:
-        """A Readmit signed by this recomputer, naming the Shutdown it lifts (the one
-        last sent to the gateway), so it can never lift a later shutdown."""
-        stored = await self._db(self.store.control_envelope, gateway_id)
-        shutdown_nonce = "0" * 32  # no Shutdown on record: lifts none on the gateway
-        if stored is not None:
-            with contextlib.suppress(IvpError):
-                envelope = env.Envelope.from_bytes(stored)
-                if envelope.payloadType == env.SHUTDOWN:
-                    shutdown_nonce = decode(envelope.payload_bytes(), Shutdown).nonce
-        message = Readmit(gateway_id=gateway_id, shutdown_nonce=shutdown_nonce,
-                          reason=f"re-admitted by inspectors (admin log {seq})", time=now,
-                          nonce=secrets.token_hex(16))
-        return canonical(env.sign_message(env.READMIT, message, self.device.signer()))
-
-    async def admin_log(self) -> dict[str, Any]:
-        """The admin log with its head signed by the recomputer's device key."""
-        rows = await self._db(self.store.admin_log)
-        head = adm.verify_log(rows)
-        head_doc = {"seq": len(rows), "hash": head, "time": time.time()}
-        signed = env.sign(adm.LOG_HEAD, canonical(head_doc), [self.device.signer()])
-        return {"entries": [{**json.loads(raw), "hash": h} for _, raw, h in rows],
-                "head": to_builtins(signed)}
-
     # --- views ----------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
         self.check_alive()
-        counts = await self._db(self.store.counts)
-        per_gw = await self._db(self.store.verdict_counts_by_gateway)
-        relays = await self._db(self.store.relay_counts)
-        gateways: dict[str, Any] = {}
-        for gw in sorted(self.ingest.gateways.values(), key=lambda g: g.gateway_id):
-            boot = self.ingest.boots.get((gw.gateway_id, gw.boot_id)) if gw.boot_id else None
-            cp = boot.checkpoint if boot else None
-            gateways[gw.gateway_id] = {
-                "gateway_id": gw.gateway_id, "state": gw.state, "reason": gw.reason,
-                "healthy": gw.gateway_id not in self.router.unhealthy,
-                "health": self.router.unhealthy.get(gw.gateway_id, "ok"),
-                "url": self.ingest.gateway_url(gw.gateway_id),
-                "boot_id": gw.boot_id,
-                "model_id": boot.record.model_id if boot else None,
-                "whitelisted": boot.whitelisted if boot else None,
-                "epsilon": boot.record.epsilon if boot else None,
-                "audits_received": boot.audits_received if boot else 0,
-                "pairs_served": cp.pairs_served if cp else None,
-                "audits_claimed": cp.audits if cp else None,
-                "last_checkpoint": boot.checkpoint_received if boot else None,
-                "verdicts": per_gw.get(gw.gateway_id, {"passed": 0, "failed": 0}),
-                "in_flight": self.router.in_flight.get(gw.gateway_id, 0),
-                "alarms_received": gw.next_alarm_seq - 1,
-                "relays": relays.get(gw.gateway_id, {}),
-            }
-        wl = self.whitelist.current
-        return {
-            "keyid": self.device.public_key.keyid,
-            "mode": self.config.mode,
-            "workers": {"kind": self.pool.name, "size": self.pool.size},
-            "store": {"path": str(self.store.path), "journal_mode": self.store.journal_mode,
-                      "sync_mode": self.store.sync_mode},
-            "whitelist": {"version": wl.version, "expires": wl.expires,
-                          "models": [m.model_id for m in wl.manifests]} if wl else None,
-            "models_loaded": [s.manifest.model_id for s in self.sources],
-            "gateways": gateways,
-            "queue_depth": self.queue_depth(),
-            "in_flight": self._in_flight,
-            "unverifiable": len(self._parked),
-            "audits": counts["audits"],
-            "verdicts": {"passed": counts["passed"], "failed": counts["failed"],
-                         "total": counts["passed"] + counts["failed"]},
-            "alarms": counts["alarms"],
-            "open_alarms": counts["open_alarms"],
-            "settings": {"epsilon": self.ingest.epsilon,
-                         "model_epsilon": self.ingest.model_epsilon,
-                         "reboot_interval": self.ingest.reboot_interval,
-                         "shutdown_on": sorted(self.config.shutdown_on),
-                         "shutdown_scope": self.config.shutdown_scope},
-            "admin_log": {"seq": self.admin.seq, "head": self.admin.head},
-            "last_served": dict(self.router.last_served),
-            "sensors": self.sensors.view(),
-        }
+        return await views.status(self)
 
     # --- notices: signed alarms and verdicts for inspectors -----------------------------------
     async def publish_notices(self) -> int:
@@ -944,3 +495,6 @@ class Recomputer:
     async def alarms(self, open_only: bool = False) -> list[dict[str, Any]]:
         self.check_alive()
         return [a.to_json() for a in await self._db(self.store.alarms, open_only)]
+
+
+__all__ = ["DEFAULT_SHUTDOWN_ON", "AdminRefusedError", "Config", "Recomputer", "Scope"]

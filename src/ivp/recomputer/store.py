@@ -3,7 +3,9 @@
 Tables: enrolments, gateways (state as the recomputer sees it, and the control
 message — SHUTDOWN or READMIT — pending delivery), boots, checkpoints, audits (the
 durable proof-request queue: ``verified = 0`` rows are the queue), verdicts, alarms,
-gateway alarms (the signed envelopes of the gateways' own alarms), the hash-chained
+gateway alarms (the signed envelopes of the gateways' own alarms), refused (records
+signed by an enrolled gateway but refused: kept as evidence, since the gateway deletes
+its copy on the signed refusal), the latest heartbeat per gateway, the hash-chained
 admin log, used admin nonces, relays (inspectors' instructions to forward to each
 gateway), settings (whitelist, ε, reboot schedule) and sensor events.
 
@@ -28,78 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from ivp.protocol.encoding import to_builtins
+from ivp.protocol.envelope import Envelope
+from ivp.recomputer.store_schema import SCHEMA, TRIGGERS
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS enrolments(
-    device_id TEXT PRIMARY KEY, kind TEXT NOT NULL, public_key TEXT NOT NULL,
-    keyid TEXT NOT NULL UNIQUE, url TEXT NOT NULL DEFAULT '', time REAL NOT NULL,
-    admin_seq INTEGER);
-CREATE TABLE IF NOT EXISTS gateways(
-    gateway_id TEXT PRIMARY KEY, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
-    time REAL NOT NULL, shutdown_pending INTEGER NOT NULL DEFAULT 0,
-    shutdown_envelope BLOB);
-CREATE TABLE IF NOT EXISTS boots(
-    gateway_id TEXT NOT NULL, boot_id TEXT NOT NULL, model_id TEXT NOT NULL,
-    manifest_digest TEXT NOT NULL, epsilon REAL NOT NULL, time REAL NOT NULL,
-    url TEXT NOT NULL, received REAL NOT NULL, whitelisted INTEGER NOT NULL,
-    envelope BLOB NOT NULL, PRIMARY KEY(gateway_id, boot_id));
-CREATE TABLE IF NOT EXISTS checkpoints(
-    id INTEGER PRIMARY KEY, gateway_id TEXT NOT NULL, boot_id TEXT NOT NULL,
-    pairs_served INTEGER NOT NULL, audits INTEGER NOT NULL, chain_head TEXT NOT NULL,
-    time REAL NOT NULL, received REAL NOT NULL, envelope BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS checkpoints_boot ON checkpoints(gateway_id, boot_id, id);
-CREATE TABLE IF NOT EXISTS audits(
-    id INTEGER PRIMARY KEY, gateway_id TEXT NOT NULL, boot_id TEXT NOT NULL,
-    audit_seq INTEGER NOT NULL, pair_seq INTEGER NOT NULL, manifest_digest TEXT NOT NULL,
-    received REAL NOT NULL, envelope BLOB NOT NULL, payload BLOB NOT NULL,
-    verified INTEGER NOT NULL DEFAULT 0, UNIQUE(gateway_id, boot_id, audit_seq));
-CREATE INDEX IF NOT EXISTS audits_queue ON audits(verified, id);
-CREATE TABLE IF NOT EXISTS verdicts(
-    audit_id INTEGER PRIMARY KEY REFERENCES audits(id), gateway_id TEXT NOT NULL,
-    boot_id TEXT NOT NULL, audit_seq INTEGER NOT NULL, passed INTEGER NOT NULL,
-    verdict BLOB NOT NULL, time REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS verdicts_gateway ON verdicts(gateway_id, audit_id);
-CREATE TABLE IF NOT EXISTS alarms(
-    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, gateway_id TEXT, boot_id TEXT,
-    detail TEXT NOT NULL, time REAL NOT NULL, last_time REAL NOT NULL,
-    count INTEGER NOT NULL DEFAULT 1, acked_admin_seq INTEGER);
-CREATE TABLE IF NOT EXISTS admin_log(
-    seq INTEGER PRIMARY KEY, entry BLOB NOT NULL, hash TEXT NOT NULL,
-    envelope BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS nonces(nonce TEXT PRIMARY KEY, admin_seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS settings(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS served(model_id TEXT PRIMARY KEY, last_served REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS gateway_alarms(
-    gateway_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, boot_id TEXT,
-    time REAL NOT NULL, received REAL NOT NULL, envelope BLOB NOT NULL,
-    PRIMARY KEY(gateway_id, seq));
-CREATE TABLE IF NOT EXISTS relays(
-    id INTEGER PRIMARY KEY, gateway_id TEXT NOT NULL, admin_seq INTEGER NOT NULL,
-    instruction TEXT NOT NULL, envelope BLOB NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending', answer TEXT NOT NULL DEFAULT '',
-    time REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS relays_pending ON relays(state, gateway_id, id);
-CREATE TABLE IF NOT EXISTS sensor_events(
-    id INTEGER PRIMARY KEY, sensor_id TEXT NOT NULL, seq INTEGER NOT NULL,
-    kind TEXT NOT NULL, event TEXT NOT NULL, received REAL NOT NULL,
-    UNIQUE(sensor_id, seq));
-"""
 
-# History the API must never rewrite.
-_APPEND_ONLY = ("admin_log", "verdicts", "gateway_alarms")
-_TRIGGERS = "\n".join(
-    f"""CREATE TRIGGER IF NOT EXISTS {t}_no_update BEFORE UPDATE ON {t}
-        BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END;
-        CREATE TRIGGER IF NOT EXISTS {t}_no_delete BEFORE DELETE ON {t}
-        BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END;"""
-    for t in _APPEND_ONLY
-) + """
-CREATE TRIGGER IF NOT EXISTS audits_no_rewrite BEFORE UPDATE OF envelope, payload,
-    gateway_id, boot_id, audit_seq ON audits
-    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audits_no_delete BEFORE DELETE ON audits
-    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
-"""
+def _payload(envelope: bytes) -> bytes:
+    return Envelope.from_bytes(bytes(envelope)).payload_bytes()
 
 
 @dataclass(frozen=True)
@@ -128,6 +64,18 @@ class AlarmRow:
 
 
 @dataclass(frozen=True)
+class PendingRelay:
+    """An inspectors' request to relay to one gateway, as its ``relay_seq``-th relay."""
+
+    id: int
+    gateway_id: str
+    relay_seq: int
+    admin_seq: int
+    instruction: str
+    envelope: bytes
+
+
+@dataclass(frozen=True)
 class QueuedAudit:
     """One unverified audit record: the unit of work for the worker pool."""
 
@@ -147,13 +95,15 @@ class Snapshot:
     gateways: list[dict[str, Any]] = field(default_factory=list)
     boots: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # latest per boot
+    claims: list[dict[str, Any]] = field(default_factory=list)  # audits claimed, first when
     audit_heads: list[dict[str, Any]] = field(default_factory=list)  # per boot
     nonces: set[str] = field(default_factory=set)
     admin_head: tuple[int, str] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     served: dict[str, float] = field(default_factory=dict)
     sensor_heads: dict[str, int] = field(default_factory=dict)
-    alarm_heads: dict[str, int] = field(default_factory=dict)  # last gateway alarm seq
+    alarm_heads: list[dict[str, Any]] = field(default_factory=list)  # per gateway
+    heartbeats: dict[str, tuple[float, int]] = field(default_factory=dict)  # received, counter
 
 
 class Store:
@@ -170,7 +120,11 @@ class Store:
         self.sync_mode = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[
             int(self._db.execute("PRAGMA synchronous").fetchone()[0])
         ]
-        self._db.executescript(SCHEMA + _TRIGGERS)
+        self._db.executescript(SCHEMA + TRIGGERS)
+        relay_columns = {r[1] for r in self._db.execute("PRAGMA table_info(relays)")}
+        if "relay_seq" not in relay_columns:  # a store from before numbered relays
+            self._db.execute("ALTER TABLE relays ADD COLUMN relay_seq INTEGER NOT NULL "
+                             "DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
@@ -196,13 +150,25 @@ class Store:
         snap.boots = [dict(r) for r in db.execute(
             "SELECT gateway_id, boot_id, model_id, manifest_digest, epsilon, time, url,"
             " received, whitelisted FROM boots ORDER BY received, rowid")]
-        snap.checkpoints = [dict(r) for r in db.execute(
-            "SELECT c.gateway_id, c.boot_id, c.pairs_served, c.audits, c.chain_head, c.time,"
-            " c.received FROM checkpoints c JOIN (SELECT MAX(id) AS id FROM checkpoints"
-            " GROUP BY gateway_id, boot_id) m ON c.id = m.id")]
-        snap.audit_heads = [dict(r) for r in db.execute(
-            "SELECT gateway_id, boot_id, MAX(audit_seq) AS last_seq, MAX(pair_seq) AS"
-            " last_pair_seq, COUNT(*) AS n FROM audits GROUP BY gateway_id, boot_id")]
+        snap.checkpoints = [
+            {**dict(r), "payload": _payload(r["envelope"])} for r in db.execute(
+                "SELECT c.gateway_id, c.boot_id, c.received, c.envelope FROM checkpoints c"
+                " JOIN (SELECT MAX(id) AS id FROM checkpoints GROUP BY gateway_id, boot_id) m"
+                " ON c.id = m.id")]
+        snap.claims = [dict(r) for r in db.execute(
+            "SELECT gateway_id, boot_id, audits, MIN(received) AS received FROM checkpoints"
+            " GROUP BY gateway_id, boot_id, audits ORDER BY gateway_id, boot_id, audits")]
+        snap.audit_heads = []
+        for r in db.execute(
+                "SELECT gateway_id, boot_id, MAX(audit_seq) AS last_seq, MAX(pair_seq) AS"
+                " last_pair_seq, COUNT(*) AS n FROM audits GROUP BY gateway_id, boot_id"
+                ).fetchall():
+            head = dict(r)
+            if head["n"] != head["last_seq"]:  # a gap: every number, to know which
+                head["numbers"] = db.execute(
+                    "SELECT audit_seq, pair_seq FROM audits WHERE gateway_id = ? AND"
+                    " boot_id = ?", (head["gateway_id"], head["boot_id"])).fetchall()
+            snap.audit_heads.append(head)
         snap.nonces = {r[0] for r in db.execute("SELECT nonce FROM nonces")}
         head = db.execute("SELECT seq, hash FROM admin_log ORDER BY seq DESC LIMIT 1").fetchone()
         snap.admin_head = (int(head[0]), str(head[1])) if head else None
@@ -210,8 +176,16 @@ class Store:
         snap.served = {r[0]: float(r[1]) for r in db.execute("SELECT * FROM served")}
         snap.sensor_heads = {r[0]: int(r[1]) for r in db.execute(
             "SELECT sensor_id, MAX(seq) FROM sensor_events GROUP BY sensor_id")}
-        snap.alarm_heads = {r[0]: int(r[1]) for r in db.execute(
-            "SELECT gateway_id, MAX(seq) FROM gateway_alarms GROUP BY gateway_id")}
+        snap.alarm_heads = []
+        for r in db.execute("SELECT gateway_id, MAX(seq) AS last_seq, COUNT(*) AS n"
+                            " FROM gateway_alarms GROUP BY gateway_id").fetchall():
+            head = {**dict(r), "last_pair_seq": 0}
+            if head["n"] != head["last_seq"]:
+                head["numbers"] = [(int(x[0]), 0) for x in db.execute(
+                    "SELECT seq FROM gateway_alarms WHERE gateway_id = ?", (r[0],))]
+            snap.alarm_heads.append(head)
+        snap.heartbeats = {r[0]: (float(r[1]), int(r[2])) for r in db.execute(
+            "SELECT gateway_id, received, counter FROM heartbeats")}
         return snap
 
     def boot_envelope(self, gateway_id: str, boot_id: str) -> bytes:
@@ -220,19 +194,33 @@ class Store:
         return bytes(row[0])
 
     # --- uplink -----------------------------------------------------------------------------
-    def write_uplink(self, effects: Sequence[Any], alarms: Sequence[Any]) -> list[int | None]:
-        """Record admitted envelopes and raised alarms in ONE durable transaction.
+    def write_uplink(self, effects: Sequence[Any], alarms: Sequence[Any],
+                     evidence: Sequence[Any] = ()) -> list[int | None]:
+        """Record admitted envelopes, refused ones kept as evidence and raised alarms
+        in ONE durable transaction.
 
-        Returns, per effect, the audit row id (audits) or None. Effects are the
-        ``ingest`` effect objects; the store reads their fields only.
+        Returns, per effect, the audit row id (audits) or None. Effects and evidence are
+        the ``ingest`` objects; the store reads their fields only. Evidence already held
+        (the same payload digest) is not stored twice.
         """
         ids: list[int | None] = []
         with self.transaction() as db:
             for e in effects:
                 ids.append(self._write_effect(db, e))
+            for v in evidence:
+                db.execute("INSERT OR IGNORE INTO refused(gateway_id, boot_id, kind, n,"
+                           " digest, error, received, envelope) VALUES (?,?,?,?,?,?,?,?)",
+                           (v.gateway_id, v.boot_id, v.kind, v.n, v.digest, v.error,
+                            v.received, v.envelope))
             for a in alarms:
                 self._add_alarm(db, a)
         return ids
+
+    def evidence(self, gateway_id: str | None = None) -> list[dict[str, Any]]:
+        """Refused records kept as evidence (without their envelopes), oldest first."""
+        return [dict(r) for r in self._db.execute(
+            "SELECT id, gateway_id, boot_id, kind, n, digest, error, received FROM refused"
+            " WHERE ? IS NULL OR gateway_id = ? ORDER BY id", (gateway_id, gateway_id))]
 
     @staticmethod
     def _write_effect(db: sqlite3.Connection, e: Any) -> int | None:
@@ -269,6 +257,11 @@ class Store:
                        (a.gateway_id, a.seq, a.kind, a.boot_id, a.time, e.received,
                         e.envelope))
             return None
+        if kind == "heartbeat":  # only the latest counts (when it was last heard)
+            h = e.record
+            db.execute("INSERT OR REPLACE INTO heartbeats VALUES (?,?,?,?,?)",
+                       (h.gateway_id, h.state, h.counter, e.received, e.envelope))
+            return None
         return None  # duplicates: nothing to write
 
     # --- alarms -----------------------------------------------------------------------------
@@ -283,14 +276,15 @@ class Store:
             " AND acked_admin_seq IS NULL ORDER BY id DESC LIMIT 1",
             (a.kind, a.gateway_id, a.boot_id),
         ).fetchone() if a.dedupe else None
+        repeats = getattr(a, "repeats", 1)
         if row is not None:
-            db.execute("UPDATE alarms SET count = count + 1, last_time = ?, detail = ?"
-                       " WHERE id = ?", (a.time, a.detail, row[0]))
+            db.execute("UPDATE alarms SET count = count + ?, last_time = ?, detail = ?"
+                       " WHERE id = ?", (repeats, a.time, a.detail, row[0]))
             return int(row[0])
         cur = db.execute(
-            "INSERT INTO alarms(kind, gateway_id, boot_id, detail, time, last_time)"
-            " VALUES (?,?,?,?,?,?)",
-            (a.kind, a.gateway_id, a.boot_id, a.detail, a.time, a.time),
+            "INSERT INTO alarms(kind, gateway_id, boot_id, detail, time, last_time, count)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (a.kind, a.gateway_id, a.boot_id, a.detail, a.time, a.time, repeats),
         )
         return int(cur.lastrowid or 0)
 
@@ -408,7 +402,8 @@ class Store:
                                (gateway_id,)).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
-    def shutdown_delivered(self, gateway_id: str) -> None:
+    def shutdown_delivered(self, gateway_id: str, receipted: float | None = None) -> None:
+        """The pending control message was receipted by the gateway (at ``receipted``)."""
         with self.transaction() as db:
             db.execute("UPDATE gateways SET shutdown_pending = 0 WHERE gateway_id = ?",
                        (gateway_id,))
@@ -438,11 +433,12 @@ class Store:
 
     # --- relays (inspectors' instructions forwarded to the gateways) ----------------------------
     def pending_relays(self, gateway_id: str | None = None,
-                       limit: int = 1000) -> list[tuple[int, str, bytes]]:
-        """(id, gateway_id, envelope) of relays not yet answered, oldest first."""
-        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in self._db.execute(
-            "SELECT id, gateway_id, envelope FROM relays WHERE state = 'pending'"
-            " AND (? IS NULL OR gateway_id = ?) ORDER BY id LIMIT ?",
+                       limit: int = 1000) -> list[PendingRelay]:
+        """Relays not yet answered, oldest first."""
+        return [PendingRelay(int(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]),
+                             bytes(r[5])) for r in self._db.execute(
+            "SELECT id, gateway_id, relay_seq, admin_seq, instruction, envelope FROM relays"
+            " WHERE state = 'pending' AND (? IS NULL OR gateway_id = ?) ORDER BY id LIMIT ?",
             (gateway_id, gateway_id, limit))]
 
     def relay_targets(self) -> list[str]:

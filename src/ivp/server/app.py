@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import web
 
 from ivp.errors import IvpError, StateError, ValidationError, error_json, http_status
-from ivp.protocol.encoding import convert, decode, to_builtins
+from ivp.protocol.encoding import convert, decode, loads, to_builtins
 from ivp.protocol.messages import Manifest, SamplingParams, Tag
 from ivp.server.backends import Backend, EngineName, load_backend
 
@@ -75,6 +75,8 @@ async def errors_middleware(
         return error_response(exc.status, exc.reason, "HTTPError")
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except RecursionError:  # a parser reached by input nested too deeply: bad input
+        return error_response(400, "input nested too deeply", "ValidationError")
     except Exception as exc:  # a bug: say so in the protocol's shape, log the trace
         import traceback
 
@@ -100,10 +102,7 @@ class InferenceRequest:
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or ValidationError saying why not."""
     raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValidationError(f"request body is not valid JSON ({exc})") from None
+    body = loads(raw, "request body")  # nested too deeply: a ValidationError, not a 500
     if not isinstance(body, dict):
         raise ValidationError("request body must be a JSON object")
     return body

@@ -219,26 +219,38 @@ def keys_policy(
                                   "distinct valid inspector signatures a document needs."),
     require: list[str] = typer.Option([], "--require", help="A party that must be among "
                                       "the signers (repeat for each, e.g. --require US "
-                                      "--require CN)."),
+                                      "--require CN). Default: every party that has a key."),
+    any_party: bool = typer.Option(False, "--any-party", help="Require no party at all: "
+                                   "THRESHOLD keys of ONE party then make a quorum. Only "
+                                   "for a single inspecting party."),
     out: Path = typer.Option(..., "--out", help="Where to write the policy JSON."),
 ) -> None:
     """Write the quorum policy that every whitelist and admin request must meet.
 
     At least THRESHOLD distinct inspector keys must sign, including one from each
-    required party. Gateways and the recomputer are configured with this file: it is
-    the root of trust.
+    required party — by default every party that has a key in the policy, so two keys
+    of one party never make a quorum on their own. Gateways and the recomputer are
+    configured with this file: it is the root of trust.
     """
     with _errors():
         keys = [_load(p, InspectorKey, "public key file (InspectorKey JSON)")
                 for p in pubfiles]
+        parties = sorted({k.party for k in keys})
+        if any_party and require:
+            _fail("--any-party and --require contradict each other")
+        required = [] if any_party else sorted(set(require) or set(parties))
+        if threshold < len(required):
+            _fail(f"--threshold {threshold} is below the {len(required)} required parties "
+                  f"({', '.join(required)}): one signature per party needs at least "
+                  f"{len(required)}")
         policy = convert({"threshold": threshold, "keys": [to_builtins(k) for k in keys],
-                          "required_parties": sorted(set(require))}, QuorumPolicy)
+                          "required_parties": required}, QuorumPolicy)
         _write(out, _pretty(policy))
-    parties = sorted({k.party for k in policy.keys})
     _out().print(
         f"policy: {threshold} of {len(policy.keys)} key(s) from {', '.join(parties)}"
         + (f", including {', '.join(policy.required_parties)}" if policy.required_parties
-           else "") + f"\n  written to {out}")
+           else "; WARNING: no party required (--any-party): keys of one party alone can "
+                "make a quorum") + f"\n  written to {out}")
 
 
 # --- ivp whitelist --------------------------------------------------------------------------
