@@ -33,7 +33,7 @@ def test_model_no_gateway_serves_gets_503_naming_it(datacenter) -> None:
 
 
 @pytest.mark.parametrize("param", [
-    {"logit_bias": {"5": 10}}, {"n": 2}, {"stop": ["x"]}, {"seed": 7},
+    {"logit_bias": {"5": 10}}, {"n": 2}, {"logprobs": True}, {"seed": 7},
     {"presence_penalty": 0.5}, {"frequency_penalty": 1.0}, {"best_of": 2},
 ])
 def test_unsupported_sampling_parameter_is_refused(datacenter, param) -> None:

@@ -234,7 +234,7 @@ def test_request_for_another_model_is_refused(tmp_path: Path, tiny_model_dir: Pa
 
 
 @pytest.mark.parametrize("param", ['"seed": 5', '"logit_bias": {"3": 9}', '"n": 2',
-                                   '"stop": ["x"]', '"presence_penalty": 0.1', '"echo": true'])
+                                   '"logprobs": true', '"presence_penalty": 0.1', '"echo": true'])
 def test_unsupported_parameters_never_reach_the_server(
         tmp_path: Path, tiny_model_dir: Path, param: str) -> None:
     async def body() -> None:

@@ -31,7 +31,7 @@ async def _json(resp) -> dict:  # type: ignore[no-untyped-def]
 
 
 def _err(body: dict) -> str:
-    assert set(body["error"]) == {"message", "type"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
     return body["error"]["message"]
 
 

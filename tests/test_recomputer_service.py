@@ -215,8 +215,9 @@ def test_input_is_balanced_and_503_names_model_and_last_served(config, inspector
         async with serving(config) as (rec, client):
             r = await client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "x"})
             assert r.status == 503
-            assert (await r.json())["error"]["message"] == \
-                f"no gateway is serving model {MODEL_ID!r} (last served never)"
+            assert (await r.json())["error"]["message"] == (
+                f"model {MODEL_ID!r} is whitelisted but no gateway is serving it right now "
+                "(last served never); try again later")
             for gw, fake in zip(gws, fakes, strict=True):
                 await online(rec, client, inspectors, gw, fake)
             for i in range(6):
@@ -236,7 +237,7 @@ def test_input_is_balanced_and_503_names_model_and_last_served(config, inspector
             msg = (await r.json())["error"]["message"]
             assert r.status == 503 and "last served 20" in msg and "power_kill" in msg
             r = await client.post("/v1/completions", json={"prompt": "no model"})
-            assert r.status == 400 and "'model'" in (await r.json())["error"]["message"]
+            assert r.status == 400 and "model is required" in (await r.json())["error"]["message"]
         for f in fakes:
             await f.close()
     run(main())

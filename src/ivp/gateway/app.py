@@ -38,6 +38,7 @@ from ivp.errors import (
     StateError,
     TransportError,
     error_json,
+    error_of,
     http_status,
 )
 from ivp.gateway.core import Gateway, Reply
@@ -49,6 +50,7 @@ from ivp.gateway.errors import (
     UploadRefusedError,
 )
 from ivp.gateway.upstream import read_capped
+from ivp.web import http_refusal
 
 log = logging.getLogger("ivp.gateway")
 
@@ -78,7 +80,7 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 def error_body(exc: IvpError) -> tuple[int, dict[str, Any]]:
     """HTTP status and JSON body for an ivp error."""
     status = http_status(exc, STATUS)
-    body = error_json(str(exc), type(exc).__name__)
+    body = error_of(exc)
     if isinstance(exc, UploadRefusedError):
         body.update(state="power_kill", file=exc.file, reason=exc.reason)
         if exc.reason == "server":
@@ -105,7 +107,7 @@ async def errors_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response(error_json(exc.reason, "HTTPError"), status=exc.status)
+        return http_refusal(request, exc)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return web.json_response(error_json("internal gateway error", "InternalError"),

@@ -792,13 +792,14 @@ class Gateway:
                 self._check_alive()
                 raise StateError("the server was power-cycled during this request: output "
                                  "dropped")
-            text = boot.tokenizer.decode(out.token_ids)
+            out, text = proxy.finish_output(out, request.stop, boot.tokenizer.decode)
             pair = PairRecord(
                 tag=tag, model_id=boot.manifest.model_id, endpoint=request.endpoint,
                 input=request.input_text, prompt_token_ids=prompt_ids,
                 output_token_ids=out.token_ids, output_text=text,
                 finish_reason=out.finish_reason,  # type: ignore[arg-type]
                 seed=seed, params=request.params, t_request=t_request, t_response=time.time(),
+                stop=list(request.stop),
             )
             committing = self._commit(boot.boot_id, pair)
             where = await asyncio.shield(committing)  # durable before release
@@ -807,8 +808,9 @@ class Gateway:
                 payload = proxy.client_stream(
                     request.endpoint, model_id=pair.model_id, tag=tag,
                     prompt_len=len(prompt_ids), token_ids=out.token_ids, text=text,
-                    finish_reason=out.finish_reason,
-                    deltas=proxy.text_deltas(out.token_ids, boot.tokenizer.decode))
+                    finish_reason=out.finish_reason, include_usage=request.include_usage,
+                    deltas=proxy.text_deltas(out.token_ids, boot.tokenizer.decode, request.stop,
+                                             text))
                 content_type = "text/event-stream"
             else:
                 payload = proxy.client_response(

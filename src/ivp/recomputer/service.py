@@ -35,6 +35,7 @@ from ivp.errors import (
     BrickedError,
     ExpiredError,
     IvpError,
+    ModelNotFoundError,
     PeerDataError,
     TransportError,
     ValidationError,
@@ -61,7 +62,7 @@ from ivp.recomputer.ingest import (
     signature_tasks,
     verify_signatures,
 )
-from ivp.recomputer.routing import RateLimiter, Route, Router
+from ivp.recomputer.routing import RateLimiter, Route, Router, not_whitelisted
 from ivp.recomputer.sensors import SensorHub, SensorReading, SensorRules
 from ivp.recomputer.sensors import batch_items as sensor_items
 from ivp.recomputer.store import QueuedAudit, Store
@@ -756,7 +757,15 @@ class Recomputer:
         self.check_alive()
         if not exclude:
             self.limiter.take(client, time.monotonic())
+        if self.whitelist.manifest(model_id) is None:
+            raise ModelNotFoundError(not_whitelisted(model_id, self.served_models()))
         return self.router.choose(model_id, self.ingest.serving(model_id), exclude)
+
+    def served_models(self) -> list[str]:
+        """Whitelisted models that a healthy gateway serves now (``GET /v1/models``)."""
+        current = self.whitelist.current
+        return self.router.served([m.model_id for m in current.manifests] if current else [],
+                                  self.ingest.serving)
 
     def served(self, route: Route, ok: bool) -> None:
         self.router.end(route, time.time() if ok else None)

@@ -34,6 +34,7 @@ from ivp.errors import IvpError, StateError, ValidationError, error_json, http_s
 from ivp.protocol.encoding import convert, decode, to_builtins
 from ivp.protocol.messages import Manifest, SamplingParams, Tag
 from ivp.server.attacks import Attack
+from ivp.web import http_refusal
 
 NOT_BOOTED = "no model loaded: this server boots only from weights streamed to it by its gateway"
 STREAM_CHUNK = 1 << 20
@@ -67,7 +68,7 @@ async def errors_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason, "HTTPError")
+        return http_refusal(request, exc)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:  # a bug: say so in the protocol's shape, log the trace
