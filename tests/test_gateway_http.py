@@ -235,3 +235,25 @@ def test_oversize_bodies_get_413(extra: int, declared: bool) -> None:
         else:
             assert await read_body(Req(data), limit) == data  # type: ignore[arg-type]
     run(body())
+
+
+def test_upload_of_a_model_the_whitelist_lacks_fails_before_a_byte_is_sent(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`ivp upload` announces its body (Expect: 100-continue): the gateway refuses an
+    unlisted model before a byte of the weights is read from disk or sent."""
+    async def body() -> None:
+        rig = make_rig(tmp_path, tiny_model_dir)
+        async with client(rig) as c:
+            sent: list[int] = []
+            cycles = rig.power.cycles
+            answer = await upload_model(str(c.make_url("")), tiny_model_dir, "rogue-model",
+                                        progress=sent.append)
+            assert answer["http_status"] == 404 and sent == []
+            assert answer["error"]["code"] == "model_not_found"
+            assert "'rogue-model' is not on the installed whitelist" in \
+                answer["error"]["message"]
+            assert rig.server.received == bytearray() and rig.power.cycles == cycles
+            answer = await upload_model(str(c.make_url("")), tiny_model_dir, MODEL_ID,
+                                        progress=sent.append)
+            assert answer["state"] == "serving" and sum(sent) == rig.model.manifest.total_size
+    run(body())

@@ -26,8 +26,10 @@ from ivp.errors import PeerDataError
 from ivp.protocol import chain
 from ivp.protocol.encoding import canonical, decode
 from ivp.protocol.envelope import ALARM, AUDIT, BOOT, CHECKPOINT, Envelope, open_signed
-from ivp.protocol.keys import VerifyKey
+from ivp.protocol.keys import SigningKey, VerifyKey
 from ivp.protocol.messages import AuditRecord, BootRecord, Checkpoint, GatewayAlarm
+
+CONTROL_KEY = SigningKey.generate().verify_key.hex  # a recomputer key nobody here uses
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +143,8 @@ class GatewayProc:
         self.proc = subprocess.Popen([
             sys.executable, "-m", "ivp.cli", "gateway", "--state", str(self.state),
             "--gateway-id", "gw-loop", "--port", str(self.port),
-            "--recomputer", self.receiver.url, "--policy", str(self.state / "policy.json"),
+            "--recomputer", self.receiver.url, "--recomputer-key", CONTROL_KEY,
+            "--policy", str(self.state / "policy.json"),
             "--whitelist", str(self.state / "whitelist.json"), "--epsilon", str(self.epsilon),
             "--checkpoint-interval", "0.5",
         ], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

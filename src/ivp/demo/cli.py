@@ -50,6 +50,13 @@ def demo(
                                         "(default: a temporary directory, removed after)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object as "
                                  "the last line of stdout."),
+    serve: bool = typer.Option(False, "--serve", help="Keep a datacenter up instead (no "
+                               "attack): print its OpenAI base URL and a snippet to paste; "
+                               "Ctrl-C shuts it down."),
+    port: int = typer.Option(8000, min=0, max=65535, help="With --serve: the recomputer's "
+                             "port (0: any free port)."),
+    gateways: int = typer.Option(1, min=1, max=26, help="With --serve: how many gateways "
+                                 "(each powering a server)."),
 ) -> None:
     """Run a datacenter on 127.0.0.1 — a recomputer, an honest gateway and (for attacks
     on a server or a gateway) a second gateway, each powering a reference server, as
@@ -57,14 +64,25 @@ def demo(
     live system noticed.
 
     Exit status 0 only if no honest audit failed and the attack was detected.
+
+    With --serve: start a datacenter that stays up as an OpenAI-compatible endpoint
+    (the recomputer on --port, default 8000) and print how to use it; Ctrl-C stops
+    every process and exits 0. The default model (tiny) has random weights and answers
+    gibberish; --model gemma-3-270m serves real text.
     """
+    err = Console(stderr=True)
+    if serve:
+        from ivp.demo.serve import serve as serve_datacenter
+
+        raise typer.Exit(serve_datacenter(
+            model=model, epsilon=epsilon, gateways=gateways, port=port, run_dir=run_dir,
+            say=lambda message: err.print(f"[dim]·[/dim] {message}")))
     from ivp.attacks.registry import SCENARIOS
     from ivp.attacks.runner import AttackSession, Settings
 
     if attack not in SCENARIOS:
         raise typer.BadParameter(f"unknown attack {attack!r}; one of {', '.join(SCENARIOS)}")
     scenario = SCENARIOS[attack]
-    err = Console(stderr=True)
     root = run_dir or Path(tempfile.mkdtemp(prefix="ivp-demo-"))
 
     def say(message: str) -> None:

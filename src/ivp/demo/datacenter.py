@@ -140,6 +140,7 @@ class LoopbackDatacenter:
             ``recomputer`` sub-command (default ``-m ivp.cli``; the attack suite's own
             tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
         prebuilt_model: an already built model directory to use instead of building one.
+        recomputer_port: the recomputer's port (0: a free one).
     """
 
     root: Path
@@ -153,6 +154,7 @@ class LoopbackDatacenter:
     recomputer_args: list[str] = field(default_factory=list)
     recomputer_launcher: tuple[str, ...] = ("-m", "ivp.cli")
     prebuilt_model: Path | None = None
+    recomputer_port: int = 0
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -213,7 +215,7 @@ class LoopbackDatacenter:
         self.log("starting the recomputer")
         rc_state = self.root / "recomputer"
         self.recomputer_key = self._identity(["recomputer", "--state", str(rc_state)])["public_key"]
-        port = free_port()
+        port = self.recomputer_port or free_port()
         self.recomputer_url = f"http://127.0.0.1:{port}"
         self._recomputer_args = [
             "recomputer", "--state", str(rc_state), "--port", str(port),

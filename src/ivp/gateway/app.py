@@ -156,12 +156,38 @@ def build_app(gateway: Gateway) -> web.Application:
                           client_max_size=gateway.config.max_body)
     app[GATEWAY_KEY] = gateway
 
-    async def upload(request: web.Request) -> web.StreamResponse:
+    def upload_refusal(request: web.Request) -> web.Response | None:
+        """What refuses an upload before a byte of it is read (None: nothing does)."""
         model_id = request.query.get("model_id")
         if not model_id:
-            return web.json_response({"error": {
-                "message": "POST /upload needs ?model_id=<a whitelisted model>",
-                "type": "ValidationError"}}, status=400)
+            return web.json_response(error_json(
+                "POST /upload needs ?model_id=<a whitelisted model>", "ValidationError",
+                param="model_id"), status=400)
+        if gateway.whitelist.manifest(model_id) is None:
+            current = gateway.whitelist.current
+            listed = sorted(m.model_id for m in current.manifests) if current else []
+            exc = UnknownModelError(f"model {model_id!r} is not on the installed whitelist "
+                                    f"(whitelisted: {', '.join(listed) or 'none'})")
+            return web.json_response(error_body(exc)[1], status=404)
+        return None
+
+    async def upload_expect(request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue`` (sent by ``ivp upload``): refuse an unlisted model
+        before the operator streams a byte; else let the body come."""
+        refusal = upload_refusal(request)
+        if refusal is not None:
+            return refusal
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    async def upload(request: web.Request) -> web.StreamResponse:
+        refusal = upload_refusal(request)
+        if refusal is not None:
+            return refusal
+        model_id = request.query["model_id"]
         result = await gateway.upload(model_id, request.content.iter_chunked(UPLOAD_CHUNK))
         return web.json_response(result)
 
@@ -202,7 +228,7 @@ def build_app(gateway: Gateway) -> web.Application:
                             headers={"Content-Type": gateway.metrics.content_type})
 
     app.add_routes([
-        web.post("/upload", upload),
+        web.post("/upload", upload, expect_handler=upload_expect),
         web.post("/v1/completions", completions),
         web.post("/v1/chat/completions", chat),
         web.post("/control", control),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,8 +38,9 @@ def gateway(
         help="Recomputer base URL; audit/BOOT/checkpoint envelopes go to <URL>/uplink. "
              "Without it they stay in the durable spool.")] = None,
     recomputer_key: Annotated[str | None, typer.Option(
-        help="The recomputer's Ed25519 public key (hex): the only key whose Shutdown and "
-             "Readmit envelopes this gateway obeys.")] = None,
+        help="Required. The recomputer's Ed25519 public key: 64 hex digits, or a file "
+             "holding the recomputer's `--print-identity` JSON. The only key whose "
+             "Shutdown and Readmit envelopes this gateway obeys.")] = None,
     policy: Annotated[Path | None, typer.Option(
         help="Quorum policy JSON (inspector keys) the whitelist must be signed under.")] = None,
     whitelist: Annotated[Path | None, typer.Option(
@@ -97,18 +99,56 @@ def gateway(
         _fail("--policy and --whitelist are required (the gateway boots only whitelisted "
               "models)")
     assert policy is not None and whitelist is not None
+    if not recomputer_key:
+        _fail("--recomputer-key is required: the recomputer's public key (hex, or its "
+              "--print-identity JSON file). Without it this gateway could not obey a "
+              "Shutdown, and a caught gateway would keep serving")
+    assert recomputer_key is not None
     try:
-        built = _build(device, state, gateway_id, host, port, url, recomputer, recomputer_key,
+        key_hex = _recomputer_key(recomputer_key)
+    except (IvpError, OSError, ValueError) as exc:
+        _fail(f"--recomputer-key: {exc}")
+    from aiohttp import web
+
+    from ivp.web import bound_port, listen
+
+    sock = listen("gateway", host, port)  # before anything starts: a busy port exits 2
+    port = bound_port(sock)
+    try:
+        built = _build(device, state, gateway_id, host, port, url, recomputer, key_hex,
                        policy, whitelist, epsilon, server_port, server_cmd,
                        checkpoint_interval, reboot_interval, release_grid_ms, sync)
     except (IvpError, OSError, ValueError) as exc:
+        sock.close()
         _fail(str(exc))
         return
-    from aiohttp import web
+    ready = (f"ivp gateway {built.config.gateway_id}: listening on http://{host}:{port} "
+             f"(server on 127.0.0.1:{built.server_port})")
+    web.run_app(built.app, sock=sock, print=lambda _: typer.echo(ready, err=True),
+                access_log=None)
 
-    typer.echo(f"ivp gateway {built.config.gateway_id}: listening on http://{host}:{port} "
-               f"(server on 127.0.0.1:{built.server_port})", err=True)
-    web.run_app(built.app, host=host, port=port, print=None, access_log=None)
+
+def _recomputer_key(value: str) -> str:
+    """The recomputer key as hex: given as hex, or as its identity JSON file.
+
+    Raises:
+        ValueError: neither 64 hex digits nor a file holding {"public_key": hex}.
+    """
+    from ivp.protocol.keys import VerifyKey
+
+    text = value.strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError("expected 64 hex digits or the recomputer's --print-identity "
+                             f"JSON file; {value!r} is neither")
+        try:
+            text = str(json.loads(path.read_text())["public_key"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{value}: not a --print-identity JSON file (no "
+                             "\"public_key\")") from None
+    VerifyKey.from_hex(text)  # raises ValueError-like errors on a bad key
+    return text.lower()
 
 
 class _Built:
@@ -163,6 +203,21 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
     return _Built(build_app(core), config, server_port)
 
 
+def malformed_url(url: str) -> str:
+    """Why ``url`` is not an http(s) base URL ("" when it is one)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        return f"{url!r} is a malformed URL ({exc}); expected e.g. http://127.0.0.1:8200"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return (f"{url!r} is a malformed URL: expected http://HOST:PORT of a gateway, e.g. "
+                "http://127.0.0.1:8200")
+    return ""
+
+
 def upload(
     gateway_url: Annotated[str, typer.Argument(help="The gateway, e.g. http://127.0.0.1:8200")],
     model_dir: Annotated[Path, typer.Argument(help="Model directory (config, tokenizer, "
@@ -192,6 +247,10 @@ def upload(
     from ivp.gateway.upload import upload_model, upload_order
 
     console = Console(stderr=True)
+    why = malformed_url(gateway_url)
+    if why:
+        typer.echo(f"ivp upload: {why}", err=True)
+        raise typer.Exit(2)
     try:
         order = upload_order(model_dir, model_id)
     except (IvpError, OSError) as exc:

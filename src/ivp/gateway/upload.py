@@ -3,7 +3,8 @@
 The operator is not trusted: the gateway checks every byte against the whitelisted
 manifest it holds. This client only sends the files in manifest order (the order
 :func:`ivp.whitelist.make_manifest` defines: config, tokenizer, shards) as one raw
-body to ``POST <gateway>/upload?model_id=ID``.
+body to ``POST <gateway>/upload?model_id=ID``, announced with ``Expect: 100-continue``
+so that a refusal (a model the whitelist lacks) comes before any byte is sent.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ async def upload_model(gateway_url: str, model_dir: Path, model_id: str, *,
     url = gateway_url.rstrip("/") + "/upload"
     timeouts = aiohttp.ClientTimeout(total=timeout)
     headers = {"Content-Type": "application/octet-stream"}
+    # Expect: 100-continue: the gateway refuses a model its whitelist lacks before the
+    # first byte of the weights is read (from disk or from the network)
     async with aiohttp.ClientSession(timeout=timeouts) as session, session.post(
-        url, params={"model_id": model_id}, data=body(), headers=headers
+        url, params={"model_id": model_id}, data=body(), headers=headers, expect100=True
     ) as resp:
         try:
             answer = await resp.json(content_type=None)

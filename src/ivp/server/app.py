@@ -34,7 +34,7 @@ from ivp.errors import IvpError, StateError, ValidationError, error_json, http_s
 from ivp.protocol.encoding import convert, decode, to_builtins
 from ivp.protocol.messages import Manifest, SamplingParams, Tag
 from ivp.server.attacks import Attack
-from ivp.web import http_refusal
+from ivp.web import bound_port, http_refusal, listen
 
 NOT_BOOTED = "no model loaded: this server boots only from weights streamed to it by its gateway"
 STREAM_CHUNK = 1 << 20
@@ -473,12 +473,12 @@ async def run_server(host: str, port: int, attack: Attack | None = None,
     """Serve until SIGINT/SIGTERM; print the bound address on stdout once listening."""
     import signal
 
+    sock = listen("server", host, port)
     runner = web.AppRunner(make_app(attack, trigger), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.SockSite(runner, sock)
     await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else port
-    print(f"ivp server: listening on http://{host}:{bound}", flush=True)
+    print(f"ivp server: listening on http://{host}:{bound_port(sock)}", flush=True)
     if attack is not None:
         when = f"once {trigger} exists" if trigger else "from boot"
         log(f"attack {attack.name} armed ({when})")
