@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -226,20 +227,29 @@ def test_status_of_an_unreachable_service_is_one_line() -> None:
 
 # --- ivp demo --serve ------------------------------------------------------------------------
 def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:
-    assert proc.stdout is not None
-    lines: list[str] = []
+    """stdout lines of ``proc`` up to the one holding ``marker`` (read on a thread:
+    a buffered pipe cannot be polled line by line)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
-            if marker in line:
-                return lines
-        assert proc.poll() is None, "\n".join(lines)
-    raise AssertionError(f"no {marker!r} within {timeout:.0f} s: {lines}")
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        assert line is not None, "\n".join(seen)  # the process ended first
+        seen.append(line)
+        if marker in line:
+            return seen
+    raise AssertionError(f"no {marker!r} within {timeout:.0f} s: {seen}")
 
 
 def _refuses(url: str) -> bool:
