@@ -199,8 +199,27 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
         HttpUpstream(f"http://127.0.0.1:{server_port}"), power,
         uplink=HttpUplink(recomputer) if recomputer else None,
         recomputer_key=VerifyKey.from_hex(recomputer_key) if recomputer_key else None,
+        on_serving=freeze_heap,
     )
     return _Built(build_app(core), config, server_port)
+
+
+_heap_frozen = False
+
+
+def freeze_heap() -> None:
+    """Once per process, at the first boot (transformers loaded): move what is alive out
+    of the cyclic GC's full passes, which took ~60 ms each (~10 µs per request under
+    load). Collected first, so no garbage is frozen; later boots add little (a tokenizer
+    is freed by reference counting, frozen or not). A process-wide change, so it is made
+    here, by the process entry, not by the library's ``Gateway``."""
+    global _heap_frozen
+    if not _heap_frozen:
+        import gc
+
+        _heap_frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 def malformed_url(url: str) -> str:
