@@ -23,12 +23,14 @@ def test_honest_traffic_is_audited_and_passes(datacenter) -> None:
     assert datacenter.alarms() == []
 
 
-def test_model_no_gateway_serves_gets_503_naming_it(datacenter) -> None:
+def test_model_not_on_the_whitelist_gets_404_naming_it(datacenter) -> None:
+    """Not 503: a client must not retry a model that is not here (503 + Retry-After is
+    for a whitelisted model no gateway serves now: test_recomputer_service)."""
     status, body = datacenter.post(
         datacenter.recomputer_url + "/v1/completions",
         json.dumps({"model": "no-such-model", "prompt": "hi"}).encode(),
     )
-    assert status == 503
+    assert status == 404 and body["error"]["code"] == "model_not_found"
     assert "no-such-model" in body["error"]["message"]
 
 
