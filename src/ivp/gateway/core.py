@@ -187,7 +187,7 @@ class Gateway:
 
     # --- signing --------------------------------------------------------------------------
     def _sign(self, payload_type: str, message: object) -> bytes:
-        return sign(payload_type, canonical(message), [self.device.signing_key()]).to_bytes()
+        return sign(payload_type, canonical(message), [self.device.signer()]).to_bytes()
 
     def _sign_audit(self, record: AuditRecord) -> bytes:
         return self._sign(AUDIT, record)
