@@ -23,7 +23,9 @@ IVP = [sys.executable, "-m", "ivp.cli"]
 
 
 def ivp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*IVP, *args], capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "IVP_KEY_PASSPHRASE": "a passphrase for the tests"}
+    return subprocess.run([*IVP, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """docs/OPERATIONS.md, run: every command block of the page, in order, on free ports.
 
 A block runs with ``bash -e`` in one working directory, with the virtual environment's
-``bin`` first on PATH. A comment before a block says how: ``run: background until
-"TEXT"`` (a long-running process, in its own terminal for a person: started, then
+``bin`` first on PATH. A comment before a block says how: ``run: environment`` (what a
+person types once in every terminal: run before every later block), ``run: background
+until "TEXT"`` (a long-running process, in its own terminal for a person: started, then
 waited for until its output shows TEXT), ``run: until "TEXT"`` (run again until its
 output shows TEXT: state that takes a moment to arrive). The other blocks must exit 0.
 """
@@ -52,7 +53,7 @@ def test_the_page_has_every_step() -> None:
                    "ivp admin enrol", "ivp gateway", "ivp upload", "/v1/chat/completions",
                    "ivp alarms", "ivp admin readmit"):
         assert needed in joined, needed
-    assert all(how == "" or how.startswith(("background until", "until"))
+    assert all(how in ("", "environment") or how.startswith(("background until", "until"))
                for how, _ in blocks(text))
 
 
@@ -64,8 +65,13 @@ def test_every_command_of_the_operations_page_runs_in_order(tmp_path: Path) -> N
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
            f"{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
     background: list[tuple[subprocess.Popen[bytes], Path]] = []
+    preamble = ""
     try:
         for i, (how, body) in enumerate(blocks(text)):
+            if how == "environment":
+                preamble += body
+                continue
+            body = preamble + body
             if how.startswith("background"):
                 log = tmp_path / f"block-{i}.log"
                 with open(log, "wb") as out:

@@ -91,6 +91,8 @@ def _announce(dc: Any, model: str, kept: Path | None) -> None:
         f"or: curl -s {base}/models",
         f"state: ivp status {dc.recomputer_url}    alarms: ivp alarms {dc.recomputer_url}",
     ]
+    if getattr(dc, "console_url", ""):
+        lines.append(f"inspectors' console (read-only): {dc.console_url}")
     if kept is not None:
         lines.append(f"keys, state and logs: {kept}")
     lines.append("Ctrl-C stops it.")
