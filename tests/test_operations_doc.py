@@ -95,7 +95,10 @@ def test_every_command_of_the_operations_page_runs_in_order(tmp_path: Path) -> N
                     break
                 if out.returncode == 0 and _until(how) in shown:
                     break
-                assert time.monotonic() < deadline, f"block {i}: no {_until(how)!r}:\n{shown}"
+                assert time.monotonic() < deadline, (
+                    f"block {i}: no {_until(how)!r}:\n{shown}\n" + "\n".join(
+                        f"--- {log.name}:\n{log.read_text(errors='replace')[-3000:]}"
+                        for _, log in background))
                 time.sleep(1.0)
     finally:
         for proc, _ in reversed(background):
