@@ -86,6 +86,23 @@ def test_setup_after_a_killed_gateway_starts_clean(sandbox: Sandbox) -> None:
     assert os.path.ismount(sandbox.ram)
 
 
+def test_sandbox_of_a_killed_gateway_is_swept(sandbox: Sandbox, tmp_path: Path) -> None:
+    """A gateway killed with -9 cannot clean up; the next isolated gateway to start on
+    this host removes its sandbox (its RAM mount included), and no live one's."""
+    from ivp.gateway.isolation import RUN_DIR, sweep_orphans
+
+    other_state = tmp_path / "killed-gw"
+    other_state.mkdir()
+    dead = Sandbox.for_state(other_state)
+    dead.setup()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that is gone
+    (RUN_DIR / dead.tag / "owner").write_text(f"{child.pid}\n")
+    assert sweep_orphans() == [dead.tag]
+    assert_gone(dead)
+    assert os.path.ismount(sandbox.ram)  # the live one (owned by this process) stays
+
+
 # A rogue server: it serves one page on its veth address, and tries, when asked, every
 # way out it can think of; each line of its answer says how the attempt ended.
 ROGUE = r'''
@@ -277,3 +294,30 @@ def test_isolated_datacenter_serves_and_audits_honest_traffic(tmp_path: Path) ->
         assert len(verdicts) == 4 and all(v["passed"] for v in verdicts), verdicts[:2]
         assert dc.alarms() == []
     assert_gone(box)  # the gateway removed its sandbox when it stopped
+
+
+def test_each_counted_attempt_becomes_the_gateway_alarm_server_network() -> None:
+    """The CLI's wiring: what IsolatedPower reports is raised as the signed gateway
+    alarm server_network (which the uplink carries to the recomputer)."""
+    from ivp.gateway.cli import _alarm_on_network_attempts
+
+    raised: list[tuple[str, str]] = []
+
+    class Core:
+        async def alarm(self, kind: str, message: str) -> None:
+            raised.append((kind, message))
+
+    class Power:
+        def on_net_attempt(self, callback):  # type: ignore[no-untyped-def]
+            self.callback = callback
+
+    power = Power()
+    _alarm_on_network_attempts(Core(), power)
+
+    async def body() -> None:
+        power.callback("1 TCP connection attempt(s)")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(body())
+    assert raised == [("server_network", "1 TCP connection attempt(s)")]

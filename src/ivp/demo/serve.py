@@ -11,10 +11,12 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ivp.attacks.runner import Settings
 
 SNIPPET = '''from openai import OpenAI
 
@@ -33,18 +35,26 @@ def port_free(port: int) -> bool:
     return True
 
 
-def serve(*, model: str, epsilon: float, gateways: int, port: int, run_dir: Path | None,
-          say: Any) -> int:
-    """Start the datacenter, print how to use it, wait for Ctrl-C; the exit status."""
+def serve(settings: Settings, *, gateways: int, port: int, root: Path, keep: bool) -> int:
+    """Start the datacenter, print how to use it, wait for Ctrl-C; the exit status.
+
+    ``settings``: the demo's model, ε, engine, δ and isolation; ``keep``: leave ``root``
+    (keys, state, logs) behind instead of removing it.
+    """
     from ivp.demo.datacenter import LoopbackDatacenter
 
+    say = settings.say
     if port and not port_free(port):
         print(f"ivp demo: port {port} is already in use: stop what holds it, or pass "
               "--port 0 for any free port", file=sys.stderr)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
         return 2
-    root = run_dir or Path(tempfile.mkdtemp(prefix="ivp-serve-"))
-    dc = LoopbackDatacenter(root, gateways=gateways, epsilon=epsilon, model=model,
-                            recomputer_port=port, log=say)
+    dc = LoopbackDatacenter(root, gateways=gateways, epsilon=settings.epsilon,
+                            model=settings.model, recomputer_port=port, log=say,
+                            prebuilt_model=settings.model_dir, engine=settings.engine,
+                            noise_bound=settings.noise_bound, isolate=settings.isolate)
+
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
 
@@ -53,7 +63,7 @@ def serve(*, model: str, epsilon: float, gateways: int, port: int, run_dir: Path
     try:
         say("starting the datacenter (a minute on a small machine)")
         dc.start()
-        _announce(dc, model, root if run_dir else None)
+        _announce(dc, settings.model, root if keep else None)
         while dc.recomputer.alive():
             time.sleep(0.5)
         print(f"ivp demo: the recomputer exited; see {dc.recomputer.log}", file=sys.stderr)
@@ -70,7 +80,7 @@ def serve(*, model: str, epsilon: float, gateways: int, port: int, run_dir: Path
         dc.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if run_dir is None:
+        if not keep:
             shutil.rmtree(root, ignore_errors=True)
 
 

@@ -81,6 +81,24 @@ def check_can_isolate() -> None:
         raise MisuseError("--isolate needs a cgroup v2 hierarchy (mount -t cgroup2)")
 
 
+def sweep_orphans() -> list[str]:
+    """Tear down every sandbox whose gateway is dead (killed with -9, so it could not
+    clean up: its namespace, table, cgroup and RAM mount would stay). Returns the tags."""
+    swept = []
+    for owner in RUN_DIR.glob("*/owner"):
+        try:
+            pid = int(owner.read_text())
+            os.kill(pid, 0)
+            continue  # alive (or a recycled pid: left alone, to be safe)
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue
+        Sandbox(owner.parent.name).teardown()
+        swept.append(owner.parent.name)
+    return swept
+
+
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(args, capture_output=True, text=True)
     if check and done.returncode != 0:
@@ -201,9 +219,11 @@ class Sandbox:
         RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
         with open(_LOCK, "w") as lock:  # gateways starting at once pick subnets apart
             fcntl.flock(lock, fcntl.LOCK_EX)
+            sweep_orphans()
             self.teardown()
             try:
                 self._create()
+                (RUN_DIR / self.tag / "owner").write_text(f"{os.getpid()}\n")
             except BaseException:
                 self.teardown()
                 raise
@@ -281,19 +301,36 @@ class Sandbox:
                 raise StateError(f"isolation: processes {self.processes()} survive a kill")
             time.sleep(0.01)
 
+    def _remove_cgroup(self, timeout: float = 5.0) -> None:
+        """rmdir the cgroup: it stays busy until its killed processes are reaped."""
+        deadline = time.monotonic() + timeout
+        while self.cgroup.exists():
+            try:
+                self.cgroup.rmdir()
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.02)
+
     def teardown(self) -> None:
         """Remove everything of this sandbox; quiet about what is already gone."""
         with contextlib.suppress(MisuseError, StateError, OSError):
             self.kill()
         with contextlib.suppress(OSError, StateError):
             self.unmount_ram()
-        with contextlib.suppress(OSError, MisuseError):
-            self.cgroup.rmdir()
+        with contextlib.suppress(MisuseError):
+            self._remove_cgroup()
         _run("nft", "delete", "table", "inet", self.table, check=False)
         _run("ip", "link", "del", self.host_if, check=False)
         _run("ip", "netns", "del", self.netns, check=False)
         with contextlib.suppress(OSError):
             self.ram.rmdir()
+        with contextlib.suppress(OSError, MisuseError):
+            if not self.cgroup.exists():  # else left for a later sweep to finish
+                (RUN_DIR / self.tag / "owner").unlink()
+        with contextlib.suppress(OSError):
             self.ram.parent.rmdir()
 
     # --- the server's side --------------------------------------------------------------------
@@ -407,4 +444,4 @@ class IsolatedPower(ProcessPower):
                 await self.check_counters()
 
 
-__all__ = ["IsolatedPower", "NetCounters", "Sandbox", "check_can_isolate"]
+__all__ = ["IsolatedPower", "NetCounters", "Sandbox", "check_can_isolate", "sweep_orphans"]

@@ -40,7 +40,9 @@ def _fail(message: str) -> NoReturn:
 
 def recomputer(
     state: Annotated[Path, typer.Option(help="State directory: device/ (the UID the key is "
-                                             "derived from) and recomputer.sqlite.")
+                                             "derived from: a FILE, whoever reads it can "
+                                             "sign as this recomputer) and "
+                                             "recomputer.sqlite.")
                      ] = Path("state/recomputer"),
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
