@@ -246,12 +246,21 @@ def tiny_whitelisted(out_dir: Path, model_id: str = "tiny",
     return whitelist_for(build_tiny_model(out_dir / "model"), model_id, out_dir)
 
 
+def _control_key() -> str:
+    """A recomputer key for gateways that no recomputer controls in a bench (a fresh
+    key whose private half is dropped: no Shutdown can ever verify)."""
+    from ivp.protocol.keys import SigningKey
+
+    return SigningKey.generate().verify_key.hex
+
+
 def gateway_args(name: str, state: Path, port: int, trust: dict[str, Path], sync: str = "FULL",
                  epsilon: float = 0.2) -> list[str]:
     """``ivp gateway`` powering a bench/stub_server.py on a free loopback port."""
     stub_cmd = f"{PY} {BENCH / 'stub_server.py'} --port {{port}}"
     return [PY, "-m", "ivp.cli", "gateway", "--state", str(state), "--gateway-id", name,
-            "--port", str(port), "--policy", str(trust["policy"]), "--whitelist",
+            "--port", str(port), "--recomputer-key", _control_key(),
+            "--policy", str(trust["policy"]), "--whitelist",
             str(trust["whitelist"]), "--epsilon", str(epsilon), "--sync", sync,
             "--server-port", str(free_port()), "--server-cmd", stub_cmd,
             "--checkpoint-interval", "10"]

@@ -40,7 +40,8 @@ def test_gateway_refuses_to_start_on_a_bad_whitelist(tmp_path: Path,
         (tmp_path / name).write_bytes(data)
         result = runner.invoke(app, ["gateway", "--state", str(tmp_path / "s"), "--policy",
                                      str(tmp_path / "policy.json"), "--whitelist",
-                                     str(tmp_path / name)])
+                                     str(tmp_path / name), "--port", "0",
+                                     "--recomputer-key", "ab" * 32])
         assert result.exit_code == 2, (name, result.output)
         assert why in result.output, (name, result.output)
     result = runner.invoke(app, ["gateway", "--state", str(tmp_path / "s")])

@@ -223,6 +223,57 @@ def test_chat_and_streaming_requests_are_tagged_logged_and_audited(
     run(body())
 
 
+def test_stop_string_cuts_output_text_and_log_and_the_server_never_sees_it(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The gateway cuts at the first stop string (tokens, text, log alike); the server
+    gets no stop parameter, so it cannot steer or learn the cut."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok.encode("Hello world. The end is near, the end.", add_special_tokens=False)
+
+    def answer(request: dict) -> tuple[int, bytes]:
+        choice = {"token_ids": ids, "finish_reason": "length"}
+        if request.get("stream"):
+            events = [{"choices": [choice], "ivp_tag": request["ivp_tag"]}]
+            return 200, b"".join(b"data: " + json.dumps(e).encode() + b"\n\n"
+                                 for e in events) + b"data: [DONE]\n\n"
+        return 200, json.dumps({"choices": [choice], "ivp_tag": request["ivp_tag"]}).encode()
+
+    async def body() -> None:
+        rig = await started(make_rig(tmp_path, tiny_model_dir, epsilon=1.0))
+        await rig.upload()
+        rig.server.answer = answer
+        request = {"model": MODEL_ID, "prompt": "x", "max_tokens": len(ids), "stop": [" end"]}
+        reply = await rig.gw.complete("completions", json.dumps(request).encode())
+        await reply.after_release()
+        choice = json.loads(reply.body)["choices"][0]
+        assert choice["text"] == "Hello world. The" and choice["finish_reason"] == "stop"
+        kept = choice["token_ids"]
+        assert kept == ids[:len(kept)] and len(kept) < len(ids)
+        assert " end" in tok.decode(kept) and " end" not in tok.decode(kept[:-1])
+        assert "stop" not in rig.server.requests[-1]
+        stream = {**request, "stream": True, "stream_options": {"include_usage": True}}
+        reply = await rig.gw.complete("completions", json.dumps(stream).encode())
+        await reply.after_release()
+        events = [json.loads(e[6:]) for e in reply.body.decode().split("\n\n")
+                  if e and e != "data: [DONE]"]
+        assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == \
+            "Hello world. The"
+        assert events[-2]["choices"][0]["finish_reason"] == "stop"
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == \
+            len(kept)
+        assert all("usage" not in e for e in events[:-1])
+        await flush(rig)
+        for audit in rig.recomputer.audits:
+            assert audit.pair.stop == [" end"] and audit.pair.output_token_ids == kept
+            assert audit.pair.output_text == "Hello world. The"
+            assert audit.pair.finish_reason == "stop"
+        assert len(rig.recomputer.audits) == 2
+        await rig.gw.close()
+    run(body())
+
+
 def test_request_for_another_model_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
     async def body() -> None:
         rig = await started(make_rig(tmp_path, tiny_model_dir))
@@ -235,7 +286,7 @@ def test_request_for_another_model_is_refused(tmp_path: Path, tiny_model_dir: Pa
 
 
 @pytest.mark.parametrize("param", ['"seed": 5', '"logit_bias": {"3": 9}', '"n": 2',
-                                   '"stop": ["x"]', '"presence_penalty": 0.1', '"echo": true'])
+                                   '"logprobs": true', '"presence_penalty": 0.1', '"echo": true'])
 def test_unsupported_parameters_never_reach_the_server(
         tmp_path: Path, tiny_model_dir: Path, param: str) -> None:
     async def body() -> None:

@@ -31,7 +31,7 @@ async def _json(resp) -> dict:  # type: ignore[no-untyped-def]
 
 
 def _err(body: dict) -> str:
-    assert set(body["error"]) == {"message", "type"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
     return body["error"]["message"]
 
 
@@ -265,4 +265,26 @@ def test_nested_json_is_a_400_not_a_500(tmp_path: Path, tiny_model_dir: Path) ->
                 assert 400 <= r.status < 500, (path, r.status)
                 assert _err(await _json(r)), path
             assert (await _json(await c.get("/status")))["state"] == "serving"
+    run(body())
+
+
+def test_upload_of_a_model_the_whitelist_lacks_fails_before_a_byte_is_sent(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`ivp upload` announces its body (Expect: 100-continue): the gateway refuses an
+    unlisted model before a byte of the weights is read from disk or sent."""
+    async def body() -> None:
+        rig = make_rig(tmp_path, tiny_model_dir)
+        async with client(rig) as c:
+            sent: list[int] = []
+            cycles = rig.power.cycles
+            answer = await upload_model(str(c.make_url("")), tiny_model_dir, "rogue-model",
+                                        progress=sent.append)
+            assert answer["http_status"] == 404 and sent == []
+            assert answer["error"]["code"] == "model_not_found"
+            assert "'rogue-model' is not on the installed whitelist" in \
+                answer["error"]["message"]
+            assert rig.server.received == bytearray() and rig.power.cycles == cycles
+            answer = await upload_model(str(c.make_url("")), tiny_model_dir, MODEL_ID,
+                                        progress=sent.append)
+            assert answer["state"] == "serving" and sum(sent) == rig.model.manifest.total_size
     run(body())

@@ -70,7 +70,8 @@ def test_isolate_without_root_is_refused_with_a_clear_message(
     for name in ("policy.json", "wl.json"):
         (tmp_path / name).write_text("{}")
     result = CliRunner().invoke(app, [
-        "gateway", "--state", str(tmp_path / "gw"), "--isolate",
+        "gateway", "--state", str(tmp_path / "gw"), "--isolate", "--port", "0",
+        "--recomputer-key", "ab" * 32,
         "--policy", str(tmp_path / "policy.json"), "--whitelist", str(tmp_path / "wl.json")])
     assert result.exit_code == 2
     assert "--isolate needs root" in result.output

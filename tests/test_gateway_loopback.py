@@ -40,6 +40,8 @@ from ivp.protocol.envelope import (
 from ivp.protocol.keys import SigningKey, VerifyKey
 from ivp.protocol.messages import AuditRecord, BootRecord, Checkpoint, GatewayAlarm
 
+CONTROL_KEY = SigningKey.generate().verify_key.hex  # a recomputer key nobody here uses
+
 pytestmark = pytest.mark.slow
 
 

@@ -228,8 +228,9 @@ def test_input_is_balanced_and_503_names_model_and_last_served(config, inspector
         async with serving(config) as (rec, client):
             r = await client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "x"})
             assert r.status == 503
-            assert (await r.json())["error"]["message"] == \
-                f"no gateway is serving model {MODEL_ID!r} (last served never)"
+            assert (await r.json())["error"]["message"] == (
+                f"model {MODEL_ID!r} is whitelisted but no gateway is serving it right now "
+                "(last served never); try again later")
             for gw, fake in zip(gws, fakes, strict=True):
                 await online(rec, client, inspectors, gw, fake)
             for i in range(6):
@@ -249,7 +250,7 @@ def test_input_is_balanced_and_503_names_model_and_last_served(config, inspector
             msg = (await r.json())["error"]["message"]
             assert r.status == 503 and "last served 20" in msg and "power_kill" in msg
             r = await client.post("/v1/completions", json={"prompt": "no model"})
-            assert r.status == 400 and "'model'" in (await r.json())["error"]["message"]
+            assert r.status == 400 and "model is required" in (await r.json())["error"]["message"]
         for f in fakes:
             await f.close()
     run(main())
@@ -550,4 +551,48 @@ def test_junk_uplink_is_refused_whole_before_any_per_item_work(config) -> None:
             r = await client.post("/uplink", data=b"x" * (16 * 1024 * 1024 + 1))
             assert r.status == 413
             assert (await rec.status())["alarms"] == 0
+    run(main())
+
+
+def test_openai_client_sees_503_retry_after_for_a_model_no_gateway_serves(
+        config, inspectors, gateway) -> None:
+    """A whitelisted model with no serving gateway: 503 + Retry-After (worth retrying);
+    a model the whitelist lacks: 404 model_not_found (not worth it). With the real SDK."""
+    import openai
+
+    async def main() -> None:
+        async with serving(config, health_interval=2.0) as (rec, client):
+            base = str(client.make_url("/v1"))
+            async with openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0) as sdk:
+                assert (await sdk.models.list()).data == []
+                with pytest.raises(openai.APIStatusError) as err:
+                    await sdk.completions.create(model=MODEL_ID, prompt="hi", max_tokens=2)
+                assert err.value.status_code == 503
+                assert err.value.response.headers["Retry-After"] == "2"
+                assert err.value.code == "model_not_served"
+                assert "whitelisted but no gateway is serving it" in err.value.message
+                with pytest.raises(openai.NotFoundError) as missing:
+                    await sdk.completions.create(model="llama-70b", prompt="hi", max_tokens=2)
+                assert missing.value.code == "model_not_found"
+                with pytest.raises(openai.APIStatusError) as unserved:
+                    await sdk.models.retrieve(MODEL_ID)
+                assert unserved.value.status_code == 503
+                fake = FakeGateway("gw-a")
+                await online(rec, client, inspectors, gateway, fake)
+                assert [m.id for m in (await sdk.models.list()).data] == [MODEL_ID]
+                assert (await sdk.models.retrieve(MODEL_ID)).id == MODEL_ID
+                await fake.close()
+    run(main())
+
+
+def test_rate_limited_client_gets_retry_after(config, inspectors, gateway) -> None:
+    async def main() -> None:
+        fake = FakeGateway("gw-a")
+        async with serving(config, rate_limit=0.5, rate_burst=1) as (rec, client):
+            await online(rec, client, inspectors, gateway, fake)
+            assert (await client.post("/v1/completions", json={"model": MODEL_ID})).status == 200
+            r = await client.post("/v1/completions", json={"model": MODEL_ID})
+            assert r.status == 429 and r.headers["Retry-After"] == "2"
+            assert (await r.json())["error"]["code"] == "rate_limit_exceeded"
+        await fake.close()
     run(main())

@@ -122,3 +122,75 @@ def test_unknown_manifest_is_unverifiable_not_failed(verifier: Verifier,
     j = job(gateway, pair)
     [o] = verifier.verify([VerifyJob(j.audit_id, "ab" * 32, j.payload)])
     assert o.verdict is None and "no whitelisted model" in o.unverifiable
+
+
+def _stopped(gateway: ScriptedGateway, engine: Any) -> tuple[PairRecord, PairRecord, str]:
+    """An honest sampled output, and the same output as the gateway cuts it at a stop
+    string taken from the middle of its text (with the stop string used)."""
+    from ivp.protocol.stops import cut_at_stop
+
+    def decode(ids: list[int]) -> str:
+        return engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+    for seed in range(50):
+        full = gateway.pair("Once upon a time", temperature=1.0, max_tokens=24, seed=seed)
+        text = full.output_text
+        if len(text) < 12:
+            continue
+        stop = text[len(text) // 2:len(text) // 2 + 2]
+        cut = cut_at_stop(full.output_token_ids, [stop], decode)
+        if cut is not None and 2 <= cut[0] < len(full.output_token_ids):
+            kept, cut_text = cut
+            return full, replace(full, output_token_ids=full.output_token_ids[:kept],
+                                 output_text=cut_text, finish_reason="stop",
+                                 stop=[stop]), stop
+    raise AssertionError("no output long enough to cut")
+
+
+def test_output_cut_at_a_stop_string_passes(verifier: Verifier, gateway: ScriptedGateway,
+                                            tiny_engine: Any) -> None:
+    full, cut, stop = _stopped(gateway, tiny_engine)
+    assert stop in tiny_engine.tokenizer.decode(cut.output_token_ids, skip_special_tokens=True)
+    assert stop not in cut.output_text and full.output_text.startswith(cut.output_text)
+    [v] = verdicts(verifier, [job(gateway, cut)])
+    assert v.passed, v.reason
+
+
+def test_output_running_on_past_the_stop_string_fails(verifier: Verifier,
+                                                      gateway: ScriptedGateway,
+                                                      tiny_engine: Any) -> None:
+    """Attack: tokens past the client's stop string (text the client was not meant to
+    get, or bits hidden after the cut), each token still honest."""
+    full, cut, _ = _stopped(gateway, tiny_engine)
+    k = len(cut.output_token_ids)
+    longer = replace(cut, output_token_ids=full.output_token_ids[:k + 1])
+    [v] = verdicts(verifier, [job(gateway, longer)])
+    assert not v.passed
+    assert v.reason == f"tokens continue after the stop string that first appears at token {k - 1}"
+
+
+def test_output_cut_before_the_stop_string_fails(verifier: Verifier, gateway: ScriptedGateway,
+                                                 tiny_engine: Any) -> None:
+    """Attack: an honest output ended early, claiming a stop string that is not there
+    yet (its length would carry bits)."""
+    _, cut, _ = _stopped(gateway, tiny_engine)
+    early = cut.output_token_ids[:-1]
+    bad = replace(cut, output_token_ids=early, output_text=tiny_engine.tokenizer.decode(
+        early, skip_special_tokens=True))
+    [v] = verdicts(verifier, [job(gateway, bad)])
+    assert not v.passed
+    assert v.reason == ("finish_reason 'stop' but the output does not end with EOS or at a "
+                        "stop string")
+
+
+def test_stop_cut_with_text_not_cut_or_length_claimed_fails(verifier: Verifier,
+                                                           gateway: ScriptedGateway,
+                                                           tiny_engine: Any) -> None:
+    _, cut, _ = _stopped(gateway, tiny_engine)
+    whole = tiny_engine.tokenizer.decode(cut.output_token_ids, skip_special_tokens=True)
+    [v] = verdicts(verifier, [job(gateway, replace(cut, output_text=whole))])
+    assert not v.passed
+    assert v.reason == "output_text is not the decoded text cut before the stop string"
+    [v] = verdicts(verifier, [job(gateway, replace(cut, finish_reason="length"))])
+    assert not v.passed and v.reason == ("finish_reason 'length' but the output ends at a "
+                                         "stop string")

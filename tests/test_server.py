@@ -117,7 +117,8 @@ def test_inference_before_boot_is_refused(upload: tuple[Manifest, bytes]) -> Non
                              {"messages": [{"role": "user", "content": "hi"}]})):
             status, answer = call(live.url + route, body)
             assert status == 503
-            assert answer == {"error": {"message": NOT_BOOTED, "type": "StateError"}}
+            assert answer == {"error": {"message": NOT_BOOTED, "type": "StateError", "param": None,
+                                         "code": None}}
         status, answer = call(live.url + "/boot/stream", b"x")
         assert status == 409 and "boot/manifest first" in answer["error"]["message"]
         manifest, _ = upload

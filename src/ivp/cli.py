@@ -27,8 +27,23 @@ app = typer.Typer(
 
 # Parts in the order their commands appear in --help.
 PARTS = (
-    "demo", "whitelist", "gateway", "server", "recomputer", "verify", "plan", "sim", "attacks",
+    "demo", "engine", "whitelist", "gateway", "server", "recomputer", "verify", "plan", "sim",
+    "attacks",
 )
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"ivp {version('ivp')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print ivp's version and exit.")) -> None:
+    """Inference-only verification package (see --help)."""
+
 
 for _part in PARTS:
     _name = f"ivp.{_part}.cli"

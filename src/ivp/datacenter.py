@@ -153,6 +153,7 @@ class LoopbackDatacenter:
             ``recomputer`` sub-command (default ``-m ivp.cli``; the attack suite's own
             tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
         prebuilt_model: an already built model directory to use instead of building one.
+        recomputer_port: the recomputer's port (0: a free one).
         engine: the servers' engine, "reference" or "vllm" (run with vLLM's own
             Python, ``ivp.engine.vllm_env``); ``server_args``: more ``ivp server`` flags;
             ``noise_bound``: the δ the whitelisted manifest carries (calibrated for it).
@@ -181,6 +182,7 @@ class LoopbackDatacenter:
     console: bool = True
     device: str = "soft"
     isolate: bool = False
+    recomputer_port: int = 0
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -245,7 +247,7 @@ class LoopbackDatacenter:
         self.log("starting the recomputer")
         rc_state = self.root / "recomputer"
         self.recomputer_key = self._identity(["recomputer", "--state", str(rc_state)])["public_key"]
-        port = free_port()
+        port = self.recomputer_port or free_port()
         self.recomputer_url = f"http://127.0.0.1:{port}"
         self._recomputer_args = [
             "recomputer", "--state", str(rc_state), "--port", str(port),

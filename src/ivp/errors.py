@@ -13,7 +13,22 @@ from typing import Any
 
 
 class IvpError(Exception):
-    """Root of every error ivp raises on purpose."""
+    """Root of every error ivp raises on purpose.
+
+    ``param`` names the request field at fault and ``code`` is a stable, machine-readable
+    reason (OpenAI's ``param`` and ``code``); both optional, set per class or per raise.
+    """
+
+    code: str | None = None
+    param: str | None = None
+
+    def __init__(self, *args: object, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
 
 
 # --- bad data from a peer -------------------------------------------------------------
@@ -63,17 +78,38 @@ class ShutdownError(StateError):
     """The recomputer shut this gateway down: it refuses all traffic until re-admitted
     (gateway HTTP 403)."""
 
+    code = "gateway_shut_down"
+
 
 class NoRouteError(StateError):
-    """No healthy gateway serves the requested model (recomputer HTTP 503)."""
+    """No healthy gateway serves the requested, whitelisted model (recomputer HTTP 503,
+    with ``Retry-After``: it may be served again soon)."""
+
+    code = "model_not_served"
+
+
+class ModelNotFoundError(ValidationError):
+    """A request names a model the installed whitelist does not hold (HTTP 404): asking
+    again will not help, unlike :class:`NoRouteError`."""
+
+    code = "model_not_found"
+    param = "model"
 
 
 class RateLimitedError(MisuseError):
-    """A client exceeded its request rate (recomputer HTTP 429)."""
+    """A client exceeded its request rate (recomputer HTTP 429, with ``Retry-After``)."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, *args: object, retry_after: float = 1.0, **kwargs: str | None) -> None:
+        super().__init__(*args, **kwargs)
+        self.retry_after = retry_after
 
 
 class BrickedError(StateError):
     """The device was tampered with; it is bricked for good and does nothing."""
+
+    code = "device_bricked"
 
 
 # --- HTTP answers -----------------------------------------------------------------------
@@ -84,6 +120,13 @@ def http_status(exc: IvpError, table: Iterable[tuple[type[IvpError], int]],
     return next((status for kind, status in table if isinstance(exc, kind)), default)
 
 
-def error_json(message: str, type_: str) -> dict[str, Any]:
-    """The one error shape of every ivp HTTP answer: ``{"error": {"message", "type"}}``."""
-    return {"error": {"message": message, "type": type_}}
+def error_json(message: str, type_: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """The one error shape of every ivp HTTP answer, OpenAI's:
+    ``{"error": {"message", "type", "param", "code"}}`` (``type``: the ivp error class)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_of(exc: IvpError) -> dict[str, Any]:
+    """:func:`error_json` for an ivp error: its text, class name, ``param`` and ``code``."""
+    return error_json(str(exc), type(exc).__name__, exc.param, exc.code)

@@ -50,6 +50,13 @@ def demo(
                                         "(default: a temporary directory, removed after)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object as "
                                  "the last line of stdout."),
+    serve: bool = typer.Option(False, "--serve", help="Keep a datacenter up instead (no "
+                               "attack): print its OpenAI base URL and a snippet to paste; "
+                               "Ctrl-C shuts it down."),
+    port: int = typer.Option(8000, min=0, max=65535, help="With --serve: the recomputer's "
+                             "port (0: any free port)."),
+    gateways: int = typer.Option(1, min=1, max=26, help="With --serve: how many gateways "
+                                 "(each powering a server)."),
     engine: str = typer.Option("reference", help="The servers' engine: reference, or vllm "
                                "(vLLM's continuous batching, from .venv-vllm: `make vllm`). "
                                "For vllm the whitelisted manifest carries a δ calibrated "
@@ -65,15 +72,21 @@ def demo(
     live system noticed.
 
     Exit status 0 only if no honest audit failed and the attack was detected.
+
+    With --serve: start a datacenter that stays up as an OpenAI-compatible endpoint
+    (the recomputer on --port, default 8000) and print how to use it; Ctrl-C stops
+    every process and exits 0. The default model (tiny) has random weights and answers
+    gibberish; --model gemma-3-270m serves real text.
     """
+    err = Console(stderr=True)
     from ivp.attacks.registry import SCENARIOS
     from ivp.attacks.runner import AttackSession, Settings
 
-    if attack not in SCENARIOS:
+    if engine not in ("reference", "vllm"):
+        raise typer.BadParameter("--engine must be reference or vllm")
+    if not serve and attack not in SCENARIOS:
         raise typer.BadParameter(f"unknown attack {attack!r}; one of {', '.join(SCENARIOS)}")
-    scenario = SCENARIOS[attack]
-    err = Console(stderr=True)
-    root = run_dir or Path(tempfile.mkdtemp(prefix="ivp-demo-"))
+    root = run_dir or Path(tempfile.mkdtemp(prefix="ivp-serve-" if serve else "ivp-demo-"))
 
     def say(message: str) -> None:
         err.print(f"[dim]·[/dim] {message}")
@@ -100,8 +113,12 @@ def demo(
         model_id = "tiny-llama" if model == "tiny" else model
         say(f"calibrating δ for {model_id} on vLLM (cached after the first run)")
         settings.noise_bound = cached_noise_bound(settings.model_dir, model_id, say=say)
-    elif engine != "reference":
-        raise typer.BadParameter("--engine must be reference or vllm")
+    if serve:
+        from ivp.demo.serve import serve as serve_datacenter
+
+        raise typer.Exit(serve_datacenter(settings, gateways=gateways, port=port, root=root,
+                                          keep=run_dir is not None))
+    scenario = SCENARIOS[attack]
     session = AttackSession(root, settings, tamper_endpoint=scenario.needs == "datacenter")
     try:
         with session:

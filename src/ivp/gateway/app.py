@@ -41,6 +41,7 @@ from ivp.errors import (
     TransportError,
     ValidationError,
     error_json,
+    error_of,
     http_status,
 )
 from ivp.gateway.core import Gateway, Reply
@@ -54,6 +55,7 @@ from ivp.gateway.errors import (
 from ivp.gateway.upload import HPKE_UPLOAD
 from ivp.gateway.upstream import read_capped
 from ivp.protocol.hpke import device_kem_key, open_stream, upload_info
+from ivp.web import http_refusal
 
 log = logging.getLogger("ivp.gateway")
 
@@ -83,7 +85,7 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 def error_body(exc: IvpError) -> tuple[int, dict[str, Any]]:
     """HTTP status and JSON body for an ivp error."""
     status = http_status(exc, STATUS)
-    body = error_json(str(exc), type(exc).__name__)
+    body = error_of(exc)
     if isinstance(exc, UploadRefusedError):
         body.update(state="power_kill", file=exc.file, reason=exc.reason)
         if exc.reason == "server":
@@ -110,7 +112,7 @@ async def errors_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response(error_json(exc.reason, "HTTPError"), status=exc.status)
+        return http_refusal(request, exc)
     except RecursionError:  # a parser reached by input nested too deeply: bad input
         return web.json_response(error_json("input nested too deeply", "ValidationError"),
                                  status=400)
@@ -182,12 +184,38 @@ def build_app(gateway: Gateway, *, tamper_endpoint: bool = False) -> web.Applica
                           client_max_size=gateway.config.max_body)
     app[GATEWAY_KEY] = gateway
 
-    async def upload(request: web.Request) -> web.StreamResponse:
+    def upload_refusal(request: web.Request) -> web.Response | None:
+        """What refuses an upload before a byte of it is read (None: nothing does)."""
         model_id = request.query.get("model_id")
         if not model_id:
-            return web.json_response({"error": {
-                "message": "POST /upload needs ?model_id=<a whitelisted model>",
-                "type": "ValidationError"}}, status=400)
+            return web.json_response(error_json(
+                "POST /upload needs ?model_id=<a whitelisted model>", "ValidationError",
+                param="model_id"), status=400)
+        if gateway.whitelist.manifest(model_id) is None:
+            current = gateway.whitelist.current
+            listed = sorted(m.model_id for m in current.manifests) if current else []
+            exc = UnknownModelError(f"model {model_id!r} is not on the installed whitelist "
+                                    f"(whitelisted: {', '.join(listed) or 'none'})")
+            return web.json_response(error_body(exc)[1], status=404)
+        return None
+
+    async def upload_expect(request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue`` (sent by ``ivp upload``): refuse an unlisted model
+        before the operator streams a byte; else let the body come."""
+        refusal = upload_refusal(request)
+        if refusal is not None:
+            return refusal
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    async def upload(request: web.Request) -> web.StreamResponse:
+        refusal = upload_refusal(request)
+        if refusal is not None:
+            return refusal
+        model_id = request.query["model_id"]
         chunks: AsyncIterator[bytes] = request.content.iter_chunked(UPLOAD_CHUNK)
         if request.content_type == HPKE_UPLOAD:  # encrypted to this device: opened here
             chunks = _decrypted(chunks, device_kem_key(gateway.device), upload_info(model_id))
@@ -233,7 +261,7 @@ def build_app(gateway: Gateway, *, tamper_endpoint: bool = False) -> web.Applica
                             headers={"Content-Type": gateway.metrics.content_type})
 
     app.add_routes([
-        web.post("/upload", upload),
+        web.post("/upload", upload, expect_handler=upload_expect),
         web.post("/v1/completions", completions),
         web.post("/v1/chat/completions", chat),
         web.post("/control", control),

@@ -40,9 +40,9 @@ def gateway(
         help="Recomputer base URL; audit/BOOT/checkpoint envelopes go to <URL>/uplink. "
              "Without it they stay in the durable spool.")] = None,
     recomputer_key: Annotated[str | None, typer.Option(
-        help="The recomputer's public key (its --print-identity: 64 hex for Ed25519, "
-             "ecdsa-p256:<hex> for P-256): the only key whose Shutdown and Readmit "
-             "envelopes this gateway obeys.")] = None,
+        help="Required. The recomputer's public key (its --print-identity: 64 hex for "
+             "Ed25519, ecdsa-p256:<hex> for P-256), or a file holding that JSON. The only "
+             "key whose Shutdown and Readmit envelopes this gateway obeys.")] = None,
     policy: Annotated[Path | None, typer.Option(
         help="Quorum policy JSON (inspector keys) the whitelist must be signed under.")] = None,
     whitelist: Annotated[Path | None, typer.Option(
@@ -151,6 +151,21 @@ def gateway(
         _fail("--recomputer needs --recomputer-key: the gateway deletes a spooled record "
               "only on an acknowledgement signed by that key")
     assert policy is not None and whitelist is not None
+    if not recomputer_key:
+        _fail("--recomputer-key is required: the recomputer's public key (hex, or its "
+              "--print-identity JSON file). Without it this gateway could not obey a "
+              "Shutdown, and a caught gateway would keep serving")
+    assert recomputer_key is not None
+    try:
+        key_hex = _recomputer_key(recomputer_key)
+    except (IvpError, OSError, ValueError) as exc:
+        _fail(f"--recomputer-key: {exc}")
+    from aiohttp import web
+
+    from ivp.web import bound_port, listen
+
+    sock = listen("gateway", host, port)  # before anything starts: a busy port exits 2
+    port = bound_port(sock)
     sandbox = None
     if isolate:
         from ivp.gateway.isolation import Sandbox, check_can_isolate
@@ -160,27 +175,28 @@ def gateway(
             sandbox = Sandbox.for_state(state)
             sandbox.setup()
         except IvpError as exc:
+            sock.close()
             _fail(str(exc))
     try:
-        built = _build(device, state, gateway_id, host, port, url, recomputer, recomputer_key,
+        built = _build(device, state, gateway_id, host, port, url, recomputer, key_hex,
                        policy, whitelist, epsilon, server_port, server_cmd,
                        checkpoint_interval, reboot_interval, release_grid_ms, sync, sandbox,
                        engine, dtype, allow_tamper_endpoint, _release_policy(
                            release_budget_ms, release_per_prompt_token_ms,
                            release_per_token_ms, release_late_steps))
     except (IvpError, OSError, ValueError) as exc:
+        sock.close()
         if sandbox is not None:
             sandbox.teardown()
         _fail(str(exc))
         return
-    from aiohttp import web
-
     where = f"{built.server_host}:{built.server_port}" + (
         f", isolated in {sandbox.netns}" if sandbox is not None else "")
-    typer.echo(f"ivp gateway {built.config.gateway_id}: listening on http://{host}:{port} "
-               f"(server on {where})", err=True)
-    try:
-        web.run_app(built.app, host=host, port=port, print=None, access_log=None)
+    ready = (f"ivp gateway {built.config.gateway_id}: listening on http://{host}:{port} "
+             f"(server on {where})")
+    try:  # "listening" once the app has started on the bound socket
+        web.run_app(built.app, sock=sock, print=lambda _: typer.echo(ready, err=True),
+                    access_log=None)
     finally:
         if sandbox is not None:
             sandbox.teardown()
@@ -195,6 +211,31 @@ def _release_policy(base_ms: float, prompt_ms: float, token_ms: float,
 
     return ReleasePolicy(base=base_ms / 1e3, per_prompt_token=prompt_ms / 1e3,
                          per_token=token_ms / 1e3, late_steps=steps)
+
+
+def _recomputer_key(value: str) -> str:
+    """The recomputer key's text form: given as such, or as its identity JSON file.
+
+    Raises:
+        ValueError, ValidationError: neither a key (Ed25519 hex, ecdsa-p256:<hex>) nor a
+            file holding {"public_key": key}.
+    """
+    from ivp.errors import ValidationError
+    from ivp.protocol.keys import VerifyKey
+
+    try:
+        return VerifyKey.from_hex(value.strip()).hex
+    except ValidationError:
+        if not Path(value).is_file():
+            raise ValueError("expected the recomputer's public key (64 hex digits, or "
+                             "ecdsa-p256:<hex>) or its --print-identity JSON file; "
+                             f"{value!r} is neither") from None
+    try:
+        text = str(json.loads(Path(value).read_text())["public_key"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{value}: not a --print-identity JSON file (no "
+                         "\"public_key\")") from None
+    return VerifyKey.from_hex(text).hex
 
 
 class _Built:
@@ -297,6 +338,21 @@ def freeze_heap() -> None:
         gc.freeze()
 
 
+def malformed_url(url: str) -> str:
+    """Why ``url`` is not an http(s) base URL ("" when it is one)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        return f"{url!r} is a malformed URL ({exc}); expected e.g. http://127.0.0.1:8200"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return (f"{url!r} is a malformed URL: expected http://HOST:PORT of a gateway, e.g. "
+                "http://127.0.0.1:8200")
+    return ""
+
+
 def upload(
     gateway_url: Annotated[str, typer.Argument(help="The gateway, e.g. http://127.0.0.1:8200")],
     model_dir: Annotated[Path, typer.Argument(help="Model directory (config, tokenizer, "
@@ -330,6 +386,10 @@ def upload(
     from ivp.gateway.upload import upload_model, upload_order
 
     console = Console(stderr=True)
+    why = malformed_url(gateway_url)
+    if why:
+        typer.echo(f"ivp upload: {why}", err=True)
+        raise typer.Exit(2)
     try:
         order = upload_order(model_dir, model_id)
     except (IvpError, OSError) as exc:

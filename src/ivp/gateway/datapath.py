@@ -78,7 +78,7 @@ class Datapath:
                 gw._check_alive()
                 raise StateError("the server was power-cycled during this request: output "
                                  "dropped")
-            text = boot.tokenizer.decode(out.token_ids)
+            out, text = proxy.finish_output(out, request.stop, boot.tokenizer.decode)
             pair = boot.pair(tag, request, prompt_ids, out, text, seed, t_request, time.time())
             committing = gw.writer.append(boot.boot_id, pair)
             where = await asyncio.shield(committing)  # durable before release
@@ -87,8 +87,9 @@ class Datapath:
                 payload = proxy.client_stream(
                     request.endpoint, model_id=pair.model_id, tag=tag,
                     prompt_len=len(prompt_ids), token_ids=out.token_ids, text=text,
-                    finish_reason=out.finish_reason,
-                    deltas=proxy.text_deltas(out.token_ids, boot.tokenizer.decode))
+                    finish_reason=out.finish_reason, include_usage=request.include_usage,
+                    deltas=proxy.text_deltas(out.token_ids, boot.tokenizer.decode, request.stop,
+                                             text))
                 content_type = "text/event-stream"
             else:
                 payload = proxy.client_response(

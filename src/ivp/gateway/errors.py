@@ -16,9 +16,14 @@ from ivp.errors import PeerDataError, ShutdownError, ValidationError
 class UnknownModelError(ValidationError):
     """A request names a model this gateway does not serve / the whitelist lacks (404)."""
 
+    code = "model_not_found"
+    param = "model"
+
 
 class BodyTooLargeError(ValidationError):
     """A request body is larger than the gateway accepts (413)."""
+
+    code = "request_too_large"
 
 
 class UploadRefusedError(PeerDataError):
@@ -38,6 +43,8 @@ class UploadRefusedError(PeerDataError):
 
 class ServerProtocolError(PeerDataError):
     """The server answered outside the protocol (unpaired tag, bad shape): dropped (502)."""
+
+    code = "server_output_dropped"
 
 
 __all__ = ["BodyTooLargeError", "ServerProtocolError", "ShutdownError", "UnknownModelError",

@@ -3,18 +3,17 @@ request out, and back.
 
 The gateway is the note's "inputter trusted for the delimiter" and the output copier:
 
-* :func:`parse_request` validates a client's OpenAI body strictly. Unknown fields are
-  refused (a field we pass on unread could steer the server unseen), and so is every
-  parameter sampler spec v1 does not define — logit bias, penalties, n > 1, best_of,
-  stop strings, logprobs, echo, suffix — and ``seed``: the gateway draws the seed
-  from its TRNG, never the client (a chosen seed would let a colluding client pick
-  outputs the server has precomputed).
+* :func:`parse_request` (``gateway.inputs``) validates a client's OpenAI body strictly:
+  unknown fields and every parameter sampler spec v1 does not define are refused by
+  name, and so is ``seed`` (the gateway draws it from its TRNG).
 * :func:`server_request` builds the only body the server sees: token ids (the
   gateway tokenised the prompt with the *whitelisted* tokenizer), the sampler
   parameters, the seed and the tag.
 * :func:`parse_server_response` / :func:`parse_server_stream` accept only the token
   ids and the finish reason, and only under the tag the gateway sent (a response
   that pairs with no open tag is dropped and alarmed by the caller).
+* :func:`finish_output` cuts an output at the client's first stop string
+  (``protocol.stops``: the same rule the recomputer checks).
 * :func:`client_response` / :func:`client_stream` re-serialise the answer from the
   token ids alone, so no byte of the server's own formatting (text, spacing, chunk
   boundaries, extra fields) reaches the client: the only channel out is the token
@@ -28,173 +27,23 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
+from typing import Any, Protocol
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Struct
 
 from ivp.errors import ValidationError
 from ivp.gateway.errors import ServerProtocolError
+from ivp.gateway.inputs import (
+    ChatBody,
+    ClientRequest,
+    CompletionBody,
+    Endpoint,
+    parse_request,
+)
 from ivp.protocol.encoding import canonical, to_builtins
 from ivp.protocol.messages import FinishReason, SamplingParams, Tag, TokenId
-
-Endpoint = Literal["completions", "chat.completions"]
-
-# Parameters the sampler spec does not define: refused with a message naming them.
-# Value = the one neutral value that is accepted (None: refused whenever present and
-# not null).
-_REFUSED: dict[str, tuple[Any, str]] = {
-    "logit_bias": ({}, "logit bias is not part of sampler spec v1 (unverifiable)"),
-    "presence_penalty": (0, "penalties are not part of sampler spec v1; only 0 is accepted"),
-    "frequency_penalty": (0, "penalties are not part of sampler spec v1; only 0 is accepted"),
-    "repetition_penalty": (1, "penalties are not part of sampler spec v1; only 1 is accepted"),
-    "n": (1, "one choice per request (n > 1 is not supported)"),
-    "best_of": (1, "best_of is not supported (one choice per request)"),
-    "stop": (None, "stop strings are not part of sampler spec v1 (generation stops at EOS "
-                   "or max_tokens)"),
-    "logprobs": (None, "logprobs are not returned (only token ids leave the gateway)"),
-    "top_logprobs": (None, "logprobs are not returned (only token ids leave the gateway)"),
-    "echo": (False, "echo is not supported"),
-    "suffix": (None, "suffix (insertion) is not supported"),
-    "seed": (None, "clients cannot choose the seed: the gateway draws it from its TRNG"),
-    "min_p": (None, "min_p is not part of sampler spec v1"),
-    "tools": (None, "tool calling is not supported"),
-    "tool_choice": (None, "tool calling is not supported"),
-    "functions": (None, "function calling is not supported"),
-    "function_call": (None, "function calling is not supported"),
-    "response_format": (None, "response_format is not supported"),
-    "stream_options": (None, "stream_options is not supported"),
-}
-
-
-class _Params(Struct, forbid_unknown_fields=True, kw_only=True):
-    model: Annotated[str, Meta(min_length=1, max_length=200)]
-    max_tokens: Annotated[int, Meta(ge=1, le=65536)] | None = None
-    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
-    stream: bool = False
-    user: Annotated[str, Meta(max_length=256)] | None = None
-
-
-class CompletionBody(_Params, forbid_unknown_fields=True, kw_only=True):
-    """``POST /v1/completions``: ``prompt`` is a string or a list of token ids."""
-
-    prompt: Annotated[str, Meta(max_length=1 << 20)] | Annotated[
-        list[TokenId], Meta(min_length=1, max_length=1 << 17)]
-
-
-class ChatMessage(Struct, forbid_unknown_fields=True):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Annotated[str, Meta(max_length=1 << 20)]
-    name: Annotated[str, Meta(max_length=64)] | None = None
-
-
-class ChatBody(_Params, forbid_unknown_fields=True, kw_only=True):
-    """``POST /v1/chat/completions``: text messages, rendered by the whitelisted template."""
-
-    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=1024)]
-    max_completion_tokens: Annotated[int, Meta(ge=1, le=65536)] | None = None
-
-
-@dataclass(frozen=True)
-class ClientRequest:
-    """A validated client request, before tokenisation."""
-
-    endpoint: Endpoint
-    model: str
-    params: SamplingParams
-    stream: bool
-    prompt: str | list[int] | None = None  # completions
-    messages: tuple[dict[str, str], ...] = ()  # chat
-    max_tokens_given: bool = False
-
-    @property
-    def input_text(self) -> str:
-        """The client's input as the pair record keeps it (for inspectors)."""
-        if self.endpoint == "chat.completions":
-            return json.dumps(list(self.messages), ensure_ascii=False, sort_keys=True)
-        if isinstance(self.prompt, list):
-            return json.dumps(self.prompt)
-        return self.prompt or ""
-
-
-def _refuse_unsupported(obj: dict[str, Any], allowed: set[str]) -> None:
-    """Name the first unsupported parameter (blocks unverifiable sampling controls)."""
-    for key, value in obj.items():
-        if key in _REFUSED:
-            neutral, why = _REFUSED[key]
-            if value is None or value == neutral or (neutral is None and value in ({}, [], "")):
-                continue
-            if key == "logprobs" and value is False:
-                continue
-            raise ValidationError(f"unsupported parameter {key!r}: {why}")
-        elif key not in allowed:
-            raise ValidationError(
-                f"unknown parameter {key!r}: the gateway accepts only "
-                + ", ".join(sorted(allowed)))
-
-
-_STRICT: dict[str, msgspec.json.Decoder[Any]] = {
-    "completions": msgspec.json.Decoder(CompletionBody),
-    "chat.completions": msgspec.json.Decoder(ChatBody),
-}
-
-
-def parse_request(endpoint: Endpoint, body: bytes) -> ClientRequest:
-    """Validate a client's OpenAI body for ``endpoint``.
-
-    Raises:
-        ValidationError: not a JSON object, an unknown field, a parameter outside
-            sampler spec v1 (named), or a value out of range. Blocks: smuggling
-            sampling controls the verifier cannot replay, and client-chosen seeds.
-    """
-    try:
-        # A body of accepted fields only decodes straight into its struct (nothing else
-        # passes forbid_unknown_fields); any other body takes the checked path, which
-        # names what is wrong or accepts a refused parameter's neutral value.
-        parsed: _Params = _STRICT[endpoint].decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        parsed = _parse_checked(endpoint, body)
-    max_tokens = parsed.max_tokens
-    if isinstance(parsed, ChatBody) and parsed.max_completion_tokens is not None:
-        if max_tokens is not None and max_tokens != parsed.max_completion_tokens:
-            raise ValidationError("max_tokens and max_completion_tokens disagree")
-        max_tokens = parsed.max_completion_tokens
-    params = SamplingParams(
-        temperature=parsed.temperature, top_k=parsed.top_k, top_p=parsed.top_p,
-        max_tokens=max_tokens if max_tokens is not None else 16,
-    )
-    if isinstance(parsed, CompletionBody):
-        return ClientRequest("completions", parsed.model, params, parsed.stream,
-                             prompt=parsed.prompt, max_tokens_given=max_tokens is not None)
-    messages = tuple(
-        {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-        for m in parsed.messages  # type: ignore[attr-defined]
-    )
-    return ClientRequest("chat.completions", parsed.model, params, parsed.stream,
-                         messages=messages, max_tokens_given=max_tokens is not None)
-
-
-def _parse_checked(endpoint: Endpoint, body: bytes) -> _Params:
-    """The body as its struct, refusing an unknown or unsupported field by name."""
-    try:
-        obj = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ValidationError(f"request body is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ValidationError("request body must be a JSON object")
-    struct: type[_Params] = CompletionBody if endpoint == "completions" else ChatBody
-    _refuse_unsupported(obj, set(struct.__struct_fields__))
-    obj = {k: v for k, v in obj.items() if k not in _REFUSED}  # only neutral values got here
-    if endpoint == "completions" and isinstance(obj.get("prompt"), list) and obj["prompt"] \
-            and not all(isinstance(x, int) for x in obj["prompt"]):
-        raise ValidationError("prompt must be a string or one list of token ids "
-                              "(batched prompts are not supported: one input per request)")
-    try:
-        return msgspec.convert(obj, type=struct)
-    except msgspec.ValidationError as exc:
-        raise ValidationError(f"bad request: {exc}") from None
+from ivp.protocol.stops import TextStream, cut_at_stop
 
 
 # --- tokenizer -------------------------------------------------------------------------
@@ -235,12 +84,13 @@ class HFTokenizer:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self._tok, "chat_template", None):
             raise ValidationError("the whitelisted model has no chat template: use "
-                                  "/v1/completions")
+                                  "/v1/completions", param="messages", code="invalid_value")
         try:
             text = self._tok.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=False)
         except Exception as exc:  # jinja raises TemplateError and friends
-            raise ValidationError(f"chat template refused the messages: {exc}") from None
+            raise ValidationError(f"the model's chat template refused the messages: {exc}",
+                                  param="messages", code="invalid_value") from None
         return self._encode(text, False)
 
     def decode(self, token_ids: list[int]) -> str:
@@ -286,16 +136,21 @@ def tokenize(request: ClientRequest, tokenizer: Tokenizer, limits: ModelLimits) 
         bad = next((t for t in ids if t >= limits.vocab_size), None)
         if bad is not None:
             raise ValidationError(f"prompt token id {bad} is outside the vocabulary "
-                                  f"({limits.vocab_size} tokens)")
+                                  f"({limits.vocab_size} tokens)", param="prompt",
+                                  code="invalid_value")
     else:
         ids = tokenizer.encode_prompt(request.prompt or "")
+    where = "messages" if request.endpoint == "chat.completions" else "prompt"
     if not ids:
-        raise ValidationError("the prompt tokenises to nothing")
+        raise ValidationError(f"the {where} tokenise to nothing" if where == "messages" else
+                              "the prompt tokenises to nothing", param=where,
+                              code="invalid_value")
     if limits.max_positions is not None \
             and len(ids) + request.params.max_tokens > limits.max_positions:
         raise ValidationError(
-            f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds "
-            f"the model's context of {limits.max_positions}")
+            f"the {where} ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) "
+            f"exceed the model's context of {limits.max_positions} tokens: shorten the "
+            f"input or lower max_tokens", param=where, code="context_length_exceeded")
     return ids
 
 
@@ -457,34 +312,46 @@ def client_response(endpoint: Endpoint, *, model_id: str, tag: Tag, prompt_len: 
     })
 
 
-def text_deltas(token_ids: list[int], decode: Any) -> list[str]:
-    """Per-token text deltas whose concatenation is ``decode(token_ids)``.
+def finish_output(out: ServerOutput, stops: tuple[str, ...],
+                  decode: Any) -> tuple[ServerOutput, str]:
+    """The output the client gets and the log keeps, and its text.
 
-    A token that ends inside a multi-byte character gets "" and its text arrives
-    with the token that completes it (held back while the decoding ends in U+FFFD).
+    Without a stop string in it: all the server's tokens and their decoding. With one:
+    the tokens up to the one after which the decoded text first holds a stop string,
+    the text cut just before it, and finish reason "stop" (the rule of
+    ``protocol.stops``, which the recomputer re-runs on the logged pair). The server
+    never sees the stop strings; its tokens past the cut leave nothing behind.
     """
-    deltas: list[str] = []
-    emitted = ""
-    for i in range(len(token_ids)):
-        text = decode(token_ids[: i + 1])
-        if text.endswith("\ufffd") and i + 1 < len(token_ids):
-            deltas.append("")
-            continue
-        if text.startswith(emitted):
-            deltas.append(text[len(emitted):])
-            emitted = text
-        else:  # decoding is not prefix-stable here; deliver the rest at the end
-            deltas.append("")
-    full = decode(token_ids)
-    if deltas and emitted != full:
-        deltas[-1] += full[len(emitted):] if full.startswith(emitted) else ""
+    cut = cut_at_stop(out.token_ids, stops, decode)
+    if cut is None:
+        return out, decode(out.token_ids)
+    kept, text = cut
+    return ServerOutput(out.token_ids[:kept], "stop"), text
+
+
+def text_deltas(token_ids: list[int], decode: Any, stops: tuple[str, ...] = (),
+                text: str | None = None) -> list[str]:
+    """Per-token text deltas whose concatenation is the output's text.
+
+    A token that ends inside a multi-byte character gets "" and its text arrives with
+    the token that completes it; text that could still begin a stop string is held
+    back until it cannot (``protocol.stops.TextStream``). ``text``: the full
+    decoding, when the caller has it.
+    """
+    stream = TextStream(decode, stops)
+    deltas = [stream.push(t) for t in token_ids]
+    rest = stream.finish(text if not stops else None)
+    if deltas:
+        deltas[-1] += rest
     return deltas
 
 
 def client_stream(endpoint: Endpoint, *, model_id: str, tag: Tag, prompt_len: int,
                   token_ids: list[int], text: str, deltas: list[str], finish_reason: str,
-                  created: int | None = None) -> bytes:
-    """SSE events re-serialised by the gateway: one chunk per token, then [DONE].
+                  created: int | None = None, include_usage: bool = False) -> bytes:
+    """SSE events re-serialised by the gateway: one chunk per token, the finish chunk
+    (with the tag), with ``include_usage`` a usage chunk (no choices, as OpenAI sends
+    for ``stream_options.include_usage``), then [DONE].
 
     The gateway chooses the chunking (one token per event), so the server's chunk
     boundaries cannot carry information out either.
@@ -519,12 +386,16 @@ def client_stream(endpoint: Endpoint, *, model_id: str, tag: Tag, prompt_len: in
     else:
         last["text"] = ""
         last["logprobs"] = None
-    event(last, {"usage": _usage(prompt_len, len(token_ids)), "ivp": {"tag": to_builtins(tag)}})
+    event(last, {"ivp": {"tag": to_builtins(tag)}})
+    if include_usage:
+        events.append(b"data: " + canonical({
+            "id": rid, "object": obj, "created": created, "model": model_id, "choices": [],
+            "usage": _usage(prompt_len, len(token_ids))}) + b"\n\n")
     events.append(b"data: [DONE]\n\n")
     return b"".join(events)
 
 
 __all__ = ["ChatBody", "ClientRequest", "CompletionBody", "Endpoint", "HFTokenizer",
            "ModelLimits", "ServerOutput", "Tokenizer", "client_response", "client_stream",
-           "parse_request", "parse_server_response", "parse_server_stream", "server_request",
-           "text_deltas", "tokenize"]
+           "finish_output", "parse_request", "parse_server_response", "parse_server_stream",
+           "server_request", "text_deltas", "tokenize"]

@@ -156,6 +156,7 @@ class ServingBoot(Generic[W]):
             output_token_ids=out.token_ids, output_text=text,
             finish_reason=out.finish_reason,  # type: ignore[arg-type]
             seed=seed, params=request.params, t_request=t_request, t_response=t_response,
+            stop=list(request.stop),
         )
 
     def committed(self) -> None:

@@ -5,7 +5,9 @@ manifest it holds. This client only sends the files in manifest order (the order
 :func:`ivp.whitelist.make_manifest` defines: config, tokenizer, shards) as one body to
 ``POST <gateway>/upload?model_id=ID``: raw, or (``encrypt_to``, the gateway's KEM key)
 HPKE-encrypted so that only that gateway can read the weights
-(:mod:`ivp.protocol.hpke`, content type ``application/vnd.ivp.hpke-upload``).
+(:mod:`ivp.protocol.hpke`, content type ``application/vnd.ivp.hpke-upload``). The body
+is announced with ``Expect: 100-continue``, so that a refusal (a model the whitelist
+lacks) comes before any byte is sent.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ async def upload_model(gateway_url: str, model_dir: Path, model_id: str, *,
     url = gateway_url.rstrip("/") + "/upload"
     timeouts = aiohttp.ClientTimeout(total=timeout)
     headers = {"Content-Type": HPKE_UPLOAD if sealer else "application/octet-stream"}
+    # Expect: 100-continue: the gateway refuses a model its whitelist lacks before the
+    # first byte of the weights is read (from disk or from the network)
     async with aiohttp.ClientSession(timeout=timeouts) as session, session.post(
-        url, params={"model_id": model_id}, data=body(), headers=headers
+        url, params={"model_id": model_id}, data=body(), headers=headers, expect100=True
     ) as resp:
         try:
             answer = await resp.json(content_type=None)

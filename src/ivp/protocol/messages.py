@@ -23,6 +23,7 @@ from msgspec import Meta, Struct
 
 from ivp.protocol.envelope import Envelope
 from ivp.protocol.keys import PublicKeyText
+from ivp.protocol.stops import MAX_STOP_CHARS, MAX_STOPS, REPLACEMENT
 
 VERSION = 1
 
@@ -153,11 +154,17 @@ class PairRecord(_Msg, frozen=True):
     params: SamplingParams
     t_request: float
     t_response: float
+    # the client's stop strings: the gateway cut the output at the first one
+    # (protocol.stops), and the recomputer checks the cut is exactly there
+    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]],
+                    Meta(max_length=MAX_STOPS)] = []
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
+        if any(REPLACEMENT in s for s in self.stop):
+            raise ValueError("a stop string must not contain U+FFFD")
         if self.seed >= U64_LIMIT:
             raise ValueError("seed must be a 64-bit unsigned integer")
         if len(self.output_token_ids) > self.params.max_tokens:

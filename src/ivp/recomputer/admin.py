@@ -230,6 +230,31 @@ def sign_request(request: AdminRequest, keys: Iterable[SigningKey]) -> env.Envel
     return env.sign(env.ADMIN, canonical(request), keys)
 
 
+def read_request(data: bytes, now: float | None = None) -> tuple[env.Envelope, AdminRequest]:
+    """A request envelope as `ivp admin send` checks it before sending anything.
+
+    Raises:
+        ValidationError: not a DSSE envelope, not an admin request, an instruction off
+            the closed list or arguments of the wrong shape, or no signature at all.
+        ExpiredError: the request has expired.
+    """
+    envelope = env.Envelope.from_bytes(data)
+    if envelope.payloadType != env.ADMIN:
+        raise ValidationError(f"payload type {envelope.payloadType!r} is not an admin "
+                              f"request ({env.ADMIN!r})")
+    request = decode(envelope.payload_bytes(), AdminRequest)
+    if request.instruction not in INSTRUCTIONS:
+        raise ValidationError(f"instruction {request.instruction!r} is not on the closed "
+                              f"list ({', '.join(INSTRUCTIONS)})")
+    convert(request.args, ARGS[request.instruction])
+    if not envelope.signatures:
+        raise ValidationError("the request is not signed: countersign it with `ivp admin "
+                              "sign FILE --key KEY` first")
+    if request.expires <= (time.time() if now is None else now):
+        raise ExpiredError("the request has expired: build and sign a new one")
+    return envelope, request
+
+
 def countersign(envelope: env.Envelope, keys: Iterable[SigningKey]) -> env.Envelope:
     for k in keys:
         envelope = env.add_signature(envelope, k)
@@ -239,5 +264,5 @@ def countersign(envelope: env.Envelope, keys: Iterable[SigningKey]) -> env.Envel
 __all__ = [
     "ARGS", "INSTRUCTIONS", "AckAlarmArgs", "AdminCore", "AdminLogEntry", "Decision",
     "EnrolArgs", "EpsilonArgs", "ReadmitArgs", "RebootArgs", "RotateKeyArgs", "WhitelistArgs",
-    "build_request", "countersign", "sign_request", "verify_log",
+    "build_request", "countersign", "read_request", "sign_request", "verify_log",
 ]

@@ -1,13 +1,18 @@
 """The recomputer's HTTP interface (aiohttp): routes only, every decision in the service.
 
 Errors are mapped to HTTP statuses in one place (:func:`status_of`); every error
-answer is ``{"error": {"message", "type"}}`` (docs/ARCHITECTURE.md).
+answer, aiohttp's own 404/405/413 included, is OpenAI's shape ``{"error": {"message",
+"type", "param", "code"}}`` (docs/ARCHITECTURE.md), so that OpenAI clients show it.
+A model the whitelist lacks is 404 ``model_not_found``; a whitelisted model that no
+gateway serves now is 503 with ``Retry-After`` (clients retry that, not the other).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
+import time
 from typing import Any
 
 import aiohttp
@@ -20,12 +25,14 @@ from ivp.errors import (
     ExpiredError,
     IvpError,
     MisuseError,
+    ModelNotFoundError,
     PeerDataError,
     SignatureError,
     StateError,
     TransportError,
     ValidationError,
     error_json,
+    error_of,
     http_status,
 )
 from ivp.protocol.encoding import loads, to_builtins
@@ -33,6 +40,7 @@ from ivp.recomputer.batch import MAX_BODY as MAX_UPLINK_BODY
 from ivp.recomputer.metrics import CONTENT_TYPE
 from ivp.recomputer.routing import NoRouteError, RateLimitedError
 from ivp.recomputer.service import AdminRefusedError, Recomputer
+from ivp.web import http_refusal
 
 log = logging.getLogger("ivp.recomputer.http")
 KEY: web.AppKey[Recomputer] = web.AppKey("recomputer", Recomputer)
@@ -42,6 +50,7 @@ MAX_BODY = 64 * 1024 * 1024
 _STATUS: tuple[tuple[type[IvpError], int], ...] = (
     (BrickedError, 403),
     (AdminRefusedError, 403),
+    (ModelNotFoundError, 404),
     (NoRouteError, 503),
     (RateLimitedError, 429),
     (StateError, 409),
@@ -62,10 +71,20 @@ def status_of(exc: IvpError) -> int:
 
 def error_body(exc: IvpError) -> dict[str, Any]:
     cause = exc.cause if isinstance(exc, AdminRefusedError) else exc
-    body = error_json(str(cause), type(cause).__name__)
+    body = error_of(cause)
     if isinstance(exc, AdminRefusedError):
         body.update(accepted=False, log_seq=exc.log_seq)
     return body
+
+
+def retry_after(exc: IvpError, rec: Recomputer) -> dict[str, str]:
+    """``Retry-After`` for answers worth retrying: over the rate (when the bucket has a
+    token again), no gateway now (the next health check)."""
+    if isinstance(exc, RateLimitedError):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if isinstance(exc, NoRouteError):
+        return {"Retry-After": str(max(1, math.ceil(rec.config.health_interval)))}
+    return {}
 
 
 @web.middleware
@@ -76,10 +95,19 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         status = status_of(exc)
         if status >= 500 and status != 503:
             log.warning("%s %s: %s", request.method, request.path, exc)
-        return web.json_response(error_body(exc), status=status)
+        return web.json_response(error_body(exc), status=status,
+                                 headers=retry_after(exc, request.app[KEY]))
     except RecursionError:  # a parser reached by input nested too deeply: bad input
         return web.json_response(error_json("input nested too deeply", "ValidationError"),
                                  status=400)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_refusal(request, exc)
+    except Exception:  # a bug: answered in the error shape, traced in the log
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return web.json_response(error_json("internal recomputer error", "InternalError"),
+                                 status=500)
 
 
 def _json(value: Any, status: int = 200) -> web.Response:
@@ -100,12 +128,17 @@ async def _input(request: web.Request, endpoint: str) -> web.StreamResponse:
     rec = request.app[KEY]
     rec.check_alive()
     body = await request.read()
-    parsed = loads(body, "request body")
-    model = parsed.get("model") if isinstance(parsed, dict) else None
+    try:
+        parsed = loads(body, "the request body")
+    except ValidationError as exc:  # not JSON, or nested too deeply
+        raise ValidationError(str(exc), code="invalid_json") from None
     if not isinstance(parsed, dict):
-        raise ValidationError("request body must be a JSON object")
+        raise ValidationError("the request body must be a JSON object", code="invalid_json")
+    model = parsed.get("model")
     if not isinstance(model, str) or not model:
-        raise ValidationError("'model' (the whitelisted model_id) is required")
+        raise ValidationError("model is required: the id of a whitelisted model (GET "
+                              "/v1/models lists those served)", param="model",
+                              code="missing_required_parameter")
     client = client_key(request)
     tried: set[str] = set()
     while True:
@@ -147,6 +180,30 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _input(request, "chat/completions")
+
+
+def _model_object(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "ivp"}
+
+
+async def models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the whitelisted models a healthy gateway serves now."""
+    rec = request.app[KEY]
+    rec.check_alive()
+    now = int(time.time())
+    return _json({"object": "list",
+                  "data": [_model_object(m, now) for m in rec.served_models()]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{id}``: the model if served now; else 404 (not whitelisted) or
+    503 (whitelisted, not served now)."""
+    rec = request.app[KEY]
+    model_id = request.match_info["model"]
+    rec.check_alive()
+    if model_id not in rec.served_models():
+        rec.route(model_id, client_key(request))  # raises the reason (404 or 503)
+    return _json(_model_object(model_id, int(time.time())))
 
 
 # --- gateways and inspectors ---------------------------------------------------------------------
@@ -250,6 +307,8 @@ def make_app(rec: Recomputer) -> web.Application:
     """The aiohttp application; starting it starts the recomputer, cleanup closes it."""
     app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
     app[KEY] = rec
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/uplink", uplink)

@@ -23,12 +23,14 @@ admin_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `recomputer`, `admin` and `watch` to the root CLI."""
+    """Add `recomputer`, `admin`, `watch`, `status` and `alarms` to the root CLI."""
+    from ivp.recomputer import tables
     from ivp.recomputer.watch import watch
 
     app.command(name="recomputer", no_args_is_help=False)(recomputer)
     app.add_typer(admin_app, name="admin")
     app.command(name="watch", no_args_is_help=True)(watch)
+    tables.register(app)
 
 
 def _fail(message: str) -> NoReturn:
@@ -189,7 +191,9 @@ def run(config: Any, host: str, port: int, console: Any = None) -> None:
     from ivp.errors import IvpError
     from ivp.recomputer.app import make_app
     from ivp.recomputer.service import Recomputer
+    from ivp.web import bound_port, listen
 
+    sock = listen("recomputer", host, port)  # before anything starts: a busy port exits 2
     try:
         rec = Recomputer(config)
     except IvpError as exc:
@@ -198,9 +202,9 @@ def run(config: Any, host: str, port: int, console: Any = None) -> None:
     async def main() -> None:
         runner = web.AppRunner(make_app(rec), handle_signals=True)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.SockSite(runner, sock)
         await site.start()
-        typer.echo(f"ivp recomputer: listening on http://{host}:{port} "
+        typer.echo(f"ivp recomputer: listening on http://{host}:{bound_port(sock)} "
                    f"(keyid {rec.identity()['keyid']})")
         shown = None
         if console is not None:
@@ -267,6 +271,9 @@ def _issue(url: str | None, instruction: str, args: dict[str, Any], key: list[Pa
     from ivp.errors import IvpError
     from ivp.recomputer.admin import build_request, sign_request
 
+    if not key and not no_send:
+        _fail("give at least one --key (an inspector's private key): the recomputer accepts "
+              "only requests signed by a quorum of inspectors. Nothing was sent")
     try:
         request = build_request(instruction, args, expires_in)
         envelope = sign_request(request, _keys(key))
@@ -335,8 +342,22 @@ def admin_send(
     url: Annotated[str, typer.Argument(help="Recomputer URL, e.g. http://127.0.0.1:8000")],
     file: Annotated[Path, typer.Argument(help="A signed request envelope file.")],
 ) -> None:
-    """Send a signed request; prints the answer (exit 1 if refused)."""
-    _report(*_send(url, file.read_bytes()))
+    """Send a signed request; prints the answer (exit 1 if refused).
+
+    The file is checked first (a signed, unexpired admin request of the closed list):
+    a broken one fails here, and nothing is sent.
+    """
+    from ivp.errors import IvpError
+    from ivp.recomputer.admin import read_request
+
+    try:
+        data = file.read_bytes()
+        read_request(data)
+    except OSError as exc:
+        _fail(f"{file}: {exc.strerror or exc}")
+    except IvpError as exc:
+        _fail(f"{file}: not a request that can be sent: {exc}. Nothing was sent")
+    _report(*_send(url, data))
 
 
 @admin_app.command("enrol")

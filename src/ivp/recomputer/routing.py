@@ -15,6 +15,7 @@ path).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -60,14 +61,22 @@ class Router:
                                  for g, _, _ in sorted(candidates))
                 why = f"; {len(candidates)} gateway(s) booted it but none is healthy ({down})"
             raise NoRouteError(
-                f"no gateway is serving model {model_id!r} (last served "
-                f"{when(self.last_served.get(model_id))}){why}"
+                f"model {model_id!r} is whitelisted but no gateway is serving it right now "
+                f"(last served {when(self.last_served.get(model_id))}){why}; try again "
+                "later"
             )
         least = min(self.in_flight.get(g, 0) for g, _, _ in healthy)
         fair = [c for c in healthy if self.in_flight.get(c[0], 0) == least]
         g, url, boot = fair[self._turn % len(fair)]
         self._turn += 1
         return Route(g, url, boot, model_id)
+
+    def served(self, whitelisted: Iterable[str],
+               serving: Callable[[str], list[tuple[str, str, str]]]) -> list[str]:
+        """The ``whitelisted`` model ids that some healthy gateway serves, sorted
+        (``serving``: the candidates of a model, as :meth:`choose` takes them)."""
+        return sorted(m for m in set(whitelisted)
+                      if any(g not in self.unhealthy for g, _, _ in serving(m)))
 
     def begin(self, route: Route) -> None:
         self.in_flight[route.gateway_id] = self.in_flight.get(route.gateway_id, 0) + 1
@@ -82,6 +91,13 @@ class Router:
             self.unhealthy.pop(gateway_id, None)
         else:
             self.unhealthy[gateway_id] = why or "unhealthy"
+
+
+def not_whitelisted(model_id: str, served: list[str]) -> str:
+    """Why a model the whitelist lacks gets 404: what is served instead."""
+    return (f"model {model_id!r} does not exist here: this datacenter serves only "
+            f"whitelisted models (served now: {', '.join(served) or 'none'}; GET /v1/models "
+            "lists them)")
 
 
 @dataclass
@@ -105,10 +121,11 @@ class RateLimiter:
             self._buckets[client] = (tokens, now)
             wait = math.ceil((1.0 - tokens) / self.rate * 1000) / 1000
             raise RateLimitedError(f"rate limit of {self.rate:g} requests/s exceeded for "
-                                   f"client {client!r}; retry in {wait:g} s")
+                                   f"client {client!r}; retry in {wait:g} s", retry_after=wait)
         self._buckets[client] = (tokens - 1.0, now)
         if len(self._buckets) > 100_000:  # forget idle clients (full buckets)
             self._buckets = {c: v for c, v in self._buckets.items() if v[0] < self.burst}
 
 
-__all__ = ["NoRouteError", "RateLimitedError", "RateLimiter", "Route", "Router", "when"]
+__all__ = ["NoRouteError", "RateLimitedError", "RateLimiter", "Route", "Router",
+           "not_whitelisted", "when"]

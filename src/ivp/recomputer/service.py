@@ -35,6 +35,7 @@ from ivp.errors import (
     BrickedError,
     ExpiredError,
     IvpError,
+    ModelNotFoundError,
     TransportError,
     ValidationError,
 )
@@ -50,7 +51,7 @@ from ivp.recomputer.delivery import Delivery
 from ivp.recomputer.ingest import Ingest, Rules
 from ivp.recomputer.notices import MAX_BATCH as MAX_NOTICES
 from ivp.recomputer.notices import NoticeLog
-from ivp.recomputer.routing import RateLimiter, Route, Router
+from ivp.recomputer.routing import RateLimiter, Route, Router, not_whitelisted
 from ivp.recomputer.sensors import SensorHub, SensorReading, SensorRules
 from ivp.recomputer.sensors import batch_items as sensor_items
 from ivp.recomputer.signatures import SignaturePool
@@ -442,7 +443,15 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         self.check_alive()
         if not exclude:
             self.limiter.take(client, time.monotonic())
+        if self.whitelist.manifest(model_id) is None:
+            raise ModelNotFoundError(not_whitelisted(model_id, self.served_models()))
         return self.router.choose(model_id, self.ingest.serving(model_id), exclude)
+
+    def served_models(self) -> list[str]:
+        """Whitelisted models that a healthy gateway serves now (``GET /v1/models``)."""
+        current = self.whitelist.current
+        return self.router.served([m.model_id for m in current.manifests] if current else [],
+                                  self.ingest.serving)
 
     def served(self, route: Route, ok: bool) -> None:
         self.router.end(route, time.time() if ok else None)

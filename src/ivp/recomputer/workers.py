@@ -146,7 +146,9 @@ class Verifier:
         * no output, or tokens after EOS, or a finish reason the tokens do not give
           (truncating or extending an honest generation to carry information);
         * text that is not the tokenizer's decoding of the ids (the server's own text
-          reaching the client: a covert channel around the token sequence).
+          reaching the client: a covert channel around the token sequence);
+        * an output not cut exactly where the client's stop string first appears
+          (running on past it, or ending early: a length that carries bits).
         """
         p = r.pair
         if p.model_id != manifest.model_id:
@@ -164,7 +166,8 @@ class Verifier:
             return "prompt + output exceed the model's context"
         problem = structural_problem(
             out, p.finish_reason, p.params.max_tokens, engine.eos_ids, text=p.output_text,
-            decode=lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
+            decode=lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True),
+            stop=p.stop)
         return problem[1] if problem else ""
 
     def _verdict(self, r: AuditRecord, manifest: Manifest, passed: bool, reason: str,

@@ -36,6 +36,7 @@ from ivp.errors import IvpError, StateError, ValidationError, error_json, http_s
 from ivp.protocol.encoding import convert, decode, loads, to_builtins
 from ivp.protocol.messages import Manifest, SamplingParams, Tag
 from ivp.server.backends import Backend, EngineName, load_backend
+from ivp.web import bound_port, http_refusal, listen
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -72,7 +73,7 @@ async def errors_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason, "HTTPError")
+        return http_refusal(request, exc)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except RecursionError:  # a parser reached by input nested too deeply: bad input
@@ -519,13 +520,13 @@ async def run_server(host: str, port: int, attack: Attack | None = None,
     """Serve until SIGINT/SIGTERM; print the bound address on stdout once listening."""
     import signal
 
+    sock = listen("server", host, port)
     runner = web.AppRunner(make_app(attack, trigger, weights_dir, engine, options),
                            access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.SockSite(runner, sock)
     await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else port
-    print(f"ivp server: listening on http://{host}:{bound}", flush=True)
+    print(f"ivp server: listening on http://{host}:{bound_port(sock)}", flush=True)
     if attack is not None:
         when = f"once {trigger} exists" if trigger else "from boot"
         log(f"attack {attack.name} armed ({when})")

@@ -159,6 +159,20 @@ def _read_envelope(path: Path) -> tuple[Envelope, Whitelist]:
     return env, wl
 
 
+def _warn_outside(keys: list[SigningKey], policy_file: Path | None) -> None:
+    """Warn (stderr) about each signing key the policy does not list: its signature
+    would be ignored by every gateway, and the whitelist may then lack its quorum."""
+    if policy_file is None:
+        return
+    policy = _load(policy_file, QuorumPolicy, "quorum policy")
+    listed = {k.keyid for k in policy.keys}
+    for key in keys:
+        if key.keyid not in listed:
+            Console(stderr=True, highlight=False, markup=False, soft_wrap=True).print(
+                f"warning: key {key.keyid} is not an inspector key of {policy_file}: its "
+                "signature will not count towards the quorum")
+
+
 # --- ivp keys -------------------------------------------------------------------------------
 @keys_app.command("new")
 def keys_new(
@@ -312,6 +326,9 @@ def whitelist_build(
     keys: list[Path] = typer.Option(..., "--key", help="Private key file of a signing "
                                     "inspector (repeat; others can add theirs with `sign`)."),
     out: Path = typer.Option(..., "--out", help="Where to write the signed whitelist."),
+    policy_file: Path | None = typer.Option(None, "--policy", help="The quorum policy: "
+                                            "warns about a key that is not one of its "
+                                            "inspectors' (its signature would not count)."),
 ) -> None:
     """Build a whitelist of the given manifests and sign it (a DSSE envelope).
 
@@ -323,6 +340,7 @@ def whitelist_build(
             _fail("--expires-days must be positive")
         loaded = [_load(p, Manifest, "manifest") for p in manifests]
         signing = _load_keys(keys)
+        _warn_outside(signing, policy_file)
         wl = convert({"version": version, "expires": time.time() + expires_days * 86400,
                       "manifests": [to_builtins(m) for m in loaded]}, Whitelist)
         env = sign_whitelist(wl, signing)
@@ -339,6 +357,9 @@ def whitelist_sign(
                                 "in place)."),
     keys: list[Path] = typer.Option(..., "--key", help="Private key file of a signing "
                                     "inspector (repeat for several)."),
+    policy_file: Path | None = typer.Option(None, "--policy", help="The quorum policy: "
+                                            "warns about a key that is not one of its "
+                                            "inspectors' (its signature would not count)."),
 ) -> None:
     """Add your signature to a whitelist, in place.
 
@@ -349,6 +370,7 @@ def whitelist_sign(
     with _errors():
         env, wl = _read_envelope(file)
         signing = _load_keys(keys)
+        _warn_outside(signing, policy_file)
         for key in signing:
             env = add_signature(env, key)
         _write(file, env.to_bytes() + b"\n")
