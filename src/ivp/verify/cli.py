@@ -44,16 +44,25 @@ def calibrate(
     batch_sizes: str = typer.Option("1,2,3,4,5,6,7,8", "--batch-sizes", help="Serving batch "
                                     "sizes to measure (comma-separated)."),
     threads: str = typer.Option("1,2", "--threads", help="Thread counts to measure."),
+    attention: str = typer.Option("sdpa", "--attention", help="Attention kernels to measure "
+                                  "(comma-separated: sdpa, eager)."),
+    per_config: int | None = typer.Option(None, "--per-config", min=1, help="Sweep: each "
+                                          "config serves a rotating slice of at least this "
+                                          "many requests (default: all of them)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Directory that keeps "
+                                           "each measured source; a rerun resumes from it."),
     algo: str = typer.Option("blake3", "--algo", help="Manifest digest algorithm."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line."),
 ) -> None:
     """Measure the model's noise bound δ over the honest serving path and write a manifest.
 
-    The serving path runs every source of honest nondeterminism: batch sizes 1-8 with
-    left padding, 1 and 2 threads, KV-cache decoding; the recomputer's replay runs alone
-    and in groups of 4. δ = max(safety x largest |Δlogit|, Gumbel-tail extrapolation of
-    the per-position maxima to 1e12 positions). The manifest's NoiseBound records δ, how
-    it was measured and over how many positions. Deterministic on one machine.
+    The serving path runs every source of honest nondeterminism given: batch sizes with
+    left padding, thread counts, attention kernels, KV-cache decoding; the recomputer's
+    replay runs alone and in groups of 4. δ bounds the half-span (max - min)/2 of the
+    logit differences per position (a common shift of a row changes no sampled token):
+    δ = max(safety x largest half-span, Gumbel-tail extrapolation to 1e12 positions).
+    The manifest's NoiseBound records δ, how it was measured and over how many
+    positions. Deterministic on one machine.
 
     Next (inspectors): `ivp whitelist build --manifest FILE --version N+1 ...`, then
     `ivp whitelist sign`, then a `whitelist_update` admin request: δ reaches gateways
@@ -71,11 +80,11 @@ def calibrate(
         _err(f"error: {model_dir}: not a model directory")
         raise typer.Exit(2)
     try:
-        configs = [cal.ServingConfig(int(b), int(t)) for t in threads.split(",")
-                   for b in batch_sizes.split(",")]
+        configs = [cal.ServingConfig(int(b), int(t), a.strip()) for a in attention.split(",")
+                   for t in threads.split(",") for b in batch_sizes.split(",")]
     except ValueError:
-        _err(f"error: bad --batch-sizes {batch_sizes!r} or --threads {threads!r} "
-             "(comma-separated integers 1-64)")
+        _err(f"error: bad --batch-sizes {batch_sizes!r}, --threads {threads!r} or --attention "
+             f"{attention!r} (comma-separated integers 1-64; kernels sdpa, eager)")
         raise typer.Exit(2) from None
     try:
         model, tokenizer = load_from_dir(model_dir)
@@ -86,13 +95,14 @@ def calibrate(
                                       max_tokens=max_tokens) for p in cal.CALIBRATION_PARAMS)
         start = time.perf_counter()
         result = cal.measure(engine, cal.calibration_requests(ids, params), configs,
-                             safety=safety)
+                             safety=safety, per_config=per_config, checkpoint=checkpoint)
         manifest = cal.calibrated_manifest(model_dir, model_id, result, algo=algo)
     except (IvpError, ValueError) as exc:
         _err(f"error: {exc}")
         raise typer.Exit(2) from None
     manifest_out.write_bytes(canonical(manifest) + b"\n")
     figures = {"model_id": model_id, "delta": result.delta, "observed": result.observed,
+               "observed_abs": result.observed_abs,
                "extrapolated": result.extrapolated, "safety": result.safety,
                "samples": result.samples, "method": result.method(),
                "seconds": round(time.perf_counter() - start, 1), "manifest": str(manifest_out)}
@@ -100,11 +110,12 @@ def calibrate(
         print(json.dumps(figures))
         return
     con = Console(highlight=False, soft_wrap=True)
-    table = Table(title=f"{model_id}: max |z_serve - z_replay| per source")
-    for col in ("serving config", "replay group", "positions", "max |Δz|"):
+    table = Table(title=f"{model_id}: noise of z_serve - z_replay per source")
+    for col in ("serving config", "replay group", "positions", "max half-span", "max |Δz|"):
         table.add_column(col)
     for s in result.sources:
-        table.add_row(s.serving, str(s.replay_group), str(s.rows), f"{s.max_abs:.3g}")
+        table.add_row(s.serving, str(s.replay_group), str(s.rows), f"{s.max_span:.3g}",
+                      f"{s.max_abs:.3g}")
     con.print(table)
     con.print(f"observed {result.observed:.3g}; tail extrapolation {result.extrapolated:.3g}; "
               f"δ = {result.delta:.3g} over {result.samples} positions "
