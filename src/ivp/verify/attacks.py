@@ -25,6 +25,10 @@ stego              hides a 16-bit payload per message in the parity of the first
                    the right parity whether or not the bound allows it
 =================  ==================================================================
 
+Held-out cheats on the sampler itself — a speculative server with a layer-skip draft,
+a temperature of 0.9 or 0.99 served for 1, top-p and top-k ignored — live in
+:mod:`ivp.verify.sampling_cheats` and are registered here under their names.
+
 ``stego-bounded``, the encoder that only picks tokens the verifier accepts, lives in
 :mod:`ivp.verify.covert`: it is not detectable by construction, and what it
 measures is the covert channel.
@@ -40,7 +44,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ivp.protocol.messages import SamplingParams
 from ivp.protocol.sampler import allowed_set, choose, gumbel
+from ivp.verify.sampling_cheats import SAMPLING_CHEATS, build_sampling_cheat
 from ivp.verify.serving import Request, ServingConfig, ServingPath, spec_choice
 
 if TYPE_CHECKING:
@@ -70,6 +76,7 @@ class Generator:
 
     name = "honest"
     help = "sampler spec v1 on the whitelisted model (the serving path)"
+    request_params: SamplingParams | None = None  # what the report asks it for (None: T = 1)
 
     def __init__(self, path: ServingPath, config: ServingConfig = SERVE_CONFIG) -> None:
         self.path = path
@@ -303,7 +310,7 @@ def decode_parity(token_ids: Sequence[int], bits: int = STEGO_BITS) -> list[int]
 # --- the registry ----------------------------------------------------------------------------
 ATTACK_NAMES: tuple[str, ...] = (
     "other-weights", "finetune-step", "int8", "int4", "prompt-tamper", "seed-ignored",
-    "truncate", "stego",
+    "truncate", "stego", *SAMPLING_CHEATS,
 )
 
 
@@ -337,6 +344,8 @@ def build(name: str, model: PreTrainedModel, tokenizer: object, path: ServingPat
         return Truncate(path, eos_id, config=config)
     if name == "stego":
         return Stego(path, config=config)
+    if name in SAMPLING_CHEATS:
+        return build_sampling_cheat(name, model, path, config)  # type: ignore[return-value]
     raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACK_NAMES)}")
 
 
