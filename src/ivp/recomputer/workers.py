@@ -72,14 +72,17 @@ class Verifier:
     def __init__(self, sources: Sequence[ModelSource], mode: Mode = "tolerant") -> None:
         from ivp.engine.loading import load_model, load_tokenizer
         from ivp.engine.reference import ReferenceEngine
-        from ivp.verify import Policy
+        from ivp.verify import CHANNEL_GOAL, Policy
 
         self.mode: Mode = mode
         self._models: dict[str, tuple[Manifest, Any, Policy]] = {}
         for src in sources:
             engine = ReferenceEngine(load_model(src.files), load_tokenizer(src.files))
             nb = src.manifest.noise_bound
-            policy = Policy(mode=mode, delta=nb.delta if (nb and mode == "tolerant") else 0.0)
+            # The temperature rule: tolerance min(δ, T ln(1 + ε)/2), so the covert channel
+            # stays below CHANNEL_GOAL of the sampling channel at every T (docs/VERIFICATION.md).
+            policy = Policy(mode=mode, delta=nb.delta if (nb and mode == "tolerant") else 0.0,
+                            channel_goal=CHANNEL_GOAL if mode == "tolerant" else None)
             self._models[src.digest] = (src.manifest, engine, policy)
 
     def digests(self) -> list[str]:

@@ -43,7 +43,7 @@ from ivp.protocol.messages import SamplingParams
 from ivp.verify.pruned import score_replayed
 from ivp.verify.serving import ALL_CONFIGS, WIDE_CONFIGS, Request, ServingConfig, ServingPath
 from ivp.verify.structure import structural_problem
-from ivp.verify.traffic import TrafficRecorder, TrafficStats
+from ivp.verify.traffic import TrafficStats
 
 HONEST_TEMPERATURES = (0.0, 0.1, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
 HONEST_PARAMS = (
@@ -100,8 +100,9 @@ def _tokens(long: int, short: int) -> tuple[tuple[str, int], ...]:
 QUICK = Plan("tiny", calib_prompts=4, calib_max_tokens=12, honest_messages=200,
              honest_max_tokens=16, attack_messages=12, attack_max_tokens=_tokens(48, 24),
              covert_messages=6, covert_max_tokens=32, bf16_requests=2, quick=True)
-_GEMMA_CALIB = tuple(ServingConfig(b, th, a) for a in ("sdpa", "eager") for th in (1, 2, 4)
-                     for b in (1, 2, 4, 8, 12, 16, 32))
+# Small batches first: a sweep cut short still covers every thread count and kernel.
+_GEMMA_CALIB = tuple(ServingConfig(b, th, a) for b in (1, 2, 4, 8, 12, 16, 32)
+                     for th in (1, 2, 4) for a in ("sdpa", "eager"))
 FULL = {
     "tiny": Plan("tiny", calib_prompts=32, calib_max_tokens=32, honest_messages=30000,
                  honest_max_tokens=16, attack_messages=64, attack_max_tokens=_tokens(128, 64),
