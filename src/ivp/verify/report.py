@@ -99,7 +99,8 @@ def _tokens(long: int, short: int) -> tuple[tuple[str, int], ...]:
 
 QUICK = Plan("tiny", calib_prompts=4, calib_max_tokens=12, honest_messages=200,
              honest_max_tokens=16, attack_messages=12, attack_max_tokens=_tokens(48, 24),
-             covert_messages=6, covert_max_tokens=32, bf16_requests=2, quick=True)
+             covert_messages=6, covert_max_tokens=32, bf16_requests=2, quick=True,
+             calib_per_config=4)
 # Small batches first: a sweep cut short still covers every thread count and kernel.
 _GEMMA_CALIB = tuple(ServingConfig(b, th, a) for b in (1, 2, 4, 8, 12, 16, 32)
                      for th in (1, 2, 4) for a in ("sdpa", "eager"))
