@@ -141,6 +141,11 @@ def verify_report(
                                       "of honest messages."),
     int4: int | None = typer.Option(None, "--int4", min=4, help="Override the number of "
                                     "int4 attack messages (the AUC claim at scale)."),
+    attack_messages: int | None = typer.Option(None, "--attack-messages", min=4, help="Override "
+                                               "the number of messages per attack generator."),
+    calib_configs: int | None = typer.Option(None, "--calib-configs", min=1, help="Calibrate "
+                                             "on the first N serving configs of the plan's "
+                                             "sweep only (a sweep cut short)."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Directory that keeps "
                                            "every finished unit of work (calibration source, "
                                            "served batch, attack chunk); a rerun resumes."),
@@ -178,6 +183,10 @@ def verify_report(
         plan = replace(plan, honest_messages=honest)
     if int4 is not None:
         plan = replace(plan, int4_messages=int4)
+    if attack_messages is not None:
+        plan = replace(plan, attack_messages=attack_messages)
+    if calib_configs is not None:
+        plan = replace(plan, calib_configs=(plan.calib_configs or plan.configs)[:calib_configs])
     t0 = time.perf_counter()
 
     def log(message: str) -> None:

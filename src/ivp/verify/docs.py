@@ -24,11 +24,17 @@ AUC_CLAIM = 0.999
 
 
 def load_runs(img_dir: Path) -> dict[str, dict[str, Any]]:
+    """The saved runs of the current schema (a file an older report wrote is skipped: its
+    figures mean other things, and the section says it was not run)."""
+    from ivp.verify.views import SCHEMA
+
     runs = {}
     for model in MODELS:
         p = img_dir / f"verification-{model}.json"
         if p.is_file():
-            runs[model] = json.loads(p.read_text())
+            d = json.loads(p.read_text())
+            if d.get("schema") == SCHEMA:
+                runs[model] = d
     return runs
 
 

@@ -31,6 +31,7 @@ from ivp.verify.stats import (
 from ivp.verify.tolerance import CHANNEL_GOAL, channel_epsilon, tolerance
 from ivp.verify.traffic import channel_at
 
+SCHEMA = 2  # of the details JSON (docs/img/verification-<model>.json)
 AUC_POINTS = (1, 2, 4, 8, 16, 32, 64)
 LONG = 64  # the bar for honest messages: at least 64 tokens
 NEAR_TIE_WINDOW = 1e-2  # T = 0: the near-tie density is estimated over gaps up to this
@@ -203,6 +204,7 @@ def details(report: Report) -> dict[str, Any]:
     c = report.covert
     calibrated = {s[0] for s in d.per_source}
     return {
+        "schema": SCHEMA,
         "model": report.model, "quick": report.plan.quick, "seconds": round(report.seconds, 1),
         "device": report.device, "channel_goal": CHANNEL_GOAL,
         "honest_max_tokens": report.plan.honest_max_tokens,
@@ -319,5 +321,5 @@ def plots(report: Report, out_dir: Path) -> list[Path]:
     return paths
 
 
-__all__ = ["by_temperature", "details", "false_alarm_costs", "honest_group", "plots",
+__all__ = ["SCHEMA", "by_temperature", "details", "false_alarm_costs", "honest_group", "plots",
            "summary", "tau"]
