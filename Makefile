@@ -4,21 +4,36 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench report clean
+.PHONY: demo test screenshots lint bench report clean sysdeps
 
-$(STAMP): pyproject.toml
+# Debian packages (swtpm, the TPM2 TSS, iproute2, nftables, bubblewrap): quick when
+# installed.
+sysdeps:
+	@scripts/system-deps.sh
+
+$(STAMP): pyproject.toml scripts/system-deps.sh
+	scripts/system-deps.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so that nothing pulls a CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# the TPM bindings build against the TSS libraries, where they are installed
+	if pkg-config --exists tss2-esys 2>/dev/null; then \
+		$(BIN)/pip install --quiet -e '.[dev,tpm]'; \
+	else $(BIN)/pip install --quiet -e '.[dev]'; fi
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ivp demo
 
-test: $(STAMP)
+test: sysdeps $(STAMP)
+	bash scripts/install-browser.sh
 	$(BIN)/python -m pytest -q
+
+# The console's pictures in docs/img/ (docs/CONSOLE.md), taken by its browser tests.
+screenshots: $(STAMP)
+	bash scripts/install-browser.sh
+	IVP_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q -s tests/test_console_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -11,7 +11,10 @@ tokenizer plus ``--size-mb`` of weight shards, in the page cache):
 * ``gateway``      — ``ivp upload`` to ``ivp gateway`` (each file hashed and checked
   against the whitelisted manifest as it passes, forwarded to its stub server, BOOT
   record committed). Each round starts a fresh gateway, so the timed upload finds a
-  freshly powered server (no power cycle inside the timing).
+  freshly powered server (no power cycle inside the timing);
+* ``gateway_hpke`` — the same, encrypted to the gateway's device key (``ivp upload
+  --encrypt-to``: HPKE, the client seals, the gateway opens before it hashes); and raw
+  HPKE seal / open rates in memory (``hpke_seal``, ``hpke_open``).
 
 Hashing's share = time to hash the bytes / time of the plain transfer, with the faster
 of one thread and all threads (the gateway hashes weight shards on all threads; the
@@ -116,6 +119,29 @@ def hash_rates(data: bytes) -> dict[str, float]:
     return out
 
 
+def hpke_rates(data: bytes) -> dict[str, float]:
+    """GB/s of sealing and opening ``data`` as an encrypted upload (one thread)."""
+    from ivp.device import SoftDevice
+    from ivp.protocol.hpke import StreamOpener, StreamSealer, device_kem_key, upload_info
+
+    device = SoftDevice(work_dir("upload") / "hpke-device")
+    key = device_kem_key(device)
+    sealer = StreamSealer(bytes(key.public_key.to_public_bytes()), upload_info(MODEL_ID))
+    t = time.perf_counter()
+    frames = [sealer.header]
+    for i in range(0, len(data), CHUNK):
+        frames += sealer.push(data[i:i + CHUNK])
+    frames.append(sealer.close())
+    seal = len(data) / (time.perf_counter() - t) / 1e9
+    opener = StreamOpener(key, upload_info(MODEL_ID))
+    t = time.perf_counter()
+    for frame in frames:
+        opener.feed(frame)
+    opener.finish()
+    return {"hpke_seal_1thread": seal,
+            "hpke_open_1thread": len(data) / (time.perf_counter() - t) / 1e9}
+
+
 # --- transfers --------------------------------------------------------------------------------
 class Clock:
     """When the client handed each chunk to the transport: the steady-state rate between
@@ -167,42 +193,72 @@ async def plain_transfer(url: str, files: list[Path], total: int) -> tuple[float
     return total / seconds / 1e9, clock.steady_gbs()
 
 
-async def operator_upload(url: str, files: list[Path], total: int, pid: int
+async def operator_upload(url: str, files: list[Path], total: int, pid: int,
+                          encrypt_to: bytes | None = None
                           ) -> tuple[dict[str, Any], float, Clock]:
-    """What ``ivp upload`` sends (same client code path), timed: (answer, e2e, clock)."""
+    """What ``ivp upload`` sends (same client code path: raw, or sealed to
+    ``encrypt_to``), timed: (answer, e2e, clock)."""
     import aiohttp
 
+    from ivp.gateway.upload import HPKE_UPLOAD
+    from ivp.protocol.hpke import StreamSealer, upload_info
+
     clock = Clock(total, pid)
+    body = clock.body(files)
+    kind = "application/octet-stream"
+    if encrypt_to is not None:
+        sealer, plain = StreamSealer(encrypt_to, upload_info(MODEL_ID)), body
+        kind = HPKE_UPLOAD
+
+        async def sealed() -> AsyncIterator[bytes]:
+            yield sealer.header
+            async for chunk in plain:
+                for frame in sealer.push(chunk):
+                    yield frame
+            yield sealer.close()
+
+        body = sealed()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as s:
         t = time.perf_counter()
-        async with s.post(url + "/upload", params={"model_id": MODEL_ID},
-                          data=clock.body(files),
-                          headers={"Content-Type": "application/octet-stream"}) as r:
+        async with s.post(url + "/upload", params={"model_id": MODEL_ID}, data=body,
+                          headers={"Content-Type": kind}) as r:
             answer = await r.json(content_type=None)
         seconds = time.perf_counter() - t
     return answer, total / seconds / 1e9, clock
 
 
 def gateway_upload(work: Path, trust: dict[str, Path], files: list[Path], total: int,
-                   round_: int) -> dict[str, float]:
+                   round_: int, encrypt: bool = False) -> dict[str, float]:
     """One upload through a fresh gateway: e2e and steady GB/s, gateway CPU s/GB (all of
-    the upload, and in the steady window)."""
+    the upload, and in the steady window); with ``encrypt``, sealed to its KEM key."""
+    import json
+    import subprocess
+
+    suffix = "_hpke" if encrypt else ""
     with processes() as procs:
         port = free_port()
-        name = f"gw-upload-{round_}"
-        p = spawn(name, gateway_args(name, work / f"{name}-state", port, trust), work)
+        name = f"gw-upload{suffix.replace('_', '-')}-{round_}"
+        state = work / f"{name}-state"
+        key = None
+        if encrypt:
+            ident = subprocess.run([PY, "-m", "ivp.cli", "gateway", "--state", str(state),
+                                    "--print-identity"], check=True, capture_output=True,
+                                   text=True).stdout
+            key = bytes.fromhex(json.loads(ident.strip().splitlines()[-1])["kem_public_key"])
+        p = spawn(name, gateway_args(name, state, port, trust), work)
         procs.append(p)
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/status", timeout=120, proc=p.popen)
         _wait_fresh(url)
         cpu0 = cpu_seconds(p.popen.pid)
-        answer, e2e, clock = asyncio.run(operator_upload(url, files, total, p.popen.pid))
+        answer, e2e, clock = asyncio.run(operator_upload(url, files, total, p.popen.pid,
+                                                         key))
         cpu = cpu_seconds(p.popen.pid) - cpu0
         if answer.get("state") != "serving":
             raise RuntimeError(f"upload refused: {answer}\n{p.tail()}")
-    return {"gateway_upload": e2e, "gateway_upload_steady": clock.steady_gbs(),
-            "gateway_cpu_s_per_gb": cpu / (total / 1e9),
-            "gateway_cpu_s_per_gb_steady": clock.steady_cpu_s_per_gb()}
+    return {f"gateway_upload{suffix}": e2e, f"gateway_upload_steady{suffix}": clock.steady_gbs(),
+            f"gateway_cpu_s_per_gb{suffix}": cpu / (total / 1e9),
+            f"gateway_cpu_s_per_gb_steady{suffix}": clock.steady_cpu_s_per_gb()}
 
 
 def _wait_fresh(url: str, timeout: float = 60.0) -> None:
@@ -243,10 +299,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "files": len(files), "rounds": args.rounds,
                               "machine_before": machine()}
     rates: dict[str, list[float]] = {}
-    runs: dict[str, list[float]] = {k: [] for k in ("plain_transfer", "plain_transfer_steady",
-                                                     "gateway_upload", "gateway_upload_steady",
-                                                     "gateway_cpu_s_per_gb",
-                                                     "gateway_cpu_s_per_gb_steady")}
+    runs: dict[str, list[float]] = {k: [] for k in (
+        "plain_transfer", "plain_transfer_steady", *(
+            f"{k}{suffix}" for suffix in ("", "_hpke") for k in (
+                "gateway_upload", "gateway_upload_steady", "gateway_cpu_s_per_gb",
+                "gateway_cpu_s_per_gb_steady")))}
     with processes() as procs:
         port = free_port()
         stub = spawn("stub-plain", [PY, str(BENCH / "stub_server.py"), "--port", str(port)],
@@ -256,18 +313,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wait_http(stub_url + "/health", proc=stub.popen)
         for r in range(args.rounds):
             note(f"round {r + 1}/{args.rounds}")
-            for k, v in hash_rates(data).items():
+            for k, v in (hash_rates(data) | hpke_rates(data)).items():
                 rates.setdefault(k, []).append(v)
             e2e, steady = asyncio.run(plain_transfer(stub_url, files, total))
             runs["plain_transfer"].append(e2e)
             runs["plain_transfer_steady"].append(steady)
-            for k, v in gateway_upload(work, trust, files, total, r).items():
-                runs[k].append(v)
+            for encrypt in (False, True):  # the same bytes, raw then encrypted
+                for k, v in gateway_upload(work, trust, files, total, r, encrypt).items():
+                    runs[k].append(v)
     med = {k: round(statistics.median(v), 3) for k, v in (rates | runs).items()}
     result.update({
         "gb_per_s": {k: v for k, v in med.items() if "cpu" not in k},
         "gateway_cpu_s_per_gb": {"end_to_end": med["gateway_cpu_s_per_gb"],
-                                 "steady": med["gateway_cpu_s_per_gb_steady"]},
+                                 "steady": med["gateway_cpu_s_per_gb_steady"],
+                                 "hpke_end_to_end": med["gateway_cpu_s_per_gb_hpke"],
+                                 "hpke_steady": med["gateway_cpu_s_per_gb_steady_hpke"]},
         "all_rounds": {k: [round(x, 3) for x in v] for k, v in (rates | runs).items()},
         # hashing the bytes, as a share of the plain transfer's time: on one thread, and
         # on all threads (what the gateway does for weight shards)
@@ -278,6 +338,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gateway_vs_plain_steady": round(med["gateway_upload_steady"]
                                          / med["plain_transfer_steady"], 4),
         "gateway_vs_plain_end_to_end": round(med["gateway_upload"] / med["plain_transfer"], 4),
+        # what encrypting the upload to the gateway costs, same bytes, same run
+        "hpke_vs_raw_gateway_steady": round(med["gateway_upload_steady_hpke"]
+                                            / med["gateway_upload_steady"], 4),
+        "hpke_extra_gateway_cpu_s_per_gb": round(med["gateway_cpu_s_per_gb_steady_hpke"]
+                                                 - med["gateway_cpu_s_per_gb_steady"], 4),
         "extrapolation_1tb_400gbit": extrapolate(med["blake3_1thread"],
                                                  med["blake3_all_threads"],
                                                  os.cpu_count() or 1),

@@ -55,7 +55,7 @@ def test_random(tmp_path: Path) -> None:
 
 def test_satisfies_device_protocol(tmp_path: Path) -> None:
     dev: Device = SoftDevice(tmp_path / "dev")  # type-checks against the interface
-    assert dev.public_key.raw == dev.signing_key().verify_key.raw
+    assert dev.public_key.raw == dev.signer().verify_key.raw
 
 
 # --- sealed storage ------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def test_unseal_of_tampered_bytes(tmp_path: Path) -> None:
 # --- tamper = brick ------------------------------------------------------------------------
 OPS: dict[str, Callable[[SoftDevice], Any]] = {
     "public_key": lambda d: d.public_key,
-    "signing_key": lambda d: d.signing_key(),
+    "signer": lambda d: d.signer(),
     "sign": lambda d: d.sign(b"m"),
     "derive_key": lambda d: d.derive_key("log"),
     "random": lambda d: d.random(8),
@@ -114,7 +114,7 @@ def bricked(tmp_path: Path) -> tuple[SoftDevice, Path, dict[str, bytes]]:
     secrets = {
         "uid": (state / "uid.secret").read_bytes(),
         "identity seed": dev.derive_key("identity/ed25519"),
-        "identity private": dev.signing_key()._private.private_bytes(
+        "identity private": dev.signer()._private.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
             serialization.NoEncryption()),
         "log key": dev.derive_key("log"),

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ivp.device import SoftDevice
+from ivp.device import Device, SoftDevice
 from ivp.gateway.core import Gateway, GatewayConfig
 from ivp.gateway.log import PairLog
 from ivp.gateway.testing import FakePower, FakeRecomputer, FakeServer
@@ -80,7 +80,7 @@ class Rig:
     server: FakeServer
     power: FakePower
     recomputer: FakeRecomputer
-    device: SoftDevice
+    device: Device
     log: PairLog
     model: Model
     recomputer_key: SigningKey
@@ -101,10 +101,11 @@ class Rig:
 def make_rig(state_dir: Path, model_dir: Path, *, epsilon: float = 1.0,
              recomputer_key: SigningKey | None = None, with_uplink: bool = True,
              whitelist_bytes: bytes | None = None, server: FakeServer | None = None,
-             **config: Any) -> Rig:
-    """A gateway on ``state_dir`` (reusing it restarts the same device and log)."""
+             device: Device | None = None, **config: Any) -> Rig:
+    """A gateway on ``state_dir`` (reusing it restarts the same device and log); a
+    software device unless ``device`` is given."""
     model = tiny(model_dir)
-    device = SoftDevice(state_dir / "device")
+    device = device or SoftDevice(state_dir / "device")
     log = PairLog(state_dir / "log.sqlite", device)
     trusted = TrustedWhitelist(model.policy)
     trusted.update(whitelist_bytes or model.whitelist_bytes)

@@ -67,26 +67,64 @@ def test_verify_key_validation() -> None:
         VerifyKey.from_hex("ab" * 33)
 
 
-def test_save_load_pem(tmp_path: Path) -> None:
+def test_save_load_encrypted(tmp_path: Path) -> None:
+    """At rest a key is passphrase-encrypted: the file alone signs nothing."""
     path = tmp_path / "a.key"
-    ALICE.save(path)
+    ALICE.save(path, passphrase=b"correct horse")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
-    loaded = SigningKey.load(path)
+    data = path.read_bytes()
+    assert data.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert SigningKey.is_encrypted(path)
+    secret = bytes(range(32))  # ALICE's seed
+    assert secret not in data and base64.b64encode(secret)[:20] not in data
+    with pytest.raises(ValidationError, match="the key is encrypted"):
+        SigningKey.load(path)
+    with pytest.raises(ValidationError, match="wrong passphrase"):
+        SigningKey.load(path, b"wrong horse")
+    loaded = SigningKey.load(path, b"correct horse")
     assert loaded.verify_key == ALICE.verify_key
     assert loaded.sign(b"x") == ALICE.sign(b"x")  # Ed25519 is deterministic
+    with pytest.raises(ValidationError, match="empty passphrase"):
+        ALICE.save(path, passphrase=b"")
+
+
+def test_save_load_plaintext_and_legacy_pem(tmp_path: Path) -> None:
+    path = tmp_path / "a.key"
+    ALICE.save(path, passphrase=None)  # plaintext, asked for by name
+    assert not SigningKey.is_encrypted(path)
+    assert SigningKey.load(path).keyid == ALICE.keyid
+    assert SigningKey.load(path, b"ignored").keyid == ALICE.keyid
+    legacy = ALICE._private.private_bytes(  # what earlier versions wrote: PEM PKCS#8
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    path.write_bytes(legacy)
+    assert not SigningKey.is_encrypted(path) and SigningKey.load(path).keyid == ALICE.keyid
+    path.write_bytes(ALICE._private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pw")))
+    assert SigningKey.is_encrypted(path)
+    assert SigningKey.load(path, b"pw").keyid == ALICE.keyid
+    with pytest.raises(ValidationError, match="encrypted"):
+        SigningKey.load(path)
 
 
 def test_load_rejects_garbage_and_other_algorithms(tmp_path: Path) -> None:
     bad = tmp_path / "bad.key"
     bad.write_text("not a key")
-    with pytest.raises(ValidationError, match="not a PEM private key"):
+    with pytest.raises(ValidationError, match="not a private key file"):
         SigningKey.load(bad)
-    ec_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+    p384 = ec.generate_private_key(ec.SECP384R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption())
-    bad.write_bytes(ec_key)
-    with pytest.raises(ValidationError, match="not an Ed25519 key"):
+    bad.write_bytes(p384)
+    with pytest.raises(ValidationError, match="secp384r1 is not P-256"):
+        SigningKey.load(bad)
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    bad.write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    with pytest.raises(ValidationError, match="not an Ed25519 or ECDSA P-256 key"):
         SigningKey.load(bad)
 
 

@@ -2,68 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
-from aiohttp import web
 from test_recomputer_support import Inspectors
 from typer.testing import CliRunner
 
 from ivp.cli import app
 from ivp.protocol.encoding import canonical
 from ivp.protocol.keys import SigningKey
-from ivp.recomputer.app import make_app
-from ivp.recomputer.service import Recomputer
 
-runner = CliRunner()
+PASSPHRASE = "inspector passphrase"
+runner = CliRunner(env={"IVP_KEY_PASSPHRASE": PASSPHRASE})
 
 pytest_plugins = ("test_recomputer_support",)
-
-
-@pytest.fixture
-def live(config: Any) -> Iterator[tuple[str, Recomputer]]:
-    """A recomputer served from a background thread on a free port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rec = Recomputer(config)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-
-        async def start() -> None:
-            holder["runner"] = web.AppRunner(make_app(rec))
-            await holder["runner"].setup()
-            await web.TCPSite(holder["runner"], "127.0.0.1", port).start()
-            ready.set()
-
-        loop.run_until_complete(start())
-        loop.run_forever()
-        loop.run_until_complete(holder["runner"].cleanup())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(60)
-    yield f"http://127.0.0.1:{port}", rec
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(30)
 
 
 def keyfiles(tmp_path: Path, inspectors: Inspectors) -> dict[str, str]:
     out = {}
     for name, key in (("us", inspectors.us), ("cn", inspectors.cn)):
         path = tmp_path / f"{name}.key"
-        key.save(path)
+        key.save(path, passphrase=PASSPHRASE.encode())
         out[name] = str(path)
     return out
 
@@ -127,6 +87,21 @@ def test_admin_parties_sign_separately_then_send(live, tmp_path, inspectors) -> 
     assert result.exit_code == 0, result.output
     assert "chain ok: 2 entries" in result.output
     assert "refused  set_epsilon" in result.output and "ACCEPTED set_epsilon" in result.output
+
+
+def test_admin_key_needs_its_passphrase(live, tmp_path, inspectors) -> None:
+    """An inspector key file at rest is encrypted: without the passphrase it signs
+    nothing, and the request never leaves (the recomputer's log does not move)."""
+    url, rec = live
+    keys = keyfiles(tmp_path, inspectors)
+    before = rec.ingest.epsilon
+    for env, text in (({"IVP_KEY_PASSPHRASE": None}, "is encrypted"),
+                      ({"IVP_KEY_PASSPHRASE": "guess"}, "wrong passphrase")):
+        result = CliRunner(env=env).invoke(app, [
+            "admin", "set-epsilon", url, "--epsilon", "0.07", "--key", keys["us"],
+            "--key", keys["cn"]])
+        assert result.exit_code == 2 and text in result.output, result.output
+    assert rec.ingest.epsilon == before
 
 
 def test_admin_request_outside_the_list_is_refused_locally(tmp_path) -> None:

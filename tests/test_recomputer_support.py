@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
+import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -200,3 +202,40 @@ async def enrol(rec: Any, inspectors: Inspectors, gw: ScriptedGateway) -> dict:
     return await rec.handle_admin(inspectors.request("enrol_device", {
         "device_id": gw.gateway_id, "public_key": gw.key.verify_key.hex, "kind": "gateway",
         "url": gw.url}))
+
+
+@pytest.fixture
+def live(config: Any) -> Iterator[tuple[str, Any]]:
+    """A recomputer served from a background thread on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from aiohttp import web
+
+    from ivp.recomputer.app import make_app
+    from ivp.recomputer.service import Recomputer
+
+    rec = Recomputer(config)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def start() -> None:
+            holder["runner"] = web.AppRunner(make_app(rec))
+            await holder["runner"].setup()
+            await web.TCPSite(holder["runner"], "127.0.0.1", port).start()
+            ready.set()
+
+        loop.run_until_complete(start())
+        loop.run_forever()
+        loop.run_until_complete(holder["runner"].cleanup())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    yield f"http://127.0.0.1:{port}", rec
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(30)

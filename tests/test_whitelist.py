@@ -261,8 +261,14 @@ def test_installed_envelope_is_the_received_one(manifest: Manifest) -> None:
 
 
 # --- the CLI: ivp keys / ivp whitelist ------------------------------------------------------
-def run(*args: str | Path) -> Result:
-    result = CliRunner().invoke(app, [str(a) for a in args])
+PASSPHRASE = "inspector passphrase"
+NO_PASSPHRASE: dict[str, str | None] = {"IVP_KEY_PASSPHRASE": None,
+                                        "IVP_KEY_PASSPHRASE_FILE": None}
+
+
+def run(*args: str | Path, env: dict[str, str | None] | None = None) -> Result:
+    env = {"IVP_KEY_PASSPHRASE": PASSPHRASE} if env is None else env
+    result = CliRunner(env=env).invoke(app, [str(a) for a in args])
     assert result.exception is None or isinstance(result.exception, SystemExit), (
         result.output, result.exception)
     return result
@@ -296,21 +302,58 @@ def test_cli_help_texts() -> None:
 def test_cli_keys_new(tmp_path: Path) -> None:
     r = run("keys", "new", "--out", tmp_path, "--name", "us-1", "--party", "US")
     assert r.exit_code == 0
+    assert "passphrase-encrypted" in r.stdout
     key_path, pub_path = tmp_path / "us-1.key", tmp_path / "us-1.pub.json"
     assert oct(key_path.stat().st_mode & 0o777) == "0o600"
-    key = SigningKey.load(key_path)
+    assert SigningKey.is_encrypted(key_path)
+    key = SigningKey.load(key_path, PASSPHRASE.encode())
     pub = decode(pub_path.read_bytes(), InspectorKey)
     assert (pub.keyid, pub.party, pub.public_key, pub.name) == (
         key.keyid, "US", key.verify_key.hex, "us-1")
     assert key.keyid in r.stdout
     again = run("keys", "new", "--out", tmp_path, "--name", "us-1", "--party", "US")
     assert again.exit_code == 2 and "exists" in again.stderr
-    assert SigningKey.load(key_path).keyid == key.keyid  # not overwritten
+    assert SigningKey.load(key_path, PASSPHRASE.encode()).keyid == key.keyid  # kept
     forced = run("keys", "new", "--out", tmp_path, "--name", "us-1", "--party", "US",
                  "--force")
-    assert forced.exit_code == 0 and SigningKey.load(key_path).keyid != key.keyid
+    assert forced.exit_code == 0
+    assert SigningKey.load(key_path, PASSPHRASE.encode()).keyid != key.keyid
     bad = run("keys", "new", "--out", tmp_path, "--name", "../evil", "--party", "US")
     assert bad.exit_code == 2 and "--name" in bad.stderr
+
+
+def test_cli_keys_new_never_writes_plaintext_unasked(tmp_path: Path) -> None:
+    """Without a passphrase (none in the environment, no terminal) and without
+    --insecure-plaintext, no key file is written at all."""
+    r = run("keys", "new", "--out", tmp_path, "--name", "us-1", "--party", "US", env=NO_PASSPHRASE)
+    assert r.exit_code == 2 and "--insecure-plaintext" in r.stderr
+    assert not (tmp_path / "us-1.key").exists() and not (tmp_path / "us-1.pub.json").exists()
+    r = run("keys", "new", "--out", tmp_path, "--name", "us-1", "--party", "US",
+            "--insecure-plaintext")
+    assert r.exit_code == 0 and "UNENCRYPTED" in r.stdout
+    assert not SigningKey.is_encrypted(tmp_path / "us-1.key")
+    r = run("keys", "new", "--out", tmp_path, "--name", "us-2", "--party", "US",
+            "--insecure-plaintext", "--passphrase-file", tmp_path / "us-1.pub.json")
+    assert r.exit_code == 2 and "contradict" in r.stderr
+
+
+def test_cli_keys_new_passphrase_file_and_p256(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from a file\n")
+    r = run("keys", "new", "--out", tmp_path, "--name", "cn-1", "--party", "CN",
+            "--type", "ecdsa-p256", "--passphrase-file", secret, env=NO_PASSPHRASE)
+    assert r.exit_code == 0, r.output
+    key = SigningKey.load(tmp_path / "cn-1.key", b"from a file")
+    pub = decode((tmp_path / "cn-1.pub.json").read_bytes(), InspectorKey)
+    assert key.scheme == "ecdsa-p256" and pub.public_key.startswith("ecdsa-p256:")
+    r = run("keys", "new", "--out", tmp_path, "--name", "x", "--party", "CN",
+            "--type", "rsa", env=NO_PASSPHRASE)
+    assert r.exit_code == 2 and "--type" in r.stderr
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    r = run("keys", "new", "--out", tmp_path, "--name", "y", "--party", "CN",
+            "--passphrase-file", empty, env=NO_PASSPHRASE)
+    assert r.exit_code == 2 and "empty" in r.stderr
 
 
 def test_cli_keys_policy(inspectors: Path) -> None:
@@ -464,7 +507,7 @@ def test_cli_bad_files_give_clear_errors(inspectors: Path) -> None:
         (["whitelist", "verify", tmp / "tiny.json", "--policy", tmp / "policy.json"],
          "not a valid DSSE envelope"),
         (["whitelist", "sign", tmp / "wl.json", "--key", tmp / "keys" / "us-1.pub.json"],
-         "not a PEM private key"),
+         "not a private key file"),
         (["whitelist", "sign", tmp / "garbage", "--key", tmp / "keys" / "us-1.key"],
          "not a valid DSSE envelope"),
         (["whitelist", "build", "--manifest", tmp / "garbage", "--version", "2",
@@ -489,7 +532,8 @@ def test_cli_bad_files_give_clear_errors(inspectors: Path) -> None:
         assert text in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.output
     # an admin envelope is not a whitelist, even with a quorum
-    admin = dsse.sign(dsse.ADMIN, b"{}", [SigningKey.load(tmp / "keys" / "us-1.key")])
+    admin = dsse.sign(dsse.ADMIN, b"{}", [SigningKey.load(tmp / "keys" / "us-1.key",
+                                                                PASSPHRASE.encode())])
     (tmp / "admin.json").write_bytes(admin.to_bytes())
     r = run("whitelist", "verify", tmp / "admin.json", "--policy", tmp / "policy.json")
     assert r.exit_code == 2 and "not a whitelist" in r.stderr

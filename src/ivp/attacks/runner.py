@@ -39,6 +39,7 @@ class Settings:
         patience: most seconds one scenario waits for a timed alarm.
         knockouts: defences switched off in the recomputer (``ivp.attacks.knockouts``;
             for the suite's own tests only).
+        isolate: every gateway isolates its server (``ivp gateway --isolate``; root).
     """
 
     model: str = "tiny"
@@ -48,6 +49,7 @@ class Settings:
     patience: float = 60.0
     knockouts: tuple[str, ...] = ()
     model_dir: Path | None = None
+    isolate: bool = False
     say: Callable[[str], None] = field(default=lambda message: None)
 
 
@@ -69,7 +71,7 @@ class AttackSession:
             self.root, gateways=0, epsilon=settings.epsilon, model=settings.model,
             checkpoint_interval=settings.checkpoint_interval, workers=workers,
             log=settings.say, recomputer_args=args, recomputer_launcher=launcher,
-            prebuilt_model=settings.model_dir)
+            prebuilt_model=settings.model_dir, isolate=settings.isolate)
         self.taps: dict[int, UplinkTap] = {}
         self.cheaters: set[str] = set()  # gateways whose server carries a cheat
         self.sensors = physical.simulator()

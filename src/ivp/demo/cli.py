@@ -50,6 +50,10 @@ def demo(
                                         "(default: a temporary directory, removed after)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object as "
                                  "the last line of stdout."),
+    isolate: bool | None = typer.Option(
+        None, "--isolate/--no-isolate", help="Each server in its own network namespace, "
+        "cgroup and sandbox (ivp gateway --isolate). Default: on when run as root with "
+        "the tools installed (scripts/system-deps.sh), else off."),
 ) -> None:
     """Run a datacenter on 127.0.0.1 — a recomputer, an honest gateway and (for attacks
     on a server or a gateway) a second gateway, each powering a reference server, as
@@ -70,7 +74,18 @@ def demo(
     def say(message: str) -> None:
         err.print(f"[dim]·[/dim] {message}")
 
-    settings = Settings(model=model, epsilon=epsilon, cap=cap, say=say)
+    if isolate is None:
+        from ivp.errors import MisuseError
+        from ivp.gateway.isolation import check_can_isolate
+
+        try:
+            check_can_isolate()
+            isolate = True
+        except MisuseError:
+            isolate = False
+    if isolate:
+        say("servers isolated by the kernel (network namespace, cgroup, sandbox)")
+    settings = Settings(model=model, epsilon=epsilon, cap=cap, say=say, isolate=isolate)
     session = AttackSession(root, settings, tamper_endpoint=scenario.needs == "datacenter")
     try:
         with session:

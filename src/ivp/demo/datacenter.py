@@ -62,11 +62,18 @@ class Inspectors:
 
     @classmethod
     def create(cls, out_dir: Path) -> Inspectors:
+        """Two inspectors' keys, held in memory, and saved encrypted under a random
+        passphrase in ``out_dir/passphrase`` (a demo stand-in for each inspector's own:
+        ``IVP_KEY_PASSPHRASE_FILE=out_dir/passphrase ivp admin ... --key out_dir/us-1.key``)."""
         out_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(24)
+        fd = os.open(out_dir / "passphrase", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
         keys, entries = [], []
         for name, party in (("us-1", "US"), ("cn-1", "CN")):
             key = SigningKey.generate()
-            key.save(out_dir / f"{name}.key")
+            key.save(out_dir / f"{name}.key", passphrase=secret.encode())
             keys.append(key)
             entries.append(InspectorKey(keyid=key.keyid, party=party,
                                         public_key=key.verify_key.hex, name=name))
@@ -121,6 +128,7 @@ class GatewayHandle:
     trigger: Path | None = None
     uplink_url: str | None = None
     reboot_interval: float = 0.0
+    device_args: list[str] = field(default_factory=list)  # e.g. --device tpm --tpm TCTI
 
 
 @dataclass
@@ -140,6 +148,12 @@ class LoopbackDatacenter:
             ``recomputer`` sub-command (default ``-m ivp.cli``; the attack suite's own
             tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
         prebuilt_model: an already built model directory to use instead of building one.
+        console: serve the recomputer's read-only inspectors' console on 127.0.0.1
+            (``console_url``).
+        device: the gateways' device: "soft" (key in a file) or "tpm" (each gateway gets
+            a software TPM of its own, swtpm, which the datacenter starts and stops).
+        isolate: start every gateway with ``--isolate`` (root only): each server in its
+            own network namespace, cgroup and bubblewrap sandbox.
     """
 
     root: Path
@@ -153,6 +167,9 @@ class LoopbackDatacenter:
     recomputer_args: list[str] = field(default_factory=list)
     recomputer_launcher: tuple[str, ...] = ("-m", "ivp.cli")
     prebuilt_model: Path | None = None
+    console: bool = True
+    device: str = "soft"
+    isolate: bool = False
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -160,9 +177,11 @@ class LoopbackDatacenter:
         self.handles: list[GatewayHandle] = []
         self.model_id = "tiny-llama" if self.model == "tiny" else self.model
         self.recomputer_url = ""
+        self.console_url = ""
         self.recomputer_key = ""
         self._lock = threading.Lock()  # add_gateway may run in several threads
         self._named = 0
+        self._tpms: list[Any] = []  # ivp.device.swtpm.Swtpm, one per TPM gateway
 
     # --- set-up ---------------------------------------------------------------------------
     def prepare_model(self) -> Path:
@@ -221,12 +240,18 @@ class LoopbackDatacenter:
             "--model", f"{self.model_id}={self.model_dir}", "--workers", str(self.workers),
             "--checkpoint-period", str(self.checkpoint_interval), *self.recomputer_args,
         ]
+        if self.console:
+            console_port = free_port()
+            self.console_url = f"http://127.0.0.1:{console_port}"
+            self._recomputer_args += ["--console", "--console-port", str(console_port)]
         self.recomputer = self._spawn("recomputer", self._recomputer_args,
                                       self.recomputer_launcher)
 
         for i in range(self.gateways):
             self.handles.append(self._new_handle(attack=self.attacks.get(i)))
         self.wait_http(self.recomputer_url + "/status", "recomputer")
+        if self.console_url:
+            self.log(f"inspectors' console (read-only): {self.console_url}")
         self.log("enrolling the gateways (quorum of US + CN inspectors)")
         for h in self.handles:
             self.enrol(h)
@@ -249,13 +274,24 @@ class LoopbackDatacenter:
             i, self._named = self._named, self._named + 1
         gid = f"gw-{chr(ord('a') + i)}" if i < 26 else f"gw-{i}"
         state = self.root / gid
-        ident = self._identity(["gateway", "--state", str(state), "--gateway-id", gid])
+        device_args = []
+        if self.device == "tpm":
+            from ivp.device.swtpm import Swtpm
+
+            tpm = Swtpm(self.root / "tpms" / gid)
+            with self._lock:
+                self._tpms.append(tpm)
+            device_args = ["--device", "tpm", "--tpm", tpm.tcti]
+        ident = self._identity(["gateway", "--state", str(state), "--gateway-id", gid,
+                                *device_args])
         return GatewayHandle(gid, f"http://127.0.0.1:{free_port()}", state,
                              ident["public_key"], attack=attack, uplink_url=uplink_url,
-                             reboot_interval=reboot_interval)
+                             reboot_interval=reboot_interval, device_args=device_args)
 
     def start_gateway(self, h: GatewayHandle, policy: str) -> None:
-        server_cmd = f"{sys.executable} -m ivp.cli server --port {{port}}"
+        server_cmd = f"{sys.executable} -m ivp.cli server --host {{host}} --port {{port}}"
+        if self.isolate:
+            server_cmd += " --weights-dir {weights}"
         if h.attack:
             h.trigger = self.root / f"{h.gateway_id}.attack"
             server_cmd += f" --attack {h.attack} --attack-trigger {h.trigger}"
@@ -267,7 +303,8 @@ class LoopbackDatacenter:
             "--whitelist", str(self.whitelist_path), "--epsilon", str(self.epsilon),
             "--server-port", str(free_port()), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
-            "--reboot-interval", str(h.reboot_interval),
+            "--reboot-interval", str(h.reboot_interval), *h.device_args,
+            *(["--isolate"] if self.isolate else []),
         ])
 
     def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,
@@ -501,6 +538,8 @@ class LoopbackDatacenter:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+        for tpm in self._tpms:
+            tpm.stop()
 
     def __enter__(self) -> LoopbackDatacenter:
         try:

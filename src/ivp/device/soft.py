@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ivp.errors import BrickedError, PeerDataError
-from ivp.protocol.keys import SigningKey, VerifyKey
+from ivp.protocol.keys import Signer, SigningKey, VerifyKey
 
 _UID = "uid.secret"
 _BRICK = "BRICKED"
@@ -31,14 +31,19 @@ _RECHECK = 0.05
 
 
 class Device(Protocol):
-    """What ivp needs from secure hardware."""
+    """What ivp needs from secure hardware.
+
+    The private key never leaves a hardware device: everything that signs in the
+    device's name goes through :meth:`sign` or the :class:`~ivp.protocol.keys.Signer`
+    that :meth:`signer` returns (a TPM device returns itself).
+    """
 
     @property
     def public_key(self) -> VerifyKey: ...
 
     def sign(self, data: bytes) -> bytes: ...
 
-    def signing_key(self) -> SigningKey: ...
+    def signer(self) -> Signer: ...
 
     def derive_key(self, purpose: str, length: int = 32) -> bytes: ...
 
@@ -56,11 +61,28 @@ class Device(Protocol):
     def bricked(self) -> bool: ...
 
 
+def seal_with(aead: AESGCM, plaintext: bytes, aad: bytes) -> bytes:
+    """AES-256-GCM; output = 12-byte random nonce || ciphertext+tag."""
+    nonce = os.urandom(12)
+    return nonce + aead.encrypt(nonce, plaintext, aad)
+
+
+def unseal_with(aead: AESGCM, purpose: str, sealed: bytes, aad: bytes) -> bytes:
+    """Raises PeerDataError: the sealed bytes were altered or sealed under another key."""
+    try:
+        return aead.decrypt(sealed[:12], sealed[12:], aad)
+    except (InvalidTag, ValueError):
+        raise PeerDataError(f"sealed {purpose!r} data is corrupt or not ours") from None
+
+
 class SoftDevice:
     """A device whose UID secret is a file in ``state_dir`` (the emulated fuse bank).
 
-    The UID is created on first power-on from the OS CSPRNG and never leaves the
-    device: only the public key derived from it is exported.
+    **Its secrets are files**: whoever can read ``state_dir`` (the operator, root) can
+    copy the UID and sign as this device. It is the development default; the TPM
+    device (:class:`~ivp.device.tpm.TpmDevice`) keeps its keys where no file holds them.
+    The UID is created on first power-on from the OS CSPRNG; only the public key
+    derived from it is exported.
     """
 
     def __init__(self, state_dir: Path) -> None:
@@ -138,17 +160,18 @@ class SoftDevice:
         self._secret()  # after caching: a tamper meanwhile drops the cache again
         return aead
 
-    def signing_key(self) -> SigningKey:
+    def signer(self) -> SigningKey:
+        """The Ed25519 key derived from the UID (in memory, like the UID itself)."""
         self._secret()
         assert self._signing is not None
         return self._signing
 
     @property
     def public_key(self) -> VerifyKey:
-        return self.signing_key().verify_key
+        return self.signer().verify_key
 
     def sign(self, data: bytes) -> bytes:
-        return self.signing_key().sign(data)
+        return self.signer().sign(data)
 
     # --- TRNG -------------------------------------------------------------------------------
     def random(self, n: int) -> bytes:
@@ -161,17 +184,11 @@ class SoftDevice:
     # --- sealed storage --------------------------------------------------------------------
     def seal(self, purpose: str, plaintext: bytes, aad: bytes = b"") -> bytes:
         """AES-256-GCM under a purpose key; output = 12-byte nonce || ciphertext+tag."""
-        aead = self._aead(purpose)
-        nonce = os.urandom(12)
-        return nonce + aead.encrypt(nonce, plaintext, aad)
+        return seal_with(self._aead(purpose), plaintext, aad)
 
     def unseal(self, purpose: str, sealed: bytes, aad: bytes = b"") -> bytes:
         """Raises:
         BrickedError: the device was tampered with.
         PeerDataError: the sealed bytes were altered or sealed by another device.
         """
-        aead = self._aead(purpose)
-        try:
-            return aead.decrypt(sealed[:12], sealed[12:], aad)
-        except (InvalidTag, ValueError):
-            raise PeerDataError(f"sealed {purpose!r} data is corrupt or not ours") from None
+        return unseal_with(self._aead(purpose), purpose, sealed, aad)

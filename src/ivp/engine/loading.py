@@ -111,9 +111,12 @@ def load_tokenizer(files: dict[str, bytes]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _state_dict(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
-    """All tensors of all ``*.safetensors`` files, names unique across shards."""
+def _state_dict(files: dict[str, bytes | Path]) -> dict[str, torch.Tensor]:
+    """All tensors of all ``*.safetensors`` files, names unique across shards. A shard
+    given as a ``Path`` (a file in the server's RAM-only mount) is memory-mapped: its
+    tensors live in those pages, not in a copy."""
     from safetensors.torch import load as load_safetensors
+    from safetensors.torch import load_file
 
     shards = sorted(name for name in files if name.endswith(".safetensors"))
     if not shards:
@@ -121,7 +124,9 @@ def _state_dict(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name in shards:
         try:
-            part = load_safetensors(files[name])
+            shard = files[name]
+            part = (load_file(shard) if isinstance(shard, Path)
+                    else load_safetensors(shard))
         except Exception as exc:  # safetensors raises SafetensorError and others
             raise ValidationError(f"{name}: not a valid safetensors file ({exc})") from None
         clash = tensors.keys() & part.keys()
@@ -176,7 +181,7 @@ def _config(files: dict[str, bytes]):  # -> PretrainedConfig
         raise ValidationError(f"{CONFIG_FILE}: {exc}") from None
 
 
-def load_model(files: dict[str, bytes]) -> PreTrainedModel:
+def load_model(files: dict[str, bytes | Path]) -> PreTrainedModel:
     """The whitelisted causal LM, float32, eval mode, from config.json + shards in memory.
 
     The architecture is built first on the meta device (no memory, no init) to check

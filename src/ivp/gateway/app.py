@@ -7,7 +7,8 @@ one place (:data:`STATUS`) and answered as ``{"error": {"message", "type"}}``.
 Routes (docs/ARCHITECTURE.md, "Gateway"; docs/GATEWAY.md):
 
 =========================  =====================================================
-``POST /upload?model_id``  operator: the model's files in manifest order (raw)
+``POST /upload?model_id``  operator: the model's files in manifest order (raw, or HPKE-
+                          encrypted to the device: ``application/vnd.ivp.hpke-upload``)
 ``POST /v1/completions``   INPUT (from the recomputer), OpenAI completion body
 ``POST /v1/chat/completions``  INPUT, OpenAI chat body
 ``POST /control``          a Shutdown or Readmit envelope signed by the recomputer key
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -37,6 +38,7 @@ from ivp.errors import (
     SignatureError,
     StateError,
     TransportError,
+    ValidationError,
     error_json,
     http_status,
 )
@@ -48,7 +50,9 @@ from ivp.gateway.errors import (
     UnknownModelError,
     UploadRefusedError,
 )
+from ivp.gateway.upload import HPKE_UPLOAD
 from ivp.gateway.upstream import read_capped
+from ivp.protocol.hpke import device_kem_key, open_stream, upload_info
 
 log = logging.getLogger("ivp.gateway")
 
@@ -148,6 +152,21 @@ def _log_draw_failure(task: asyncio.Future[Any]) -> None:
         log.error("sampling draw failed", exc_info=task.exception())
 
 
+class UploadStreamError(Exception):
+    """An encrypted upload that does not open. Not an ``IvpError`` on purpose: the boot
+    shell reads it as the operator's stream breaking there, a short stream: POWER_KILL
+    (and the alarm upload_broken naming why)."""
+
+
+async def _decrypted(chunks: AsyncIterator[bytes], key_pair: Any, info: bytes
+                     ) -> AsyncIterator[bytes]:
+    try:
+        async for plaintext in open_stream(chunks, key_pair, info):
+            yield plaintext
+    except ValidationError as exc:
+        raise UploadStreamError(str(exc)) from None
+
+
 def build_app(gateway: Gateway) -> web.Application:
     """The aiohttp application of one gateway; starts and stops it with the app."""
     app = web.Application(middlewares=[errors_middleware],
@@ -160,7 +179,10 @@ def build_app(gateway: Gateway) -> web.Application:
             return web.json_response({"error": {
                 "message": "POST /upload needs ?model_id=<a whitelisted model>",
                 "type": "ValidationError"}}, status=400)
-        result = await gateway.upload(model_id, request.content.iter_chunked(UPLOAD_CHUNK))
+        chunks: AsyncIterator[bytes] = request.content.iter_chunked(UPLOAD_CHUNK)
+        if request.content_type == HPKE_UPLOAD:  # encrypted to this device: opened here
+            chunks = _decrypted(chunks, device_kem_key(gateway.device), upload_info(model_id))
+        result = await gateway.upload(model_id, chunks)
         return web.json_response(result)
 
     async def completions(request: web.Request) -> web.StreamResponse:

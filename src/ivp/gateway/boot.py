@@ -21,13 +21,20 @@ After a PowerKill or Complete the machine is spent: any further call raises
 (config, tokenizer) are captured as they pass, so the gateway holds the *whitelisted*
 tokenizer — digest-checked like every other byte — to tokenise prompts and decode
 outputs itself.
+
+The server's side of a boot is judged here too, on its answers' bytes
+(:func:`power_on_state`, :func:`boot_answer`, :func:`booted`): a freshly powered
+server must hold no model (memoryless), and during UPLOAD it may say only its state.
+The shell that does the I/O — the operator's stream, the server's HTTP and power —
+is ``boot_shell``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import blake3
 
@@ -241,5 +248,56 @@ class UploadMode:
         return event
 
 
+# --- the server's answers during a boot -----------------------------------------------
+def json_field(body: bytes, key: str) -> Any:
+    """``body``'s top-level ``key`` (None: not a JSON object, or no such key)."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
+def power_on_state(status: int, body: bytes) -> Literal["empty", "holds_model", "not_up"]:
+    """What a freshly powered server's ``GET /health`` answer says.
+
+    ``empty``: ready for an upload. ``holds_model``: it claims a model survived the
+    power cycle — not a memoryless server, refused (blocks weights persisting across
+    a power kill or forced reboot). ``not_up``: ask again.
+    """
+    state = json_field(body, "state") if status == 200 else None
+    if state == "empty":
+        return "empty"
+    if state in ("loading", "ready"):
+        return "holds_model"
+    return "not_up"
+
+
+def boot_answer(body: bytes, expected: str) -> Literal["ok", "error", "outside"]:
+    """Judge the server's answer to one UPLOAD step (``expected``: the state it must say).
+
+    ``ok``: exactly ``{"state": expected}``. ``error``: exactly ``{"error": ...}`` (the
+    caller power-kills on the HTTP status). ``outside``: anything else — dropped unread
+    and alarmed by the caller, since during UPLOAD nothing the server says may leave
+    the gateway (blocks upload exfiltration: data added to the boot answers).
+    """
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    if isinstance(obj, dict) and set(obj) == {"state"} and obj["state"] == expected:
+        return "ok"
+    if isinstance(obj, dict) and "error" in obj and set(obj) == {"error"}:
+        return "error"
+    return "outside"
+
+
+def booted(status: int, body: bytes) -> bool:
+    """Whether the server's answer to the end of the weights says it booted (``ready``);
+    any other answer power-kills (blocks serving from a server that did not boot the
+    weights it was given)."""
+    return status == 200 and json_field(body, "state") == "ready"
+
+
 __all__ = ["CAPTURE_ROLES", "Complete", "Event", "FileVerified", "Forward", "PowerKill",
-           "UploadMode"]
+           "UploadMode", "boot_answer", "booted", "json_field", "power_on_state"]

@@ -9,7 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-DEFAULT_SERVER_CMD = f"{sys.executable} -m ivp.cli server --port {{port}}"
+DEFAULT_SERVER_CMD = f"{sys.executable} -m ivp.cli server --host {{host}} --port {{port}}"
+#: With --isolate the reference server also keeps its shards in the RAM-only mount.
+ISOLATED_SERVER_CMD = DEFAULT_SERVER_CMD + " --weights-dir {weights}"
 
 
 def register(app: typer.Typer) -> None:
@@ -24,8 +26,9 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def gateway(
-    state: Annotated[Path, typer.Option(help="State directory: device/ (the emulated UID) "
-                                              "and log.sqlite (sealed pair log + spool).")],
+    state: Annotated[Path, typer.Option(help="State directory: device/ (the device's "
+                                              "state) and log.sqlite (sealed pair log + "
+                                              "spool).")],
     gateway_id: Annotated[str | None, typer.Option(
         help="This gateway's id (in every tag and record). Default: gw-<keyid prefix>.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -37,8 +40,9 @@ def gateway(
         help="Recomputer base URL; audit/BOOT/checkpoint envelopes go to <URL>/uplink. "
              "Without it they stay in the durable spool.")] = None,
     recomputer_key: Annotated[str | None, typer.Option(
-        help="The recomputer's Ed25519 public key (hex): the only key whose Shutdown and "
-             "Readmit envelopes this gateway obeys.")] = None,
+        help="The recomputer's public key (its --print-identity: 64 hex for Ed25519, "
+             "ecdsa-p256:<hex> for P-256): the only key whose Shutdown and Readmit "
+             "envelopes this gateway obeys.")] = None,
     policy: Annotated[Path | None, typer.Option(
         help="Quorum policy JSON (inspector keys) the whitelist must be signed under.")] = None,
     whitelist: Annotated[Path | None, typer.Option(
@@ -52,7 +56,9 @@ def gateway(
         help="Loopback port of this gateway's server (0 = pick a free one).")] = 0,
     server_cmd: Annotated[str, typer.Option(
         help="Command that starts the server (the gateway holds its power: it starts it, "
-             "kills it on POWER_KILL and restarts it). {port} is replaced.")] = DEFAULT_SERVER_CMD,
+             "kills it on POWER_KILL and restarts it). {port}, {host} (the address it must "
+             "bind) and {weights} (with --isolate: its RAM-only directory) are replaced. "
+             "Default: the reference server (ivp server).")] = "",
     checkpoint_interval: Annotated[float, typer.Option(
         help="Seconds between signed checkpoints while serving (0 = off).")] = 10.0,
     reboot_interval: Annotated[float, typer.Option(
@@ -65,6 +71,21 @@ def gateway(
     sync: Annotated[str, typer.Option(
         help="SQLite synchronous mode of the pair log (FULL: fsync before every release).")
     ] = "FULL",
+    device_kind: Annotated[str, typer.Option(
+        "--device", help="soft: the development default, whose UID secret is a FILE in "
+             "STATE/device (whoever reads it can sign as this gateway); tpm: the keys are "
+             "made inside a TPM 2.0 and never leave it (see --tpm, docs/TRUST.md).")
+    ] = "soft",
+    tpm: Annotated[str | None, typer.Option(
+        help="With --device tpm: the TPM's TCTI, e.g. device:/dev/tpmrm0 (default) or "
+             "swtpm:host=127.0.0.1,port=2321 (scripts/swtpm.sh start).")] = None,
+    isolate: Annotated[bool, typer.Option(
+        "--isolate", help="Root only: run the server in its own network namespace whose "
+             "only link is a veth pair to this gateway (nftables rejects and counts "
+             "anything the server starts itself; an attempt raises the alarm "
+             "server_network), in its own cgroup (POWER_KILL kills all of it), under "
+             "bubblewrap (no capabilities, read-only files), with its weights on a "
+             "RAM-only ramfs that POWER_KILL unmounts. See docs/TRUST.md.")] = False,
     print_identity: Annotated[bool, typer.Option(
         "--print-identity", help="Print {gateway_id, public_key, keyid} as JSON and exit "
                                  "(for enrolment by the inspectors).")] = False,
@@ -81,46 +102,71 @@ def gateway(
     Readmit (after the inspectors' quorum) lifts it; POST /tamper (the emulated tamper
     mesh) bricks it for good. See docs/GATEWAY.md.
     """
-    from ivp.device import SoftDevice
+    from ivp.device import open_device
     from ivp.errors import BrickedError, IvpError
 
-    device = SoftDevice(state / "device")
+    try:
+        device = open_device(device_kind, state / "device", tpm)
+    except IvpError as exc:
+        _fail(str(exc))
     if print_identity:
         try:
             key = device.public_key
         except BrickedError as exc:
             _fail(str(exc))
+        from ivp.protocol.hpke import kem_public_hex
+
         gid = gateway_id or f"gw-{key.keyid[:12]}"
-        typer.echo(json.dumps({"gateway_id": gid, "public_key": key.hex, "keyid": key.keyid}))
+        typer.echo(json.dumps({"gateway_id": gid, "public_key": key.hex, "keyid": key.keyid,
+                               "kem_public_key": kem_public_hex(device)}))
         return
     if policy is None or whitelist is None:
         _fail("--policy and --whitelist are required (the gateway boots only whitelisted "
               "models)")
     assert policy is not None and whitelist is not None
+    sandbox = None
+    if isolate:
+        from ivp.gateway.isolation import Sandbox, check_can_isolate
+
+        try:
+            check_can_isolate()
+            sandbox = Sandbox.for_state(state)
+            sandbox.setup()
+        except IvpError as exc:
+            _fail(str(exc))
     try:
         built = _build(device, state, gateway_id, host, port, url, recomputer, recomputer_key,
                        policy, whitelist, epsilon, server_port, server_cmd,
-                       checkpoint_interval, reboot_interval, release_grid_ms, sync)
+                       checkpoint_interval, reboot_interval, release_grid_ms, sync, sandbox)
     except (IvpError, OSError, ValueError) as exc:
+        if sandbox is not None:
+            sandbox.teardown()
         _fail(str(exc))
         return
     from aiohttp import web
 
+    where = f"{built.server_host}:{built.server_port}" + (
+        f", isolated in {sandbox.netns}" if sandbox is not None else "")
     typer.echo(f"ivp gateway {built.config.gateway_id}: listening on http://{host}:{port} "
-               f"(server on 127.0.0.1:{built.server_port})", err=True)
-    web.run_app(built.app, host=host, port=port, print=None, access_log=None)
+               f"(server on {where})", err=True)
+    try:
+        web.run_app(built.app, host=host, port=port, print=None, access_log=None)
+    finally:
+        if sandbox is not None:
+            sandbox.teardown()
 
 
 class _Built:
-    def __init__(self, app: Any, config: Any, server_port: int) -> None:
-        self.app, self.config, self.server_port = app, config, server_port
+    def __init__(self, app: Any, config: Any, server_host: str, server_port: int) -> None:
+        self.app, self.config = app, config
+        self.server_host, self.server_port = server_host, server_port
 
 
 def _build(device: object, state: Path, gateway_id: str | None, host: str, port: int,
            url: str | None, recomputer: str | None, recomputer_key: str | None,
            policy: Path, whitelist: Path, epsilon: float, server_port: int, server_cmd: str,
            checkpoint_interval: float, reboot_interval: float, release_grid_ms: float,
-           sync: str) -> _Built:
+           sync: str, sandbox: Any = None) -> _Built:
     import socket
 
     from ivp.gateway.app import build_app
@@ -152,15 +198,60 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
     )
     state.mkdir(parents=True, exist_ok=True)
     log = PairLog(state / "log.sqlite", device, synchronous=sync)  # type: ignore[arg-type]
-    power = ProcessPower(server_command(server_cmd, server_port),
-                         log_path=state / "server.log")
+    power: ProcessPower
+    if sandbox is None:
+        server_host = "127.0.0.1"
+        power = ProcessPower(server_command(server_cmd or DEFAULT_SERVER_CMD, server_port),
+                             log_path=state / "server.log")
+    else:
+        from ivp.gateway.isolation import IsolatedPower
+
+        server_host = sandbox.server_ip
+        power = IsolatedPower(sandbox, server_command(
+            server_cmd or ISOLATED_SERVER_CMD, server_port, server_host, str(sandbox.ram)),
+            log_path=state / "server.log")
     core = Gateway(
         config, device, log, trusted,  # type: ignore[arg-type]
-        HttpUpstream(f"http://127.0.0.1:{server_port}"), power,
+        HttpUpstream(f"http://{server_host}:{server_port}"), power,
         uplink=HttpUplink(recomputer) if recomputer else None,
         recomputer_key=VerifyKey.from_hex(recomputer_key) if recomputer_key else None,
+        on_serving=freeze_heap,
     )
-    return _Built(build_app(core), config, server_port)
+    if sandbox is not None:
+        _alarm_on_network_attempts(core, power)  # type: ignore[arg-type]
+    return _Built(build_app(core), config, server_host, server_port)
+
+
+def _alarm_on_network_attempts(core: Any, power: Any) -> None:
+    """Each attempt the kernel counted becomes the signed gateway alarm server_network."""
+    import asyncio
+
+    pending: set[asyncio.Task[Any]] = set()
+
+    def raise_alarm(message: str) -> None:
+        task = asyncio.get_running_loop().create_task(core.alarm("server_network", message))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    power.on_net_attempt(raise_alarm)
+
+
+_heap_frozen = False
+
+
+def freeze_heap() -> None:
+    """Once per process, at the first boot (transformers loaded): move what is alive out
+    of the cyclic GC's full passes, which took ~60 ms each (~10 µs per request under
+    load). Collected first, so no garbage is frozen; later boots add little (a tokenizer
+    is freed by reference counting, frozen or not). A process-wide change, so it is made
+    here, by the process entry, not by the library's ``Gateway``."""
+    global _heap_frozen
+    if not _heap_frozen:
+        import gc
+
+        _heap_frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 def upload(
@@ -168,6 +259,10 @@ def upload(
     model_dir: Annotated[Path, typer.Argument(help="Model directory (config, tokenizer, "
                                                    "safetensors shards).")],
     model_id: Annotated[str, typer.Option(help="The model's id on the whitelist.")],
+    encrypt_to: Annotated[str | None, typer.Option(
+        help="Encrypt the stream (HPKE, RFC 9180) to this gateway KEM public key (hex, "
+             "its --print-identity kem_public_key): only that gateway can read the "
+             "weights on the way.")] = None,
 ) -> None:
     """Operator: stream a model's files (manifest order) through a gateway to its server.
 
@@ -202,10 +297,15 @@ def upload(
                   TransferSpeedColumn(), TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task(f"upload {model_id}", total=total)
         try:
-            result = asyncio.run(upload_model(gateway_url, model_dir, model_id, files=order,
-                                              progress=lambda n: bar.advance(task, n)))
+            result = asyncio.run(upload_model(
+                gateway_url, model_dir, model_id, files=order,
+                progress=lambda n: bar.advance(task, n),
+                encrypt_to=bytes.fromhex(encrypt_to) if encrypt_to else None))
         except (OSError, aiohttp.ClientError) as exc:
             console.print(f"[red]ivp upload:[/red] gateway unreachable: {exc}")
+            raise typer.Exit(2) from None
+        except (IvpError, ValueError) as exc:  # a bad --encrypt-to
+            console.print(f"[red]ivp upload:[/red] --encrypt-to: {exc}")
             raise typer.Exit(2) from None
     typer.echo(json.dumps(result, sort_keys=True))
     if result.get("state") == "serving":

@@ -1,4 +1,5 @@
-"""The rolling I/O log and the audit spool: SQLite on the operator's disk, sealed.
+"""The durable log (SNG property 3's memory): the rolling I/O log and the audit spool,
+SQLite on the operator's disk, sealed. The only module of the gateway that touches SQLite.
 
 The note's gateway NVMe holds "whitelist hashes + rolling I/O buffer". The operator
 holds that disk, so:
@@ -10,7 +11,9 @@ holds that disk, so:
   be read by anyone;
 * every pair is **hash-chained** (``protocol.chain``) per boot; the chain head lives
   in ``boots`` and goes out in checkpoints and audit records, so a deleted, changed or
-  reordered pair breaks what the recomputer holds;
+  reordered pair breaks what the recomputer holds (what is chained, and the records
+  that carry the heads, are decided by the pure ``serving`` core: this module reads
+  the stored head, calls it, and writes what it returns);
 * commits are **durable** (WAL, ``synchronous=FULL``): :meth:`PairLog.append` returns
   only after the pairs are on disk, and the gateway releases a response only after
   that (several concurrent pairs may share one commit: group commit);
@@ -40,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ivp.device import Device
-from ivp.errors import ChainError, PeerDataError, StateError
-from ivp.protocol.chain import link_bytes
-from ivp.protocol.encoding import canonical, decode
+from ivp.errors import PeerDataError, StateError
+from ivp.gateway import serving
+from ivp.gateway.serving import Link
+from ivp.protocol.encoding import decode
 from ivp.protocol.messages import AuditRecord, Checkpoint, PairRecord
 
 SCHEMA = """
@@ -66,16 +70,6 @@ _PAIR = "gateway/log/pair"
 _SPOOL = "gateway/log/spool"
 _META = "gateway/log/meta"
 _ALARM_SEQ = "alarm_seq"  # meta key: the last GatewayAlarm number used
-
-
-@dataclass(frozen=True)
-class Link:
-    """Where a pair sits in its boot's chain."""
-
-    boot_id: str
-    pos: int  # 1-based chain position
-    prev: str
-    head: str
 
 
 @dataclass(frozen=True)
@@ -224,20 +218,17 @@ class PairLog:
                                    (boot_id,)).fetchone()
             if row is None or row[2]:
                 raise StateError(f"boot {boot_id!r} is not open: pair dropped")
-            head, count = row[0], row[1]
             links = []
-            for pair in pairs:
-                if pair.tag.boot_id != boot_id:
-                    raise StateError("pair tagged for another boot")
-                data = canonical(pair)  # the bytes both chained and sealed
-                prev, head, count = head, link_bytes(head, data), count + 1
-                sealed = self.device.seal(_PAIR, data, f"{boot_id}/{count}".encode())
+            for data, where in serving.link_pairs(boot_id, row[0], row[1], pairs):
+                # the bytes both chained and sealed
+                sealed = self.device.seal(_PAIR, data, f"{boot_id}/{where.pos}".encode())
                 self._db.execute(
                     "INSERT INTO pairs(boot_id, pos, prev, head, sealed) VALUES (?,?,?,?,?)",
-                    (boot_id, count, prev, head, sealed))
-                links.append(Link(boot_id, count, prev, head))
-            self._db.execute("UPDATE boots SET head=?, pairs=? WHERE boot_id=?",
-                             (head, count, boot_id))
+                    (boot_id, where.pos, where.prev, where.head, sealed))
+                links.append(where)
+            if links:
+                self._db.execute("UPDATE boots SET head=?, pairs=? WHERE boot_id=?",
+                                 (links[-1].head, links[-1].pos, boot_id))
         return links
 
     def read_pair(self, boot_id: str, pos: int) -> tuple[Link, PairRecord] | None:
@@ -258,9 +249,7 @@ class PairLog:
         if row is None:
             return None
         raw = self.device.unseal(_PAIR, row[2], f"{boot_id}/{pos}".encode())
-        if link_bytes(row[0], raw) != row[1]:
-            raise ChainError(f"pair {boot_id}/{pos} does not match its chain link")
-        return Link(boot_id, pos, row[0], row[1]), raw
+        return serving.open_link(boot_id, pos, row[0], row[1], raw), raw
 
     def undecided(self) -> list[tuple[str, int]]:
         """Pairs still waiting for their sampling draw (after a crash): (boot_id, pos),
@@ -299,14 +288,9 @@ class PairLog:
             where, raw = found
             record = None
             if keep:
-                pair = decode(raw, PairRecord)
-                if canonical(pair) != raw:  # the recomputer re-links the decoded pair
-                    raise ChainError(f"pair {boot_id}/{pos} does not re-encode to its bytes")
                 audits = self._db.execute("SELECT audits FROM boots WHERE boot_id=?",
                                           (boot_id,)).fetchone()[0]
-                record = AuditRecord(gateway_id=gateway_id, boot_id=boot_id,
-                                     audit_seq=audits + 1, chain_prev=where.prev,
-                                     chain_head=where.head, pair=pair, chain_pos=where.pos)
+                record = serving.audit_record(gateway_id, where, raw, audits + 1)
                 self._db.execute("UPDATE boots SET audits=? WHERE boot_id=?",
                                  (audits + 1, boot_id))
                 self._spool("AUDIT", boot_id, audits + 1, sign(record), now)
@@ -320,8 +304,7 @@ class PairLog:
         now = time.time() if now is None else now
         with self._txn():
             c = self.counters(boot_id)
-            cp = Checkpoint(gateway_id=gateway_id, boot_id=boot_id, pairs_served=c.pairs,
-                            chain_head=c.head, audits=c.audits, time=now)
+            cp = serving.checkpoint(gateway_id, boot_id, c.pairs, c.head, c.audits, now)
             self._spool("CHECKPOINT", boot_id, c.pairs, sign(cp), now)
         return cp
 

@@ -29,11 +29,23 @@ from typing import Protocol
 
 from ivp.errors import TransportError
 
-# Runs before the server: die with the gateway, then exec the real command.
+# Runs before the server: (isolated: join its cgroup and network namespace), die with
+# the gateway, then exec the real command (isolated: bwrap, which drops the rest).
 _SHIM = (
     "import ctypes,os,signal,sys\n"
+    "libc = ctypes.CDLL('libc.so.6', use_errno=True)\n"
+    "cgroup = os.environ.pop('IVP_CGROUP', '')\n"
+    "if cgroup:\n"
+    "    with open(cgroup, 'w') as f:\n"
+    "        f.write(str(os.getpid()))\n"
+    "netns = os.environ.pop('IVP_NETNS', '')\n"
+    "if netns:\n"
+    "    fd = os.open(netns, os.O_RDONLY)\n"
+    "    if libc.setns(fd, 0x40000000) != 0:\n"  # CLONE_NEWNET
+    "        sys.exit(1)\n"
+    "    os.close(fd)\n"
     "try:\n"
-    "    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, int(signal.SIGKILL))\n"
+    "    libc.prctl(1, int(signal.SIGKILL))\n"  # PR_SET_PDEATHSIG
     "except OSError:\n"
     "    pass\n"
     "expected = os.environ.pop('IVP_GATEWAY_PID', '')\n"
@@ -56,9 +68,12 @@ class PowerSwitch(Protocol):
     def on_power_loss(self, callback: Callable[[str], None]) -> None: ...
 
 
-def server_command(template: str, port: int) -> list[str]:
-    """Split ``template`` (shell-like) and fill ``{port}`` in each argument."""
-    return [arg.replace("{port}", str(port)) for arg in shlex.split(template)]
+def server_command(template: str, port: int, host: str = "127.0.0.1",
+                   weights: str = "") -> list[str]:
+    """Split ``template`` (shell-like) and fill ``{port}``, ``{host}`` (the address the
+    server binds) and ``{weights}`` (its RAM-only weights directory, when isolated)."""
+    return [arg.replace("{port}", str(port)).replace("{host}", host)
+            .replace("{weights}", weights) for arg in shlex.split(template)]
 
 
 class ProcessPower:

@@ -17,11 +17,14 @@ envelopes from it to ``<recomputer>/uplink`` and back out of it once acknowledge
   replay: at start and after every failed batch the uplink first *reconciles* — the
   gateway asks the recomputer's cursor (``GET /uplink/cursor``: what it has stored)
   and drops the spooled records the cursor shows stored (see
-  ``Gateway._reconcile``). Replay detection at the recomputer stays as strict as it
+  :meth:`Spool.reconcile`). Replay detection at the recomputer stays as strict as it
   was: a record it already holds is still refused and alarmed.
 
 The transport is a small interface (:class:`UplinkTransport`: ``post``, and optionally
 ``cursor``), so tests use an in-memory recomputer and the CLI an aiohttp one.
+:class:`Spool` is the gateway's side: the log's spool, read and trimmed on the log's
+thread. This module owns no property of the note by itself: it carries the signed
+records that SNG properties 2 and 3 make (BOOT, AUDIT, CHECKPOINT, ALARM) to the SRC.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
@@ -39,6 +42,10 @@ from ivp.errors import IvpError, TransportError, ValidationError
 from ivp.protocol.encoding import decode
 from ivp.protocol.envelope import Envelope
 from ivp.protocol.messages import Ack, Checkpoint, UplinkCursor
+
+if TYPE_CHECKING:
+    from ivp.gateway.log import PairLog
+    from ivp.gateway.metrics import GatewayMetrics
 
 
 class UplinkTransport(Protocol):
@@ -289,10 +296,82 @@ class Uplink:
                 await self._wake.wait()
 
 
+class Spool:
+    """The gateway's side of the uplink: the log's spool, read and trimmed on the log's
+    thread (``call``), and the reconciliation against the recomputer's cursor.
+
+    Args:
+        call: runs a log method on the log's thread (``commit.GroupCommit.call``).
+        log: the durable log whose spool this drains.
+        gateway_id: this gateway (a cursor of another is refused).
+        metrics: acked / refused / reconciled counts.
+    """
+
+    def __init__(self, call: Callable[..., Awaitable[Any]], log: PairLog, gateway_id: str,
+                 metrics: GatewayMetrics) -> None:
+        self._call, self.log, self.gateway_id, self.metrics = call, log, gateway_id, metrics
+
+    async def fetch(self, limit: int) -> list[tuple[int, bytes]]:
+        items = await self._call(self.log.spool_batch, limit)
+        return [(item.id, item.envelope) for item in items]
+
+    async def done(self, acked: list[int], refused: list[tuple[int, str]]) -> None:
+        await self._call(self.log.spool_done, acked, refused)
+        self.metrics.uplink.labels("acked").inc(len(acked))
+        if refused:
+            self.metrics.uplink.labels("refused").inc(len(refused))
+            self.metrics.alarms.labels("uplink_refused").inc(len(refused))
+
+    async def reconcile(self, transport: object, limit: int) -> int:
+        """Drop the spooled records the recomputer already stored (their Ack was lost).
+
+        Only the oldest ``limit`` records can be concerned: the uplink sends the oldest
+        first, one batch at a time, so a batch whose fate is unknown (the gateway died,
+        the answer never came) is at the head of the spool. For each boot among them
+        (and for the gateway's alarms) the recomputer's cursor says what it holds;
+        :func:`already_stored` decides per record.
+
+        The cursor is unsigned: a cursor that claims more than the recomputer stored
+        (the operator answering in its name) makes the gateway drop records the
+        recomputer never got — which the recomputer alarms as a gap (``sequence_gap``,
+        ``audit_withheld``, ``gateway_alarm_gap``, ``unknown_boot``), exactly as if the
+        operator had dropped them on the wire, which it can do anyway. A cursor that
+        claims less only causes the resend this replaces (refused as a replay).
+
+        Raises:
+            TransportError: the cursor could not be read, or was not a cursor of this
+                gateway (the batch is then sent as it is).
+        """
+        ask = getattr(transport, "cursor", None)
+        if ask is None:
+            return 0
+        items = await self._call(self.log.spool_batch, limit)
+        boots = list(dict.fromkeys(i.boot_id for i in items if i.kind != "ALARM"))
+        if not boots and items:
+            boots = [""]  # only alarms: the gateway-wide cursor is enough
+        cursors: dict[str, UplinkCursor] = {}
+        for boot_id in boots:
+            try:
+                cursor = decode(await ask(self.gateway_id, boot_id or None), UplinkCursor)
+            except ValidationError as exc:
+                raise TransportError(f"garbage cursor: {exc}") from None
+            if cursor.gateway_id != self.gateway_id or (cursor.boot_id or "") != boot_id:
+                raise TransportError("cursor of another gateway or boot")
+            cursors[boot_id] = cursor
+        alarms = next(iter(cursors.values()), None)
+        stored = [i.id for i in items if already_stored(
+            i.kind, i.n, i.envelope, alarms if i.kind == "ALARM" else cursors.get(i.boot_id))]
+        if stored:
+            await self._call(self.log.spool_done, stored, [])
+            self.metrics.uplink.labels("reconciled").inc(len(stored))
+        return len(stored)
+
+
 __all__ = [
     "Backoff",
     "CursorTransport",
     "HttpUplink",
+    "Spool",
     "Uplink",
     "UplinkStats",
     "UplinkTransport",

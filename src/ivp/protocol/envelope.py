@@ -16,7 +16,7 @@ import msgspec
 
 from ivp.errors import SignatureError, ValidationError
 from ivp.protocol.encoding import canonical, decode
-from ivp.protocol.keys import SigningKey, VerifyKey
+from ivp.protocol.keys import Signer, VerifyKey
 
 # Payload types. A signature over one type never verifies as another.
 AUDIT = "application/vnd.ivp.audit+json;v=1"
@@ -60,7 +60,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
 
 
-def sign(payload_type: str, payload: bytes, keys: Iterable[SigningKey]) -> Envelope:
+def sign(payload_type: str, payload: bytes, keys: Iterable[Signer]) -> Envelope:
     """Sign ``payload`` (already canonical bytes) with every key in ``keys``."""
     message = pae(payload_type, payload)
     sigs = [
@@ -70,11 +70,11 @@ def sign(payload_type: str, payload: bytes, keys: Iterable[SigningKey]) -> Envel
                     signatures=sigs)
 
 
-def sign_message(payload_type: str, message: object, key: SigningKey) -> Envelope:
+def sign_message(payload_type: str, message: object, key: Signer) -> Envelope:
     return sign(payload_type, canonical(message), [key])
 
 
-def add_signature(envelope: Envelope, key: SigningKey) -> Envelope:
+def add_signature(envelope: Envelope, key: Signer) -> Envelope:
     """Countersign (e.g. a second inspector adding to a quorum)."""
     message = pae(envelope.payloadType, envelope.payload_bytes())
     sig = Signature(keyid=key.keyid, sig=base64.b64encode(key.sign(message)).decode())

@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from ivp.protocol.envelope import Envelope
+from ivp.protocol.keys import PublicKeyText
 
 VERSION = 1
 
@@ -274,6 +275,13 @@ class Verdict(_Msg, frozen=True):
     max_margin: float
     bound: float
     time: float
+    # For inspectors (the console's audit explorer and verification health): δ*_t, the
+    # smallest noise bound that explains output position t (1e300: none does), the
+    # positions that failed, and the δ the record was judged at. Empty when no replay
+    # ran (a check before replay failed) and in verdicts of builds before they existed.
+    position_delta: list[float] = []
+    failed_positions: list[Count] = []
+    delta: Annotated[float, Meta(ge=0.0)] = 0.0
 
 
 # --- whitelist -----------------------------------------------------------------------------
@@ -407,7 +415,7 @@ class AdminArgs(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
 class EnrolArgs(AdminArgs, frozen=True):
     device_id: Name
-    public_key: Hex256
+    public_key: PublicKeyText
     kind: Literal["gateway", "sensor"] = "gateway"
     url: Annotated[str, Meta(max_length=2000)] = ""
 
@@ -436,7 +444,7 @@ class ReadmitArgs(AdminArgs, frozen=True):
 
 class RotateKeyArgs(AdminArgs, frozen=True):
     device_id: Name
-    public_key: Hex256
+    public_key: PublicKeyText
 
 
 ADMIN_ARGS: dict[str, type[AdminArgs]] = {

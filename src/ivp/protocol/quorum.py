@@ -15,13 +15,13 @@ from msgspec import Meta, Struct
 
 from ivp.errors import QuorumError, ValidationError
 from ivp.protocol.envelope import Envelope, valid_signers
-from ivp.protocol.keys import VerifyKey
+from ivp.protocol.keys import PublicKeyText, VerifyKey
 
 
 class InspectorKey(Struct, frozen=True, forbid_unknown_fields=True):
     keyid: str
     party: Annotated[str, Meta(min_length=1, max_length=64)]
-    public_key: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    public_key: PublicKeyText
     name: str = ""
 
 

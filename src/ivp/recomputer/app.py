@@ -6,6 +6,7 @@ answer is ``{"error": {"message", "type"}}`` (docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -204,10 +205,26 @@ async def alarms(request: web.Request) -> web.Response:
     return _json(await request.app[KEY].alarms())
 
 
+async def notices(request: web.Request) -> web.Response:
+    """The signed notice feed: ?after=N (the last notice the caller verified), ?wait=S
+    (long poll, at most 60 s)."""
+    try:
+        after = int(request.query.get("after", "0"))
+        wait = float(request.query.get("wait", "0"))
+    except ValueError:
+        raise ValidationError("GET /notices: ?after= is a notice number, ?wait= seconds"
+                              ) from None
+    if after < 0 or not 0 <= wait <= 60:
+        raise ValidationError("GET /notices: after >= 0 and 0 <= wait <= 60")
+    return _json(await request.app[KEY].notice_feed(after, wait))
+
+
 async def metrics(request: web.Request) -> web.Response:
     rec = request.app[KEY]
     rec.check_alive()
-    data = rec.metrics.render(rec.queue_depth(), [g.state for g in rec.ingest.gateways.values()])
+    open_alarms = collections.Counter(a["kind"] for a in await rec.alarms(open_only=True))
+    data = rec.metrics.render(rec.queue_depth(), [g.state for g in rec.ingest.gateways.values()],
+                              open_alarms=open_alarms)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -227,6 +244,7 @@ def make_app(rec: Recomputer) -> web.Application:
     app.router.add_get("/status", status)
     app.router.add_get("/verdicts", verdicts)
     app.router.add_get("/alarms", alarms)
+    app.router.add_get("/notices", notices)
     app.router.add_get("/metrics", metrics)
 
     async def on_startup(app: web.Application) -> None:

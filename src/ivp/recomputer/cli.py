@@ -23,9 +23,12 @@ admin_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `recomputer` and `admin` to the root CLI."""
+    """Add `recomputer`, `admin` and `watch` to the root CLI."""
+    from ivp.recomputer.watch import watch
+
     app.command(name="recomputer", no_args_is_help=False)(recomputer)
     app.add_typer(admin_app, name="admin")
+    app.command(name="watch", no_args_is_help=True)(watch)
 
 
 def _fail(message: str) -> NoReturn:
@@ -35,7 +38,9 @@ def _fail(message: str) -> NoReturn:
 
 def recomputer(
     state: Annotated[Path, typer.Option(help="State directory: device/ (the UID the key is "
-                                             "derived from) and recomputer.sqlite.")
+                                             "derived from: a FILE, whoever reads it can "
+                                             "sign as this recomputer) and "
+                                             "recomputer.sqlite.")
                      ] = Path("state/recomputer"),
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -83,6 +88,19 @@ def recomputer(
     allow_tamper_endpoint: Annotated[bool, typer.Option(
         help="DEMO/TEST ONLY: POST /tamper stands for the tamper mesh and bricks the "
              "device.")] = False,
+    console: Annotated[bool, typer.Option(
+        "--console/--no-console", help="Serve the read-only inspectors' console (fleet, "
+        "alarms, audit explorer, verification health, admin log; docs/CONSOLE.md) on its "
+        "own address.")] = False,
+    console_host: Annotated[str, typer.Option(
+        help="Address of the console. Any other than a loopback address needs "
+             "--console-token-file.")] = "127.0.0.1",
+    console_port: Annotated[int, typer.Option(
+        help="TCP port of the console (0: --port + 1).")] = 0,
+    console_token_file: Annotated[Path | None, typer.Option(
+        help="File holding the token inspectors log in to the console with (at least 16 "
+             "characters; kept out of the command line, which other users can read).")
+    ] = None,
     print_identity: Annotated[bool, typer.Option(
         "--print-identity", help="Print {\"public_key\", \"keyid\"} of the device key "
                                  "and exit.")] = False,
@@ -94,6 +112,7 @@ def recomputer(
     Routes: POST /v1/completions, POST /v1/chat/completions (INPUT), POST /uplink
     (gateways), POST /admin (inspectors), GET /admin/log, GET /identity, /status,
     /verdicts, /alarms, /metrics (see docs/ARCHITECTURE.md and docs/ADMIN.md).
+    With --console, the inspectors' console on its own address (docs/CONSOLE.md).
     Prints "ivp recomputer: listening on http://HOST:PORT" once it accepts.
     """
     import logging
@@ -146,12 +165,18 @@ def recomputer(
             batch_size=batch_size, rate_limit=rate_limit, rate_burst=rate_burst,
             health_interval=health_interval, tamper_endpoint=allow_tamper_endpoint,
         )
+        console_settings = None
+        if console:
+            from ivp.recomputer.console import ConsoleSettings
+
+            token = console_token_file.read_text().strip() if console_token_file else None
+            console_settings = ConsoleSettings(console_host, console_port or port + 1, token)
     except (OSError, IvpError) as exc:
         _fail(str(exc))
-    run(config, host, port)
+    run(config, host, port, console_settings)
 
 
-def run(config: Any, host: str, port: int) -> None:
+def run(config: Any, host: str, port: int, console: Any = None) -> None:
     """Open the recomputer and serve until SIGINT/SIGTERM."""
     import asyncio
     import contextlib
@@ -174,9 +199,17 @@ def run(config: Any, host: str, port: int) -> None:
         await site.start()
         typer.echo(f"ivp recomputer: listening on http://{host}:{port} "
                    f"(keyid {rec.identity()['keyid']})")
+        shown = None
+        if console is not None:
+            from ivp.recomputer.console import start_console
+
+            shown = await start_console(rec, console)
+            typer.echo(f"ivp recomputer: console on {console.url}")
         try:
             await asyncio.Event().wait()
         finally:
+            if shown is not None:
+                await shown.cleanup()
             await runner.cleanup()
 
     with contextlib.suppress(KeyboardInterrupt, web.GracefulExit):
@@ -185,7 +218,8 @@ def run(config: Any, host: str, port: int) -> None:
 
 # --- ivp admin -------------------------------------------------------------------------------
 KeyOpt = Annotated[list[Path] | None, typer.Option(
-    "--key", help="Inspector private key (PEM), repeatable: each signs the request.")]
+    "--key", help="Inspector private key file, repeatable: each signs the request (its "
+                  "passphrase: $IVP_KEY_PASSPHRASE_FILE, $IVP_KEY_PASSPHRASE or a prompt).")]
 ExpiresOpt = Annotated[float, typer.Option(
     help="Seconds the request stays valid (at most 7 days).")]
 OutOpt = Annotated[Path | None, typer.Option(
@@ -195,9 +229,9 @@ NoSendOpt = Annotated[bool, typer.Option(
 
 
 def _keys(paths: list[Path] | None) -> list[Any]:
-    from ivp.protocol.keys import SigningKey
+    from ivp.whitelist.keyfiles import load_signing_key
 
-    return [SigningKey.load(p) for p in paths or []]
+    return [load_signing_key(p) for p in paths or []]
 
 
 def _send(url: str, body: bytes) -> tuple[int, Any]:
@@ -307,7 +341,8 @@ def admin_enrol(
     url: Annotated[str | None, typer.Argument(help="Recomputer URL.")] = None,
     device_id: Annotated[str, typer.Option(help="The device's id, e.g. gw-a.")] = "",
     public_key: Annotated[str, typer.Option(
-        help="Its Ed25519 public key (64 hex; from `--print-identity`).")] = "",
+        help="Its public key, from its `--print-identity` (64 hex: Ed25519; "
+             "ecdsa-p256:<66 hex>: a TPM's P-256 key).")] = "",
     identity: Annotated[Path | None, typer.Option(
         help="Or: a file holding the device's `--print-identity` JSON.")] = None,
     gateway_url: Annotated[str, typer.Option(
@@ -331,7 +366,8 @@ def admin_enrol(
 def admin_rotate_key(
     url: Annotated[str | None, typer.Argument(help="Recomputer URL.")] = None,
     device_id: Annotated[str, typer.Option(help="The enrolled device.")] = "",
-    public_key: Annotated[str, typer.Option(help="Its new public key (64 hex).")] = "",
+    public_key: Annotated[str, typer.Option(
+        help="Its new public key (as --print-identity prints it).")] = "",
     key: KeyOpt = None, expires_in: ExpiresOpt = 3600.0, out: OutOpt = None,
     no_send: NoSendOpt = False,
 ) -> None:

@@ -207,7 +207,7 @@ class Ingest:
 
         Raises:
             StateError: the id or the key is already enrolled (use rotate_key).
-            ValidationError: the key is not a 32-byte hex Ed25519 key.
+            ValidationError: the key is not the text of an Ed25519 or P-256 key.
         """
         key = VerifyKey.from_hex(public_key)
         if device_id in self.devices:
@@ -670,8 +670,8 @@ def audit_rate_pvalue(audits: int, pairs: int, epsilon: float) -> float:
     return float(binomtest(audits, pairs, epsilon).pvalue)
 
 
-#: One signature to check: (signed message, signature, raw Ed25519 public key).
-SignatureTask = tuple[bytes, bytes, bytes]
+#: One signature to check: (signed message, signature, raw public key, its scheme).
+SignatureTask = tuple[bytes, bytes, bytes, str]
 
 
 def signature_tasks(ingest: Ingest, items: Sequence[Any]
@@ -695,23 +695,22 @@ def signature_tasks(ingest: Ingest, items: Sequence[Any]
                 raw_sig = base64.b64decode(sig.sig, validate=True)
             except (binascii.Error, ValueError):
                 continue
-            out.append((i, sig.keyid, (message, raw_sig, device.key.raw)))
+            out.append((i, sig.keyid, (message, raw_sig, device.key.raw, device.key.scheme)))
     return out
 
 
 def verify_signatures(tasks: Sequence[SignatureTask]) -> list[bool]:
-    """Ed25519 checks, one bool each. Pure: runs in a worker process."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    keys: dict[bytes, Ed25519PublicKey] = {}
+    """Signature checks, one bool each. Pure: runs in a worker process."""
+    keys: dict[tuple[bytes, str], VerifyKey] = {}
     out = []
-    for message, signature, raw in tasks:
+    for message, signature, raw, scheme in tasks:
         try:
-            key = keys.get(raw) or keys.setdefault(raw, Ed25519PublicKey.from_public_bytes(raw))
+            key = keys.get((raw, scheme))
+            if key is None:
+                key = keys[raw, scheme] = VerifyKey(raw, scheme)  # type: ignore[arg-type]
             key.verify(signature, message)
             out.append(True)
-        except (InvalidSignature, ValueError):
+        except (SignatureError, ValidationError):
             out.append(False)
     return out
 

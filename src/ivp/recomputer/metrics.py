@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -27,6 +27,10 @@ class Metrics:
         self.queue_depth = Gauge("ivp_audit_queue_depth", "Audit records awaiting a verdict",
                                  registry=r)
         self.gateways = Gauge("ivp_gateways", "Gateways by state", ["state"], registry=r)
+        self.open_alarms = Gauge("ivp_open_alarms", "Alarms not yet acknowledged by the "
+                                 "inspectors", registry=r)
+        self.open_alarms_by_kind = Gauge("ivp_open_alarms_by_kind", "Open alarms by kind",
+                                         ["kind"], registry=r)
 
     def uplink(self, outcomes: Iterable[Any]) -> None:
         for o in outcomes:
@@ -45,8 +49,15 @@ class Metrics:
                                 "accepted" if decision.accepted else "refused").inc()
 
     def render(self, queue_depth: int, states: Iterable[str],
-               refresh: Callable[[], None] | None = None) -> bytes:
+               refresh: Callable[[], None] | None = None,
+               open_alarms: Mapping[str, int] | None = None) -> bytes:
+        """The exposition; ``open_alarms``: open alarms by kind (None: left as it was)."""
         self.queue_depth.set(queue_depth)
+        if open_alarms is not None:
+            self.open_alarms.set(sum(open_alarms.values()))
+            self.open_alarms_by_kind.clear()  # kinds acknowledged since drop out
+            for kind, n in open_alarms.items():
+                self.open_alarms_by_kind.labels(kind).set(n)
         counts: dict[str, int] = {}
         for s in states:
             counts[s] = counts.get(s, 0) + 1

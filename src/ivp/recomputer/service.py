@@ -61,6 +61,8 @@ from ivp.recomputer.ingest import (
     signature_tasks,
     verify_signatures,
 )
+from ivp.recomputer.notices import MAX_BATCH as MAX_NOTICES
+from ivp.recomputer.notices import NoticeLog
 from ivp.recomputer.routing import RateLimiter, Route, Router
 from ivp.recomputer.sensors import SensorHub, SensorReading, SensorRules
 from ivp.recomputer.sensors import batch_items as sensor_items
@@ -115,7 +117,7 @@ class Config:
 
 
 class _SignaturePool:
-    """Ed25519 checks of large uplink batches in worker processes.
+    """Signature checks of large uplink batches in worker processes.
 
     In one process the GIL keeps signature checks serial, and they are most of what
     ingestion costs. The pool starts on the first batch that needs it (tests and small
@@ -203,6 +205,9 @@ class Recomputer:
         if self.device.bricked:
             raise BrickedError("recomputer device is bricked (tamper detected): it does nothing")
         self.store = Store(Path(config.state_dir) / "recomputer.sqlite")
+        self.notices = NoticeLog(Path(config.state_dir) / "notices.sqlite",
+                                 self.device.signer())
+        self._notice_wake = asyncio.Event()
         self.whitelist = TrustedWhitelist(config.policy)
         self._install_whitelists()
         self.sources = self._load_models()
@@ -320,6 +325,7 @@ class Recomputer:
             self.store.put_served(self.router.last_served)
         self._db_exec.shutdown(wait=True)
         self.store.close()
+        self.notices.close()
 
     # --- helpers ----------------------------------------------------------------------------
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -590,7 +596,7 @@ class Recomputer:
         now = time.time()
         order = Shutdown(gateway_id=gateway_id, reason=reason[:1000], time=now,
                          nonce=secrets.token_hex(16))
-        data = canonical(env.sign_message(env.SHUTDOWN, order, self.device.signing_key()))
+        data = canonical(env.sign_message(env.SHUTDOWN, order, self.device.signer()))
         await self._db(self.store.set_gateway, gateway_id, "shutdown", reason[:1000], now,
                        True, data)
         self.ingest.shut_down(gateway_id, reason[:1000])
@@ -703,6 +709,7 @@ class Recomputer:
                         await self._db(self.store.add_alarms, alarms)
                         self.metrics.alarms(alarms)
                         await self._enforce_all(alarms)
+                await self.publish_notices()
                 if now - last_health >= self.config.health_interval:
                     last_health = now
                     await self.health_check()
@@ -820,14 +827,14 @@ class Recomputer:
         message = Readmit(gateway_id=gateway_id, shutdown_nonce=shutdown_nonce,
                           reason=f"re-admitted by inspectors (admin log {seq})", time=now,
                           nonce=secrets.token_hex(16))
-        return canonical(env.sign_message(env.READMIT, message, self.device.signing_key()))
+        return canonical(env.sign_message(env.READMIT, message, self.device.signer()))
 
     async def admin_log(self) -> dict[str, Any]:
         """The admin log with its head signed by the recomputer's device key."""
         rows = await self._db(self.store.admin_log)
         head = adm.verify_log(rows)
         head_doc = {"seq": len(rows), "hash": head, "time": time.time()}
-        signed = env.sign(adm.LOG_HEAD, canonical(head_doc), [self.device.signing_key()])
+        signed = env.sign(adm.LOG_HEAD, canonical(head_doc), [self.device.signer()])
         return {"entries": [{**json.loads(raw), "hash": h} for _, raw, h in rows],
                 "head": to_builtins(signed)}
 
@@ -888,11 +895,45 @@ class Recomputer:
             "sensors": self.sensors.view(),
         }
 
+    # --- notices: signed alarms and verdicts for inspectors -----------------------------------
+    async def publish_notices(self) -> int:
+        """Sign and append every alarm and verdict stored since the last call (the
+        ticker calls it each tick); wakes waiting subscribers."""
+        alarms = await self._db(self.store.alarms_after, self.notices.cursor("alarm"))
+        verdicts = await self._db(self.store.verdicts_after, self.notices.cursor("verdict"))
+        items = [("alarm", a.id, a.time, a.to_json()) for a in alarms]
+        items += [("verdict", audit_id, t, json.loads(raw))
+                  for audit_id, t, raw in verdicts]
+        items.sort(key=lambda item: (item[2], item[0], item[1]))
+        new = await self._db(self.notices.publish, items) if items else 0
+        if new:
+            self._notice_wake.set()
+            self._notice_wake = asyncio.Event()
+        return new
+
+    async def notice_feed(self, after: int, wait: float) -> dict[str, Any]:
+        """``GET /notices``: the signed notices after ``after`` (waiting up to ``wait``
+        seconds for one), and a heartbeat signed now naming the head.
+
+        Raises:
+            BrickedError: the device was tampered with (nothing is signed any more).
+        """
+        self.check_alive()
+        await self.publish_notices()
+        batch = await self._db(self.notices.after, after)
+        if not batch and wait > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._notice_wake.wait(), min(wait, 60.0))
+            batch = await self._db(self.notices.after, after)
+        beat = await self._db(self.notices.heartbeat)
+        return {"notices": [json.loads(b) for b in batch],
+                "more": len(batch) >= MAX_NOTICES, "heartbeat": json.loads(beat)}
+
     async def verdicts(self, gateway_id: str | None = None) -> list[Any]:
         self.check_alive()
         rows = await self._db(self.store.verdicts, gateway_id)
         return [json.loads(r) for r in rows]
 
-    async def alarms(self) -> list[dict[str, Any]]:
+    async def alarms(self, open_only: bool = False) -> list[dict[str, Any]]:
         self.check_alive()
-        return [a.to_json() for a in await self._db(self.store.alarms)]
+        return [a.to_json() for a in await self._db(self.store.alarms, open_only)]

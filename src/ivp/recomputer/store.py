@@ -298,6 +298,11 @@ class Store:
         sql = "SELECT * FROM alarms" + (" WHERE acked_admin_seq IS NULL" if open_only else "")
         return [AlarmRow(**dict(r)) for r in self._db.execute(sql + " ORDER BY id")]
 
+    def alarms_after(self, alarm_id: int, limit: int = 500) -> list[AlarmRow]:
+        """Alarms stored after ``alarm_id``, in order (the notice feed's source)."""
+        return [AlarmRow(**dict(r)) for r in self._db.execute(
+            "SELECT * FROM alarms WHERE id > ? ORDER BY id LIMIT ?", (alarm_id, limit))]
+
     def alarm(self, alarm_id: int) -> AlarmRow | None:
         r = self._db.execute("SELECT * FROM alarms WHERE id = ?", (alarm_id,)).fetchone()
         return AlarmRow(**dict(r)) if r else None
@@ -346,6 +351,13 @@ class Store:
             rows = self._db.execute("SELECT verdict FROM verdicts WHERE gateway_id = ?"
                                     " ORDER BY audit_id LIMIT ?", (gateway_id, limit))
         return [bytes(r[0]) for r in rows]
+
+    def verdicts_after(self, audit_id: int, limit: int = 500
+                       ) -> list[tuple[int, float, bytes]]:
+        """(audit id, time, verdict bytes) stored after ``audit_id``, in order."""
+        return [(int(r[0]), float(r[1]), bytes(r[2])) for r in self._db.execute(
+            "SELECT audit_id, time, verdict FROM verdicts WHERE audit_id > ?"
+            " ORDER BY audit_id LIMIT ?", (audit_id, limit))]
 
     def counts(self) -> dict[str, int]:
         db = self._db

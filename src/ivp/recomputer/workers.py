@@ -120,7 +120,8 @@ class Verifier:
             if problem:
                 verdicts[i] = self._verdict(r, manifest, False, problem,
                                             len(r.pair.output_token_ids),
-                                            max(1, len(r.pair.output_token_ids)), _BIG, 0.0, now)
+                                            max(1, len(r.pair.output_token_ids)), _BIG, 0.0, now,
+                                            delta=policy.delta)
             else:
                 replay.append(i)
         pairs = [(items[i][1].pair.prompt_token_ids, items[i][1].pair.output_token_ids)
@@ -131,7 +132,8 @@ class Verifier:
             scores = score_replayed(rows, r.pair.output_token_ids, r.pair.seed, r.pair.params)
             j = policy.judge(scores, r.pair.params)
             verdicts[i] = self._verdict(r, manifest, j.passed, j.reason, scores.tokens,
-                                        j.failures, j.max_margin, j.bound, now)
+                                        j.failures, j.max_margin, j.bound, now,
+                                        scores.needed_delta, j.positions, policy.delta)
         return [v for v in verdicts if v is not None]
 
     @staticmethod
@@ -166,14 +168,21 @@ class Verifier:
 
     def _verdict(self, r: AuditRecord, manifest: Manifest, passed: bool, reason: str,
                  tokens: int, failures: int, max_margin: float, bound: float,
-                 now: float) -> Verdict:
+                 now: float, position_delta: Sequence[float] = (),
+                 failed_positions: Sequence[int] = (), delta: float = 0.0) -> Verdict:
         return Verdict(
             gateway_id=r.gateway_id, boot_id=r.boot_id, audit_seq=r.audit_seq,
             model_id=manifest.model_id, passed=passed, mode=self.mode, reason=reason,
             tokens=tokens, failures=failures,
-            max_margin=max_margin if math.isfinite(max_margin) else _BIG,
-            bound=bound if math.isfinite(bound) else _BIG, time=now,
+            max_margin=_finite(max_margin), bound=_finite(bound), time=now,
+            # 6 significant digits: these figures are for reading, the verdict is decided
+            position_delta=[_finite(float(f"{d:.6g}")) for d in position_delta],
+            failed_positions=[int(p) for p in failed_positions], delta=float(delta),
         )
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else _BIG
 
 
 class WorkerPool(Protocol):

@@ -189,6 +189,7 @@ class InferenceServer:
 
     attack: Attack | None = None
     trigger: Path | None = None
+    weights_dir: Path | None = None  # keep shards here (the gateway's RAM-only mount)
     state: State = "empty"
     manifest: Manifest | None = None
     engine: ReferenceEngine | None = None
@@ -228,7 +229,9 @@ class InferenceServer:
         if self.state != "loading" or manifest is None:
             return error_response(409, "POST /boot/manifest first: no boot in progress",
                                   StateError.__name__)
-        files = await read_files(request, manifest)
+        files: dict[str, Any] = await read_files(request, manifest)
+        if self.weights_dir is not None:
+            files = await asyncio.to_thread(keep_shards_in, self.weights_dir, files)
         try:
             engine = await asyncio.to_thread(load_engine, files)
         except ValidationError as exc:
@@ -352,7 +355,24 @@ async def read_files(request: web.Request, manifest: Manifest) -> dict[str, byte
     return files
 
 
-def load_engine(files: dict[str, bytes]) -> ReferenceEngine:
+def keep_shards_in(directory: Path, files: dict[str, bytes]) -> dict[str, Any]:
+    """Write the safetensors shards to ``directory`` (replacing any earlier model's)
+    and name them by path: the model then lives in that mount's pages (a RAM-only,
+    never-swapped ramfs under ``--isolate``), memory-mapped."""
+    for old in directory.glob("*.safetensors"):
+        old.unlink()
+    out: dict[str, Any] = {}
+    for name, data in files.items():
+        if name.endswith(".safetensors") and Path(name).name == name:
+            path = directory / name
+            path.write_bytes(data)
+            out[name] = path
+        else:
+            out[name] = data
+    return out
+
+
+def load_engine(files: dict[str, Any]) -> ReferenceEngine:
     """Tokenizer and model from the streamed bytes (no disk), as one engine."""
     from ivp.engine.loading import load_model, load_tokenizer
 
@@ -458,9 +478,10 @@ def log(message: str) -> None:
     print(f"ivp server: {message}", file=sys.stderr, flush=True)
 
 
-def make_app(attack: Attack | None = None, trigger: Path | None = None) -> web.Application:
+def make_app(attack: Attack | None = None, trigger: Path | None = None,
+             weights_dir: Path | None = None) -> web.Application:
     """The aiohttp application of one server (tests use it with aiohttp's test client)."""
-    return InferenceServer(attack=attack, trigger=trigger).app()
+    return InferenceServer(attack=attack, trigger=trigger, weights_dir=weights_dir).app()
 
 
 __all__ = ["NOT_BOOTED", "InferenceServer", "make_app", "parse_inference", "read_files",
@@ -468,11 +489,11 @@ __all__ = ["NOT_BOOTED", "InferenceServer", "make_app", "parse_inference", "read
 
 
 async def run_server(host: str, port: int, attack: Attack | None = None,
-                     trigger: Path | None = None) -> None:
+                     trigger: Path | None = None, weights_dir: Path | None = None) -> None:
     """Serve until SIGINT/SIGTERM; print the bound address on stdout once listening."""
     import signal
 
-    runner = web.AppRunner(make_app(attack, trigger), access_log=None)
+    runner = web.AppRunner(make_app(attack, trigger, weights_dir), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -31,6 +31,10 @@ def server(
         help="With --attack: the cheat starts once this file exists (checked before each "
              "request). Without it the cheat starts at boot.")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
+    weights_dir: Annotated[Path | None, typer.Option(
+        help="Keep the streamed shards as files here and memory-map them (an isolated "
+             "gateway passes its RAM-only, never-swapped mount: {weights}). Default: in "
+             "process memory.")] = None,
 ) -> None:
     """Reference inference server (OpenAI-compatible, token ids in every answer).
 
@@ -60,4 +64,6 @@ def server(
         torch.set_num_threads(threads)
     from ivp.server.app import run_server
 
-    asyncio.run(run_server(host, port, chosen, attack_trigger))
+    if weights_dir is not None and not weights_dir.is_dir():
+        raise typer.BadParameter(f"--weights-dir {weights_dir}: not a directory")
+    asyncio.run(run_server(host, port, chosen, attack_trigger, weights_dir))

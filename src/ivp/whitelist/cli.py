@@ -10,7 +10,10 @@ The inspectors' workflow, one command per step:
     ivp whitelist sign whitelist.json --key keys/cn-1.key     # countersign, in place
     ivp whitelist verify whitelist.json --policy policy.json  # what a gateway will decide
 
-Files: private keys are PEM (PKCS#8, mode 0600); public keys are ``InspectorKey`` JSON;
+Files: private keys are OpenSSH private keys (mode 0600), encrypted under a passphrase
+(``$IVP_KEY_PASSPHRASE_FILE``, ``$IVP_KEY_PASSPHRASE`` or a prompt; see
+``ivp.whitelist.keyfiles``) unless made with ``--insecure-plaintext``; public keys are
+``InspectorKey`` JSON;
 the policy is ``QuorumPolicy`` JSON; a manifest is ``Manifest`` JSON; a whitelist is a
 DSSE envelope (canonical JSON) of a ``Whitelist``. Every command is a thin shell over
 ``ivp.protocol`` and ``ivp.whitelist``; bad input ends in one line ``error: …`` and exit
@@ -37,9 +40,10 @@ from rich.table import Table
 from ivp.errors import IvpError
 from ivp.protocol.encoding import canonical, convert, decode, to_builtins
 from ivp.protocol.envelope import WHITELIST, Envelope, add_signature
-from ivp.protocol.keys import SigningKey
+from ivp.protocol.keys import SCHEMES, SigningKey
 from ivp.protocol.messages import Manifest, NoiseBound, Whitelist, manifest_digest
 from ivp.protocol.quorum import InspectorKey, QuorumPolicy
+from ivp.whitelist.keyfiles import load_signing_key, new_key_passphrase
 from ivp.whitelist.manifest import make_manifest
 from ivp.whitelist.trusted import TrustedWhitelist, sign_whitelist
 
@@ -124,7 +128,7 @@ def _pretty(obj: Any) -> bytes:
 
 
 def _load_keys(paths: list[Path]) -> list[SigningKey]:
-    keys = [SigningKey.load(Path(p)) for p in paths]
+    keys = [load_signing_key(Path(p)) for p in paths]
     ids = [k.keyid for k in keys]
     if len(set(ids)) != len(ids):
         _fail("the same key was given twice")
@@ -165,30 +169,46 @@ def keys_new(
     party: str = typer.Option(..., "--party", help="The inspecting party this key signs "
                               "for, e.g. 'US' or 'CN' (what --require names in a policy)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files of that name."),
+    scheme: str = typer.Option("ed25519", "--type", help="Key type: ed25519 (default) or "
+                               "ecdsa-p256 (e.g. to match an HSM)."),
+    passphrase_file: Path | None = typer.Option(
+        None, "--passphrase-file", help="Read the passphrase that encrypts the key from "
+        "this file's first line (else $IVP_KEY_PASSPHRASE_FILE, $IVP_KEY_PASSPHRASE, or a "
+        "prompt on a terminal)."),
+    insecure_plaintext: bool = typer.Option(
+        False, "--insecure-plaintext", help="Write the private key unencrypted: anyone who "
+        "copies the file can then sign for your party. For throw-away test keys only."),
 ) -> None:
-    """Create an inspector's Ed25519 signing key.
+    """Create an inspector's signing key, encrypted at rest under a passphrase.
 
-    Writes NAME.key (private, PEM, mode 0600: keep it offline, never share it) and
-    NAME.pub.json (the public InspectorKey: keyid, party, public key, name) to hand to
-    whoever writes the quorum policy.
+    Writes NAME.key (private, OpenSSH format, mode 0600, passphrase-encrypted with
+    bcrypt-pbkdf: keep it offline, never share it) and NAME.pub.json (the public
+    InspectorKey: keyid, party, public key, name) to hand to whoever writes the quorum
+    policy. The passphrase is asked when the key signs (or read from
+    $IVP_KEY_PASSPHRASE_FILE / $IVP_KEY_PASSPHRASE).
     """
     with _errors():
         if not _SAFE_NAME.match(name):
             _fail(f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
         if not 1 <= len(party) <= 64:
             _fail("--party must be 1 to 64 characters")
+        if scheme not in SCHEMES:
+            _fail(f"--type {scheme!r}: use one of {', '.join(SCHEMES)}")
         out.mkdir(parents=True, exist_ok=True)
         key_path, pub_path = out / f"{name}.key", out / f"{name}.pub.json"
         for p in (key_path, pub_path):
             if p.exists() and not force:
                 _fail(f"{p} exists (use --force to overwrite; the old key is then lost)")
-        key = SigningKey.generate()
-        key.save(key_path)
+        secret = new_key_passphrase(passphrase_file, insecure_plaintext)
+        key = SigningKey.generate(scheme)  # type: ignore[arg-type]
+        key.save(key_path, passphrase=secret)
         pub = InspectorKey(keyid=key.keyid, party=party, public_key=key.verify_key.hex,
                            name=name)
         _write(pub_path, _pretty(pub))
-    _out().print(f"key {name} ({party}): keyid {key.keyid}\n"
-                 f"  private: {key_path} (0600; keep it secret)\n  public:  {pub_path}")
+    at_rest = "UNENCRYPTED" if secret is None else "passphrase-encrypted"
+    _out().print(f"key {name} ({party}, {key.scheme}): keyid {key.keyid}\n"
+                 f"  private: {key_path} (0600, {at_rest}; keep it secret)\n"
+                 f"  public:  {pub_path}")
 
 
 @keys_app.command("policy")
