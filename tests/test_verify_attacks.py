@@ -101,7 +101,7 @@ def test_speculative_server_with_a_trusted_draft_is_detected(setup) -> None:
 
     model, tok, engine, path, delta = setup
     draft = layer_skip_draft(model)
-    assert len(draft.model.layers) == len(model.model.layers) // 2
+    assert len(draft.model.layers) == max(1, int(len(model.model.layers) * 0.75))
     assert draft.model.layers[0] is model.model.layers[0]  # weights shared, not copied
     assert len(model.model.layers) == model.config.num_hidden_layers  # original intact
     reqs = _requests(tok, 6, base=150)

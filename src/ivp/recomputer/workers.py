@@ -121,7 +121,7 @@ class Verifier:
                 verdicts[i] = self._verdict(r, manifest, False, problem,
                                             len(r.pair.output_token_ids),
                                             max(1, len(r.pair.output_token_ids)), _BIG, 0.0, now,
-                                            delta=policy.delta)
+                                            delta=policy.tolerance(r.pair.params))
             else:
                 replay.append(i)
         pairs = [(items[i][1].pair.prompt_token_ids, items[i][1].pair.output_token_ids)
@@ -133,7 +133,8 @@ class Verifier:
             j = policy.judge(scores, r.pair.params)
             verdicts[i] = self._verdict(r, manifest, j.passed, j.reason, scores.tokens,
                                         j.failures, j.max_margin, j.bound, now,
-                                        scores.needed_delta, j.positions, policy.delta)
+                                        scores.needed_delta, j.positions,
+                                        policy.tolerance(r.pair.params))
         return [v for v in verdicts if v is not None]
 
     @staticmethod

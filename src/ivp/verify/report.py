@@ -111,11 +111,14 @@ FULL = {
                  configs=WIDE_CONFIGS, calib_configs=WIDE_CONFIGS, calib_per_config=8,
                  int4_messages=3000),
     # Calibrated on batch 1-32 x 1/2/4 threads x both attention kernels (outputs of 128
-    # tokens, 2 rows compared per batch); honest messages under every source of
-    # WIDE_CONFIGS, batch sizes 3, 6 and 24 held out of the calibration.
+    # tokens, 2 rows compared per batch); 3,300 honest messages of up to 64 tokens (so
+    # that >= 3,000 reach 64) under every source of WIDE_CONFIGS, batch sizes 3, 6 and 24
+    # held out of the calibration; 3,000 int4 messages of 32 tokens for the AUC claim.
     "gemma-3-270m": Plan("gemma-3-270m", calib_prompts=32, calib_max_tokens=128,
-                         honest_messages=3000, honest_max_tokens=64, attack_messages=48,
-                         attack_max_tokens=_tokens(64, 32), covert_messages=16,
+                         honest_messages=3300, honest_max_tokens=64, attack_messages=48,
+                         attack_max_tokens=(*((n, t) for n, t in _tokens(64, 32)
+                                              if n != "int4"), ("int4", 32)),
+                         covert_messages=16,
                          covert_max_tokens=64, bf16_requests=2, configs=WIDE_CONFIGS,
                          calib_configs=_GEMMA_CALIB, calib_per_config=4, calib_kept=2,
                          int4_messages=3000),

@@ -3,7 +3,7 @@
 =================  ==================================================================
 name               what the server does
 =================  ==================================================================
-speculative        where a cheap draft (the first half of the decoder layers, the same
+speculative        where a cheap draft (the first 3/4 of the decoder layers, the same
                    head: a layer-skip draft) is confident — its top token has
                    probability ≥ 0.9 — it emits the draft's spec choice; elsewhere the
                    full model's (speculation with no verification step)
@@ -41,7 +41,7 @@ TOP_P_ASKED = SamplingParams(temperature=1.0, top_p=0.9)
 TOP_K_ASKED = SamplingParams(temperature=1.0, top_k=40)
 
 
-def layer_skip_draft(model: PreTrainedModel, keep: float = 0.5) -> PreTrainedModel:
+def layer_skip_draft(model: PreTrainedModel, keep: float = 0.75) -> PreTrainedModel:
     """The model with only its first ``keep`` of decoder layers (at least one), sharing
     the weights: a self-speculative draft. The final norm and head read the last kept
     layer's output."""

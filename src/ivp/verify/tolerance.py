@@ -43,10 +43,18 @@ def channel_epsilon(goal: float, max_tokens: int) -> float:
     """ε with ε·e^{ε n} = goal (so the channel bound ε e^{ε n} H(Y) is goal · H(Y))."""
     if not goal > 0 or max_tokens < 1:
         raise ValueError(f"need goal > 0 and max_tokens >= 1, got {goal!r}, {max_tokens!r}")
-    from scipy.special import lambertw
+    return _lambert_w(goal * max_tokens) / max_tokens
 
-    x = goal * max_tokens
-    return float(lambertw(x).real) / max_tokens
+
+def _lambert_w(x: float) -> float:
+    """W(x) for x ≥ 0 (w e^w = x) by Newton's method from log1p(x): monotone, a few steps."""
+    w = math.log1p(x)
+    for _ in range(50):
+        step = (w * math.exp(w) - x) / (math.exp(w) * (w + 1))
+        w -= step
+        if abs(step) <= 1e-15 * max(1.0, w):
+            break
+    return w
 
 
 def channel_window(goal: float, max_tokens: int) -> float:
