@@ -3,8 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM lives in its own environment: it pins transformers and numpy versions of its own
+# (scripts/install-vllm.sh); `ivp server --engine vllm` runs there, the rest here.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test screenshots lint bench report clean sysdeps
+.PHONY: demo test screenshots lint bench report clean sysdeps vllm
 
 # Debian packages (swtpm, the TPM2 TSS, iproute2, nftables, bubblewrap): quick when
 # installed.
@@ -23,10 +27,16 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 	else $(BIN)/pip install --quiet -e '.[dev]'; fi
 	touch $(STAMP)
 
+$(VLLM_STAMP): scripts/install-vllm.sh
+	bash scripts/install-vllm.sh $(PY) $(VLLM_VENV)
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/ivp demo
 
-test: sysdeps $(STAMP)
+test: sysdeps $(STAMP) $(VLLM_STAMP)
 	bash scripts/install-browser.sh
 	$(BIN)/python -m pytest -q
 
@@ -50,4 +60,4 @@ report: $(STAMP)
 	nice -n 19 $(BIN)/ivp verify-report --model gemma-3-270m --checkpoint $(REPORT_CACHE)/gemma
 
 clean:
-	rm -rf $(VENV) .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build src/*.egg-info

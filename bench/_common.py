@@ -197,8 +197,10 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def whitelist_for(model_dir: Path, model_id: str, out_dir: Path) -> dict[str, Path]:
-    """A one-inspector quorum policy and a signed whitelist naming ``model_dir``.
+def whitelist_for(model_dir: Path, model_id: str, out_dir: Path,
+                  engine: str = "reference") -> dict[str, Path]:
+    """A one-inspector quorum policy and a signed whitelist naming ``model_dir`` (its
+    manifest for ``engine``).
 
     Returns paths: model, policy, whitelist.
     """
@@ -214,7 +216,7 @@ def whitelist_for(model_dir: Path, model_id: str, out_dir: Path) -> dict[str, Pa
         keyid=key.keyid, party="US", public_key=key.verify_key.hex, name="bench")])
     (out_dir / "policy.json").write_bytes(canonical(policy))
     whitelist = Whitelist(version=1, expires=time.time() + 86400,
-                          manifests=[make_manifest(model_dir, model_id)])
+                          manifests=[make_manifest(model_dir, model_id, engine=engine)])
     (out_dir / "whitelist.json").write_bytes(sign_whitelist(whitelist, [key]).to_bytes())
     return {"model": model_dir, "policy": out_dir / "policy.json",
             "whitelist": out_dir / "whitelist.json"}

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Tests that run in vLLM's environment (tests/test_vllm.py starts them there).
+collect_ignore = ["vllm_side"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ivp.attacks.base import Context, Result, Scenario
 from ivp.attacks.tap import UplinkTap
+from ivp.protocol.messages import NoiseBound
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Settings:
     model_dir: Path | None = None
     isolate: bool = False
     say: Callable[[str], None] = field(default=lambda message: None)
+    engine: str = "reference"  # the servers' engine (ivp.demo.datacenter)
+    noise_bound: NoiseBound | None = None  # δ of the whitelisted manifest
 
 
 class AttackSession:
@@ -71,7 +74,8 @@ class AttackSession:
             self.root, gateways=0, epsilon=settings.epsilon, model=settings.model,
             checkpoint_interval=settings.checkpoint_interval, workers=workers,
             log=settings.say, recomputer_args=args, recomputer_launcher=launcher,
-            prebuilt_model=settings.model_dir, isolate=settings.isolate)
+            prebuilt_model=settings.model_dir, isolate=settings.isolate,
+            engine=settings.engine, noise_bound=settings.noise_bound)
         self.taps: dict[int, UplinkTap] = {}
         self.cheaters: set[str] = set()  # gateways whose server carries a cheat
         self.sensors = physical.simulator()

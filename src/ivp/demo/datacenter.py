@@ -31,7 +31,7 @@ import aiohttp
 from ivp.protocol.encoding import canonical, to_builtins
 from ivp.protocol.envelope import ADMIN, sign
 from ivp.protocol.keys import SigningKey, VerifyKey
-from ivp.protocol.messages import AdminRequest, Whitelist
+from ivp.protocol.messages import AdminRequest, NoiseBound, Whitelist
 from ivp.protocol.quorum import InspectorKey, QuorumPolicy
 from ivp.whitelist import make_manifest, sign_whitelist
 
@@ -128,6 +128,7 @@ class GatewayHandle:
     trigger: Path | None = None
     uplink_url: str | None = None
     reboot_interval: float = 0.0
+    server_port: int = 0
     device_args: list[str] = field(default_factory=list)  # e.g. --device tpm --tpm TCTI
 
 
@@ -148,6 +149,9 @@ class LoopbackDatacenter:
             ``recomputer`` sub-command (default ``-m ivp.cli``; the attack suite's own
             tests start it through ``ivp.attacks.knockouts`` to switch a defence off).
         prebuilt_model: an already built model directory to use instead of building one.
+        engine: the servers' engine, "reference" or "vllm" (run with vLLM's own
+            Python, ``ivp.engine.vllm_env``); ``server_args``: more ``ivp server`` flags;
+            ``noise_bound``: the δ the whitelisted manifest carries (calibrated for it).
         console: serve the recomputer's read-only inspectors' console on 127.0.0.1
             (``console_url``).
         device: the gateways' device: "soft" (key in a file) or "tpm" (each gateway gets
@@ -167,6 +171,9 @@ class LoopbackDatacenter:
     recomputer_args: list[str] = field(default_factory=list)
     recomputer_launcher: tuple[str, ...] = ("-m", "ivp.cli")
     prebuilt_model: Path | None = None
+    engine: str = "reference"
+    server_args: tuple[str, ...] = ()
+    noise_bound: NoiseBound | None = None
     console: bool = True
     device: str = "soft"
     isolate: bool = False
@@ -188,9 +195,10 @@ class LoopbackDatacenter:
         if self.prebuilt_model is not None:
             return Path(self.prebuilt_model)
         if self.model == "tiny":
-            from ivp.engine.tiny import build_tiny_model
+            from ivp.engine.tiny import HEAD_DIM, VLLM_HEAD_DIM, build_tiny_model
 
-            return build_tiny_model(self.root / "model")
+            return build_tiny_model(self.root / "model", head_dim=VLLM_HEAD_DIM
+                                    if self.engine == "vllm" else HEAD_DIM)
         if self.model == "gemma-3-270m":
             from ivp.engine.gemma import prepare_gemma
 
@@ -222,7 +230,8 @@ class LoopbackDatacenter:
         self.log("building and whitelisting the model")
         self.model_dir = self.prepare_model()
         self.inspectors = Inspectors.create(self.root / "inspectors")
-        self.manifest = make_manifest(self.model_dir, self.model_id)
+        self.manifest = make_manifest(self.model_dir, self.model_id, engine=self.engine,
+                                      noise_bound=self.noise_bound)
         whitelist = Whitelist(version=1, expires=time.time() + 30 * 86400,
                               manifests=[self.manifest])
         self.whitelist_path = self.root / "whitelist.json"
@@ -289,22 +298,29 @@ class LoopbackDatacenter:
                              reboot_interval=reboot_interval, device_args=device_args)
 
     def start_gateway(self, h: GatewayHandle, policy: str) -> None:
-        server_cmd = f"{sys.executable} -m ivp.cli server --host {{host}} --port {{port}}"
+        python = sys.executable
+        if self.engine == "vllm":
+            from ivp.engine.vllm_env import require_vllm_python
+
+            python = require_vllm_python()
+        server_cmd = " ".join([python, "-m", "ivp.cli", "server", "--host", "{host}", "--port",
+                               "{port}", "--engine", self.engine, *self.server_args])
         if self.isolate:
             server_cmd += " --weights-dir {weights}"
         if h.attack:
             h.trigger = self.root / f"{h.gateway_id}.attack"
             server_cmd += f" --attack {h.attack} --attack-trigger {h.trigger}"
         port = h.url.rsplit(":", 1)[1]
+        h.server_port = free_port()
         h.process = self._spawn(h.gateway_id, [
             "gateway", "--state", str(h.state_dir), "--gateway-id", h.gateway_id,
             "--port", port, "--recomputer", h.uplink_url or self.recomputer_url,
             "--recomputer-key", self.recomputer_key, "--policy", policy,
             "--whitelist", str(self.whitelist_path), "--epsilon", str(self.epsilon),
-            "--server-port", str(free_port()), "--server-cmd", server_cmd,
+            "--server-port", str(h.server_port), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
-            "--reboot-interval", str(h.reboot_interval), *h.device_args,
-            *(["--isolate"] if self.isolate else []),
+            "--reboot-interval", str(h.reboot_interval), "--engine", self.engine,
+            *h.device_args, *(["--isolate"] if self.isolate else []),
         ])
 
     def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,

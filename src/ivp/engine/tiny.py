@@ -73,6 +73,8 @@ CHAT_TEMPLATE = (
 LOGIT_SCALE = 12.0  # lm_head gain: peaked, context-dependent next-token distributions
 EOS_SCALE = 2.2  # extra gain on the EOS row: EOS wins in some contexts only
 MAX_SHARD_SIZE = "200KB"  # the ~0.6 MB model splits into several shards
+HEAD_DIM = 16  # 4 heads of 16: hidden size 64
+VLLM_HEAD_DIM = 32  # the smallest head size vLLM's CPU attention kernels take
 
 
 def _train_tokenizer():  # -> tokenizers.Tokenizer
@@ -110,13 +112,13 @@ def _fast_tokenizer(tok):  # -> transformers.PreTrainedTokenizerFast
     return fast
 
 
-def _config(vocab_size: int):  # -> transformers.LlamaConfig
+def _config(vocab_size: int, head_dim: int = HEAD_DIM):  # -> transformers.LlamaConfig
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=4 * head_dim,
+        intermediate_size=8 * head_dim,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -145,11 +147,13 @@ def _fill_weights(model, seed: int) -> None:
         head[model.config.eos_token_id].mul_(EOS_SCALE)
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: Path, seed: int = 0, head_dim: int = HEAD_DIM) -> Path:
     """Write a tiny Llama (config, tokenizer, sharded safetensors) to ``out_dir``.
 
-    Deterministic for a given ``seed``: the same files, byte for byte. Returns
-    ``out_dir``. Takes about a second on a laptop CPU; needs no network.
+    Deterministic for a given ``seed`` and ``head_dim``: the same files, byte for
+    byte. Returns ``out_dir``. Takes about a second on a laptop CPU; needs no network.
+    ``head_dim`` sets the width (4 heads of it); vLLM's CPU attention needs at least
+    32 (:data:`VLLM_HEAD_DIM`).
     """
     import torch
     from transformers import LlamaForCausalLM
@@ -158,7 +162,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     fast = _fast_tokenizer(_train_tokenizer())
-    config = _config(len(fast))
+    config = _config(len(fast), head_dim)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(torch.float32).eval()
     _fill_weights(model, seed)
@@ -190,4 +194,4 @@ def _write_info(out_dir: Path, seed: int) -> None:
     (out_dir / "ivp_tiny.json").write_text(json.dumps(info, sort_keys=True) + "\n")
 
 
-__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_tiny_model"]
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "VLLM_HEAD_DIM", "build_tiny_model"]

@@ -62,13 +62,7 @@ class BootShell:
         gw._check_alive()
         if self.uploading:
             raise StateError("an upload is already in progress on this gateway")
-        manifest = gw.whitelist.manifest(model_id)
-        if manifest is None:
-            listed = sorted(m.model_id for m in (gw.whitelist.current.manifests
-                                                 if gw.whitelist.current else []))
-            raise UnknownModelError(
-                f"model {model_id!r} is not on the installed whitelist "
-                f"(whitelisted: {', '.join(listed) or 'none'})")
+        manifest = _profile(gw, model_id)
         self.uploading = True
         aborting = False
         try:
@@ -379,6 +373,42 @@ def _tokenizer_size(tokenizer: proxy.Tokenizer) -> int:
         return len(inner)
     except TypeError:
         return 2**31 - 1
+
+
+def _profile(gw: Gateway, model_id: str) -> Manifest:
+    """The whitelisted manifest for (model, this deployment's engine and dtype).
+
+    Raises:
+        UnknownModelError: the model is not whitelisted, not for this engine or dtype,
+            or (no dtype configured) for several dtypes of this engine.
+    """
+    engine, dtype = gw.config.engine, gw.config.dtype or None
+    found = [m for m in gw.whitelist.manifests_for(model_id)
+             if m.engine == engine and (dtype is None or m.dtype == dtype)]
+    if not found:
+        raise UnknownModelError(_not_whitelisted(gw, model_id))
+    if len(found) > 1:
+        raise UnknownModelError(
+            f"model {model_id!r} is whitelisted for {engine} in dtypes "
+            f"{', '.join(m.dtype for m in found)}: this gateway's deployment must name one "
+            "(--dtype)")
+    return found[0]
+
+
+def _not_whitelisted(gw: Gateway, model_id: str) -> str:
+    """Why no manifest boots: the model is not listed, or not for this deployment's
+    engine and dtype (whose profiles it has)."""
+    profiles = gw.whitelist.manifests_for(model_id)
+    wanted = f"engine {gw.config.engine}" + (f", dtype {gw.config.dtype}" if gw.config.dtype
+                                              else "")
+    if profiles:
+        named = ", ".join(f"{m.engine}/{m.dtype}" for m in profiles)
+        return (f"model {model_id!r} is whitelisted only for {named}, not for this "
+                f"gateway's {wanted}: refusing to boot it")
+    listed = sorted({m.model_id for m in (gw.whitelist.current.manifests
+                                          if gw.whitelist.current else [])})
+    return (f"model {model_id!r} is not on the installed whitelist "
+            f"(whitelisted: {', '.join(listed) or 'none'})")
 
 
 __all__ = ["BootShell", "load_whitelisted_tokenizer"]

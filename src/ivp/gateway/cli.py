@@ -71,6 +71,13 @@ def gateway(
     sync: Annotated[str, typer.Option(
         help="SQLite synchronous mode of the pair log (FULL: fsync before every release).")
     ] = "FULL",
+    engine: Annotated[str, typer.Option(
+        help="Deployment: the inference engine this gateway's server runs (reference, "
+             "vllm). Only the whitelist's manifest for (model, engine, dtype) boots, and "
+             "its δ is the one the recomputer judges by.")] = "reference",
+    dtype: Annotated[str, typer.Option(
+        help="Deployment: the server's compute dtype (empty = the model's only profile "
+             "for --engine).")] = "",
     device_kind: Annotated[str, typer.Option(
         "--device", help="soft: the development default, whose UID secret is a FILE in "
              "STATE/device (whoever reads it can sign as this gateway); tpm: the keys are "
@@ -137,7 +144,8 @@ def gateway(
     try:
         built = _build(device, state, gateway_id, host, port, url, recomputer, recomputer_key,
                        policy, whitelist, epsilon, server_port, server_cmd,
-                       checkpoint_interval, reboot_interval, release_grid_ms, sync, sandbox)
+                       checkpoint_interval, reboot_interval, release_grid_ms, sync, sandbox,
+                       engine, dtype)
     except (IvpError, OSError, ValueError) as exc:
         if sandbox is not None:
             sandbox.teardown()
@@ -166,7 +174,8 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
            url: str | None, recomputer: str | None, recomputer_key: str | None,
            policy: Path, whitelist: Path, epsilon: float, server_port: int, server_cmd: str,
            checkpoint_interval: float, reboot_interval: float, release_grid_ms: float,
-           sync: str, sandbox: Any = None) -> _Built:
+           sync: str, sandbox: Any = None, engine: str = "reference",
+           dtype: str = "") -> _Built:
     import socket
 
     from ivp.gateway.app import build_app
@@ -194,7 +203,7 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
     config = GatewayConfig(
         gateway_id=gateway_id, epsilon=epsilon, url=url or f"http://{host}:{port}",
         checkpoint_interval=checkpoint_interval, reboot_interval=reboot_interval,
-        release_grid=release_grid_ms / 1000.0,
+        release_grid=release_grid_ms / 1000.0, engine=engine, dtype=dtype,
     )
     state.mkdir(parents=True, exist_ok=True)
     log = PairLog(state / "log.sqlite", device, synchronous=sync)  # type: ignore[arg-type]

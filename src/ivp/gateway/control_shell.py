@@ -212,7 +212,8 @@ class ControlShell:
         whitelist = gw.whitelist.update(body)
         await gw._db(gw.log.set_meta, META_WHITELIST, body)
         boot = gw._boot
-        if boot is not None and whitelist.manifest(boot.manifest.model_id) is None:
+        if boot is not None and whitelist.manifest(boot.manifest.model_id, boot.manifest.engine,
+                                                   boot.manifest.dtype) is None:
             # the inspectors revoked the model being served: stop serving it now
             await gw.alarm("model_revoked", f"{boot.manifest.model_id} left the whitelist "
                            f"(version {whitelist.version}): forced reboot")

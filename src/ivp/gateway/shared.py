@@ -42,6 +42,10 @@ class GatewayConfig:
         upload_queue: weight chunks buffered between the operator and the server.
         draw_linger: seconds a sampling draw may wait for the next request's commit to
             share its fsync (draws come after release: no response waits for this).
+        engine: the inference engine the server runs ("reference", "vllm"), and
+        dtype: the dtype it computes in ("" = the one whitelisted profile of the model
+            for that engine): the upload boots only the manifest the whitelist names for
+            (model, engine, dtype), so the recomputer judges under that profile's δ.
     """
 
     gateway_id: str
@@ -55,6 +59,8 @@ class GatewayConfig:
     max_body: int = 1 << 20
     upload_queue: int = 8
     draw_linger: float = 0.02
+    engine: str = "reference"
+    dtype: str = ""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.epsilon <= 1.0:

@@ -30,6 +30,10 @@ Count = Annotated[int, Meta(ge=0, le=I63)]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/@+-]+$")]
 Probability = Annotated[float, Meta(gt=0.0, le=1.0)]
+# An inference engine a manifest was calibrated for ("reference", "vllm", ...): a name,
+# not a closed list, so a whitelist naming a newer engine still decodes everywhere.
+EngineName = Annotated[str, Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+REFERENCE_ENGINE = "reference"
 FinishReason = Literal["stop", "length"]
 
 
@@ -277,8 +281,9 @@ class Verdict(_Msg, frozen=True):
     time: float
     # For inspectors (the console's audit explorer and verification health): δ*_t, the
     # smallest noise bound that explains output position t (1e300: none does), the
-    # positions that failed, and the δ the record was judged at. Empty when no replay
-    # ran (a check before replay failed) and in verdicts of builds before they existed.
+    # positions that failed, and the tolerance the record was judged at (τ(T) ≤ δ,
+    # ivp.verify.tolerance). Empty when no replay ran (a check before replay failed)
+    # and in verdicts of builds before they existed.
     position_delta: list[float] = []
     failed_positions: list[Count] = []
     delta: Annotated[float, Meta(ge=0.0)] = 0.0
@@ -307,7 +312,16 @@ class NoiseBound(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Manifest(_Msg, frozen=True):
-    """Names a model: its files in upload order, total size S, sampler spec, δ."""
+    """Names a model: its files in upload order, total size S, sampler spec, δ.
+
+    A manifest is also a serving profile: ``engine`` and ``dtype`` say what the server
+    runs (the engine's compute dtype; the reference engine always computes in float32)
+    and ``noise_bound`` is the δ calibrated for exactly that engine and dtype. One
+    model may be whitelisted under several profiles (same files, one manifest each);
+    the gateway's deployment picks one by (model_id, engine, dtype), and its BOOT
+    names that manifest's digest, so the recomputer judges under that δ. Manifests
+    from before engines existed decode as the reference engine.
+    """
 
     model_id: Name
     architecture: str
@@ -316,6 +330,12 @@ class Manifest(_Msg, frozen=True):
     total_size: Count
     sampler_spec: Literal["v1"] = "v1"
     noise_bound: NoiseBound | None = None
+    engine: EngineName = REFERENCE_ENGINE
+
+    @property
+    def profile(self) -> str:
+        """"model_id (engine, dtype)", for messages."""
+        return f"{self.model_id} ({self.engine}, {self.dtype})"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -337,12 +357,23 @@ class Whitelist(_Msg, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        ids = [m.model_id for m in self.manifests]
-        if len(set(ids)) != len(ids):
-            raise ValueError("model ids in a whitelist must be unique")
+        keys = [(m.model_id, m.engine, m.dtype) for m in self.manifests]
+        if len(set(keys)) != len(keys):
+            raise ValueError("(model id, engine, dtype) must be unique in a whitelist: one "
+                             "manifest per serving profile")
 
-    def manifest(self, model_id: str) -> Manifest | None:
-        return next((m for m in self.manifests if m.model_id == model_id), None)
+    def manifests_for(self, model_id: str) -> list[Manifest]:
+        """Every serving profile of ``model_id``, in whitelist order."""
+        return [m for m in self.manifests if m.model_id == model_id]
+
+    def manifest(self, model_id: str, engine: str | None = None,
+                 dtype: str | None = None) -> Manifest | None:
+        """The manifest of ``model_id`` for ``engine`` and ``dtype`` (None: any; the
+        first listed, the reference engine's before others)."""
+        found = [m for m in self.manifests_for(model_id)
+                 if (engine is None or m.engine == engine) and (dtype is None or m.dtype == dtype)]
+        found.sort(key=lambda m: m.engine != REFERENCE_ENGINE)
+        return found[0] if found else None
 
 
 def manifest_digest(manifest: Manifest) -> str:
@@ -355,12 +386,14 @@ def manifest_digest(manifest: Manifest) -> str:
 
 
 __all__ = [
+    "REFERENCE_ENGINE",
     "VERSION",
     "Ack",
     "AdminRequest",
     "AuditRecord",
     "BootRecord",
     "Checkpoint",
+    "EngineName",
     "FileEntry",
     "GatewayAlarm",
     "Manifest",

@@ -275,10 +275,17 @@ class Recomputer:
         """
         sources = []
         for model_id, directory in self.config.models.items():
-            manifest = self.whitelist.manifest(model_id)
-            if manifest is None:
+            manifests = self.whitelist.manifests_for(model_id)
+            if not manifests:
                 raise ValidationError(f"--model {model_id}: not in the installed whitelist")
-            sources.append(ModelSource(manifest, read_model_files(Path(directory), manifest)))
+            # one source per serving profile (engine, dtype, δ): a BOOT names one of them;
+            # profiles of the same files share one read of them
+            read: dict[tuple[str, ...], dict[str, bytes]] = {}
+            for manifest in manifests:
+                key = tuple(f.digest for f in manifest.files)
+                if key not in read:
+                    read[key] = read_model_files(Path(directory), manifest)
+                sources.append(ModelSource(manifest, read[key]))
         return sources
 
     def _boot_envelope(self, gateway_id: str, boot_id: str) -> bytes:

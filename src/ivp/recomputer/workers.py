@@ -76,8 +76,12 @@ class Verifier:
 
         self.mode: Mode = mode
         self._models: dict[str, tuple[Manifest, Any, Policy]] = {}
+        engines: dict[tuple[str, ...], Any] = {}  # serving profiles of one model share it
         for src in sources:
-            engine = ReferenceEngine(load_model(src.files), load_tokenizer(src.files))
+            files = tuple(f.digest for f in src.manifest.files)
+            if files not in engines:
+                engines[files] = ReferenceEngine(load_model(src.files), load_tokenizer(src.files))
+            engine = engines[files]
             nb = src.manifest.noise_bound
             # The temperature rule: tolerance min(δ, T ln(1 + ε)/2), so the covert channel
             # stays below CHANNEL_GOAL of the sampling channel at every T (docs/VERIFICATION.md).

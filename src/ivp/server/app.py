@@ -6,10 +6,11 @@ manifest's files concatenated (exactly ``total_size`` bytes), split here by the
 manifest's sizes and loaded from memory by ``ivp.engine.loading``. It never opens a
 weights file and refuses inference until that boot has completed.
 
-Inference follows sampler spec v1 (``ivp.engine.reference``) and answers with token
-ids: the gateway re-serialises the client's response from them. Generation runs in
-a worker thread under one lock, so the event loop keeps answering ``/health`` and
-boot requests while a long generation runs.
+Inference follows sampler spec v1 and answers with token ids: the gateway
+re-serialises the client's response from them. The engine is a backend
+(``ivp.server.backends``): the reference engine (``--engine reference``, one request
+at a time in worker threads, so the event loop keeps answering ``/health`` and boot
+requests) or vLLM (``--engine vllm``, continuous batching; ``ivp.engine.vllm_engine``).
 
 Cheats for demos and tests (``ivp.server.attacks``) are switched on by
 ``--attack NAME`` and fire once ``--attack-trigger FILE`` exists.
@@ -22,18 +23,18 @@ import json
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
 
-from ivp.engine.reference import ReferenceEngine
 from ivp.errors import IvpError, StateError, ValidationError, error_json, http_status
 from ivp.protocol.encoding import convert, decode, to_builtins
 from ivp.protocol.messages import Manifest, SamplingParams, Tag
 from ivp.server.attacks import Attack
+from ivp.server.backends import Backend, EngineName, load_backend
 
 NOT_BOOTED = "no model loaded: this server boots only from weights streamed to it by its gateway"
 STREAM_CHUNK = 1 << 20
@@ -185,19 +186,26 @@ def parse_inference(body: dict[str, Any], endpoint: Endpoint) -> InferenceReques
 # --- the server -------------------------------------------------------------------------------
 @dataclass
 class InferenceServer:
-    """State of one server process: what is loaded, and the optional cheat."""
+    """State of one server process: what is loaded, and the optional cheat.
+
+    ``engine`` names the backend every boot builds; ``options`` are its settings
+    (``ivp.engine.vllm_engine.VllmBackend.start`` for vLLM).
+    """
 
     attack: Attack | None = None
     trigger: Path | None = None
+    engine_name: EngineName = "reference"
+    options: dict[str, Any] = field(default_factory=dict)
     weights_dir: Path | None = None  # keep shards here (the gateway's RAM-only mount)
     state: State = "empty"
     manifest: Manifest | None = None
-    engine: ReferenceEngine | None = None
+    engine: Backend | None = None
     attack_active: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware])
+        app.on_cleanup.append(self._unload)
         app.add_routes([
             web.get("/health", self.health),
             web.post("/boot/manifest", self.boot_manifest),
@@ -218,10 +226,22 @@ class InferenceServer:
     async def boot_manifest(self, request: web.Request) -> web.Response:
         """Accept the manifest of the model about to be streamed; drop any loaded one."""
         manifest = decode(await request.read(), Manifest)
-        async with self.lock:  # let a running generation finish with the old model
-            self.engine, self.manifest, self.attack_active = None, manifest, False
+        if manifest.engine != self.engine_name:  # a deployment error: say so, boot nothing
+            raise ValidationError(f"this server runs the {self.engine_name} engine; the "
+                                  f"manifest is for {manifest.profile}")
+        async with self.lock:
+            old, self.engine, self.manifest, self.attack_active = \
+                self.engine, None, manifest, False
             self.state = "loading"
+        if old is not None:
+            await old.close()  # a running generation finishes with the old model
         return web.json_response({"state": "loading"})
+
+    async def _unload(self, _app: web.Application) -> None:
+        """Server shutdown: stop the engine (vLLM's processes with it)."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await engine.close()
 
     async def boot_stream(self, request: web.Request) -> web.Response:
         """Read exactly total_size bytes, split them into files, load from memory."""
@@ -233,16 +253,19 @@ class InferenceServer:
         if self.weights_dir is not None:
             files = await asyncio.to_thread(keep_shards_in, self.weights_dir, files)
         try:
-            engine = await asyncio.to_thread(load_engine, files)
+            engine = await load_backend(self.engine_name, files, manifest, self.options)
         except ValidationError as exc:
             raise ValidationError(f"model {manifest.model_id} does not load: {exc}") from None
         finally:
             files.clear()
         async with self.lock:
-            if self.manifest is not manifest:  # another boot started meanwhile
-                return error_response(409, "a newer /boot/manifest superseded this stream",
-                                      StateError.__name__)
-            self.engine, self.state = engine, "ready"
+            superseded = self.manifest is not manifest  # another boot started meanwhile
+            if not superseded:
+                self.engine, self.state = engine, "ready"
+        if superseded:
+            await engine.close()
+            return error_response(409, "a newer /boot/manifest superseded this stream",
+                                  StateError.__name__)
         log(f"booted {manifest.model_id} from {manifest.total_size} streamed bytes")
         return web.json_response({"state": "ready"})
 
@@ -260,16 +283,16 @@ class InferenceServer:
         prompt_ids = prompt_token_ids(engine, req)
         seed = self.attack.alter_seed(req.seed) if self.attack_active and self.attack \
             and self.attack.alter_seed else req.seed
+        ident = _ident(req.endpoint)
         if req.stream:
-            return await self._stream(request, engine, req, prompt_ids, seed)
-        async with self.lock:
-            gen = await asyncio.to_thread(engine.generate, prompt_ids, req.params, seed)
+            return await self._stream(request, engine, req, prompt_ids, seed, ident)
+        tokens = await engine.generate(prompt_ids, req.params, seed, ident)
         return web.json_response(
-            completion_body(engine, req, prompt_ids, gen.token_ids, gen.finish_reason,
-                            self._model_name(req))
+            completion_body(engine, req, prompt_ids, tokens, engine.finish_reason(tokens),
+                            self._model_name(req), ident)
         )
 
-    def _engine(self) -> ReferenceEngine:
+    def _engine(self) -> Backend:
         if self.state != "ready" or self.engine is None:
             suffix = " (a boot is in progress)" if self.state == "loading" else ""
             raise StateError(NOT_BOOTED + suffix)
@@ -278,7 +301,7 @@ class InferenceServer:
     def _model_name(self, req: InferenceRequest) -> str:
         return self.model_id or req.model or "unknown"
 
-    async def _maybe_attack(self, engine: ReferenceEngine) -> None:
+    async def _maybe_attack(self, engine: Backend) -> None:
         """Fire the configured attack once its trigger file exists (checked per request)."""
         if self.attack is None or self.attack_active:
             return
@@ -287,29 +310,25 @@ class InferenceServer:
         async with self.lock:
             if self.attack_active:  # another request fired it while we waited
                 return
-            if self.attack.alter_model is not None:
-                await asyncio.to_thread(self.attack.alter_model, engine.model)
+            await engine.fire(self.attack)
             self.attack_active = True
         log(f"attack {self.attack.name} is now active")
 
-    async def _stream(self, request: web.Request, engine: ReferenceEngine,
-                      req: InferenceRequest, prompt_ids: list[int], seed: int
-                      ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, engine: Backend, req: InferenceRequest,
+                      prompt_ids: list[int], seed: int, ident: str) -> web.StreamResponse:
         """SSE: one chunk per token (with its id), a final chunk with the finish reason."""
         name = self._model_name(req)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
-        steps = engine.generate_stream(prompt_ids, req.params, seed)  # validates: may raise
+        steps = engine.stream(prompt_ids, req.params, seed, ident)  # validates: may raise
         await resp.prepare(request)
         tokens: list[int] = []
         sent_text = ""
-        ident = _ident(req.endpoint)
-        async with self.lock:
-            async for token in _in_threads(steps):
-                tokens.append(token)
-                delta, sent_text = text_delta(engine, tokens, sent_text, final=False)
-                chunk = stream_chunk(req, ident, name, [token], delta, None)
-                await resp.write(sse(chunk))
+        async for token in steps:
+            tokens.append(token)
+            delta, sent_text = text_delta(engine, tokens, sent_text, final=False)
+            chunk = stream_chunk(req, ident, name, [token], delta, None)
+            await resp.write(sse(chunk))
         delta, sent_text = text_delta(engine, tokens, sent_text, final=True)
         final = stream_chunk(req, ident, name, [], delta, engine.finish_reason(tokens))
         final.update(prompt_token_ids=prompt_ids, usage=usage(prompt_ids, tokens), seed=req.seed)
@@ -372,15 +391,9 @@ def keep_shards_in(directory: Path, files: dict[str, bytes]) -> dict[str, Any]:
     return out
 
 
-def load_engine(files: dict[str, Any]) -> ReferenceEngine:
-    """Tokenizer and model from the streamed bytes (no disk), as one engine."""
-    from ivp.engine.loading import load_model, load_tokenizer
-
-    return ReferenceEngine(load_model(files), load_tokenizer(files))
-
 
 # --- inference helpers -----------------------------------------------------------------
-def prompt_token_ids(engine: ReferenceEngine, req: InferenceRequest) -> list[int]:
+def prompt_token_ids(engine: Backend, req: InferenceRequest) -> list[int]:
     """Token ids of the prompt: as given, tokenised, or the chat template applied."""
     tok = engine.tokenizer
     if req.endpoint == "chat":
@@ -396,18 +409,11 @@ def prompt_token_ids(engine: ReferenceEngine, req: InferenceRequest) -> list[int
     return [int(i) for i in ids]
 
 
-async def _in_threads(steps: Iterator[int]) -> AsyncIterator[int]:
-    """Advance a token iterator step by step in worker threads (the loop stays free)."""
-    done = object()
-    while (token := await asyncio.to_thread(next, steps, done)) is not done:
-        yield token  # type: ignore[misc]
-
-
-def decode_text(engine: ReferenceEngine, token_ids: list[int]) -> str:
+def decode_text(engine: Backend, token_ids: list[int]) -> str:
     return engine.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def text_delta(engine: ReferenceEngine, tokens: list[int], sent: str, final: bool
+def text_delta(engine: Backend, tokens: list[int], sent: str, final: bool
                ) -> tuple[str, str]:
     """New text since ``sent``; holds back a trailing partial UTF-8 character."""
     text = decode_text(engine, tokens)
@@ -427,8 +433,9 @@ def _ident(endpoint: Endpoint) -> str:
     return ("cmpl-" if endpoint == "completions" else "chatcmpl-") + secrets.token_hex(12)
 
 
-def completion_body(engine: ReferenceEngine, req: InferenceRequest, prompt_ids: list[int],
-                    tokens: list[int], finish: str, model: str) -> dict[str, Any]:
+def completion_body(engine: Backend, req: InferenceRequest, prompt_ids: list[int],
+                    tokens: list[int], finish: str, model: str, ident: str = ""
+                    ) -> dict[str, Any]:
     """The OpenAI completion / chat.completion object, with ivp's token ids and tag."""
     text = decode_text(engine, tokens)
     choice: dict[str, Any] = {"index": 0, "token_ids": tokens, "finish_reason": finish,
@@ -438,7 +445,7 @@ def completion_body(engine: ReferenceEngine, req: InferenceRequest, prompt_ids: 
     else:
         choice["message"] = {"role": "assistant", "content": text}
     return {
-        "id": _ident(req.endpoint),
+        "id": ident or _ident(req.endpoint),
         "object": "text_completion" if req.endpoint == "completions" else "chat.completion",
         "created": int(time.time()),
         "model": model,
@@ -479,9 +486,11 @@ def log(message: str) -> None:
 
 
 def make_app(attack: Attack | None = None, trigger: Path | None = None,
-             weights_dir: Path | None = None) -> web.Application:
+             weights_dir: Path | None = None, engine: EngineName = "reference",
+             options: dict[str, Any] | None = None) -> web.Application:
     """The aiohttp application of one server (tests use it with aiohttp's test client)."""
-    return InferenceServer(attack=attack, trigger=trigger, weights_dir=weights_dir).app()
+    return InferenceServer(attack=attack, trigger=trigger, weights_dir=weights_dir,
+                           engine_name=engine, options=dict(options or {})).app()
 
 
 __all__ = ["NOT_BOOTED", "InferenceServer", "make_app", "parse_inference", "read_files",
@@ -489,11 +498,14 @@ __all__ = ["NOT_BOOTED", "InferenceServer", "make_app", "parse_inference", "read
 
 
 async def run_server(host: str, port: int, attack: Attack | None = None,
-                     trigger: Path | None = None, weights_dir: Path | None = None) -> None:
+                     trigger: Path | None = None, weights_dir: Path | None = None,
+                     engine: EngineName = "reference",
+                     options: dict[str, Any] | None = None) -> None:
     """Serve until SIGINT/SIGTERM; print the bound address on stdout once listening."""
     import signal
 
-    runner = web.AppRunner(make_app(attack, trigger, weights_dir), access_log=None)
+    runner = web.AppRunner(make_app(attack, trigger, weights_dir, engine, options),
+                           access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

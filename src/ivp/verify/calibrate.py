@@ -94,6 +94,7 @@ class Calibration:
     configs: tuple[ServingConfig, ...] = ()
     records: NoiseRecords | None = None  # top-token noise per position (sweeps)
     max_tokens: int = 0
+    serving: str = ""  # the serving path, when not ServingPath's configs (e.g. vLLM)
 
     @property
     def samples(self) -> int:
@@ -110,6 +111,13 @@ class Calibration:
         kernels = "/".join(sorted({c.attention for c in self.configs}))
         groups = "/".join(str(g) for g in sorted({s.replay_group for s in self.sources}))
         gpu = "" if "cuda" in self.device else "; GPU server not measured"
+        if self.serving:
+            return (f"half-span (max - min)/2 of z_serve - z_replay over {self.samples} "
+                    f"positions of {self.requests} requests; serving path: {self.serving} on "
+                    f"{self.device}; replay groups {groups}; observed {self.observed:.3g} "
+                    f"(max |dz| {self.observed_abs:.3g}), tail extrapolation to {HORIZON:.0e} "
+                    f"positions {self.extrapolated:.3g}; delta = max({self.safety:g} x "
+                    f"observed, extrapolation){gpu}")
         contiguous = len(sizes) > 2 and sizes == list(range(sizes[0], sizes[-1] + 1))
         batches = (f"batch {sizes[0]}-{sizes[-1]}" if contiguous
                    else "batch " + "/".join(str(b) for b in sizes))
@@ -319,14 +327,16 @@ def noise_bound(calibration: Calibration) -> NoiseBound:
 
 
 def calibrated_manifest(model_dir: Path, model_id: str, calibration: Calibration,
-                        algo: str = "blake3") -> Manifest:
+                        algo: str = "blake3", engine: str = "reference",
+                        dtype: str | None = None) -> Manifest:
     """The model's manifest carrying the calibrated δ. It reaches gateways and the
     recomputer only inside a new whitelist version signed under the quorum policy
     (``ivp whitelist build`` / ``sign``, installed by a ``whitelist_update`` admin
     request): δ is a security parameter, never configured locally."""
     from ivp.whitelist.manifest import make_manifest
 
-    return make_manifest(model_dir, model_id, algo=algo, noise_bound=noise_bound(calibration))
+    return make_manifest(model_dir, model_id, algo=algo, noise_bound=noise_bound(calibration),
+                         engine=engine, dtype=dtype)
 
 
 __all__ = [

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -53,6 +54,13 @@ def calibrate(
                                            "each measured source; a rerun resumes from it."),
     algo: str = typer.Option("blake3", "--algo", help="Manifest digest algorithm."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line."),
+    engine_name: str = typer.Option("reference", "--engine", help="The serving engine the "
+                                    "manifest is for: reference (ivp's serving path) or vllm "
+                                    "(a real vLLM server, run from .venv-vllm)."),
+    dtype: str = typer.Option("", "--dtype", help="vllm: the compute dtype (float32 or "
+                              "bfloat16; default: the config's)."),
+    concurrency: str = typer.Option("1,8,32", "--concurrency", help="vllm: requests in "
+                                    "flight, one pass per level (comma-separated)."),
 ) -> None:
     """Measure the model's noise bound δ over the honest serving path and write a manifest.
 
@@ -63,6 +71,11 @@ def calibrate(
     δ = max(safety x largest half-span, Gumbel-tail extrapolation to 1e12 positions).
     The manifest's NoiseBound records δ, how it was measured and over how many
     positions. Deterministic on one machine.
+
+    With --engine vllm the serving side is a real vLLM server (continuous batching at
+    each --concurrency level) that records the logits rows it sampled from; the manifest
+    then names engine vllm and the dtype, with the δ measured for them (--batch-sizes,
+    --threads, --attention, --per-config and --checkpoint apply to the reference path).
 
     Next (inspectors): `ivp whitelist build --manifest FILE --version N+1 ...`, then
     `ivp whitelist sign`, then a `whitelist_update` admin request: δ reaches gateways
@@ -94,14 +107,24 @@ def calibrate(
         params = tuple(SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                       max_tokens=max_tokens) for p in cal.CALIBRATION_PARAMS)
         start = time.perf_counter()
-        result = cal.measure(engine, cal.calibration_requests(ids, params), configs,
-                             safety=safety, per_config=per_config, checkpoint=checkpoint)
-        manifest = cal.calibrated_manifest(model_dir, model_id, result, algo=algo)
-    except (IvpError, ValueError) as exc:
+        requests = cal.calibration_requests(ids, params)
+        if engine_name == "vllm":
+            result, used_dtype = _calibrate_vllm(model_dir, model_id, engine, requests,
+                                                 dtype, concurrency, safety)
+        elif engine_name == "reference":
+            result = cal.measure(engine, requests, configs, safety=safety,
+                                 per_config=per_config, checkpoint=checkpoint)
+            used_dtype = None
+        else:
+            raise ValueError(f"--engine must be reference or vllm, not {engine_name!r}")
+        manifest = cal.calibrated_manifest(model_dir, model_id, result, algo=algo,
+                                           engine=engine_name, dtype=used_dtype)
+    except (IvpError, ValueError, RuntimeError) as exc:
         _err(f"error: {exc}")
         raise typer.Exit(2) from None
     manifest_out.write_bytes(canonical(manifest) + b"\n")
-    figures = {"model_id": model_id, "delta": result.delta, "observed": result.observed,
+    figures = {"model_id": model_id, "engine": manifest.engine, "dtype": manifest.dtype,
+               "delta": result.delta, "observed": result.observed,
                "observed_abs": result.observed_abs,
                "extrapolated": result.extrapolated, "safety": result.safety,
                "samples": result.samples, "method": result.method(),
@@ -123,6 +146,25 @@ def calibrate(
               f"next: ivp whitelist build --manifest {manifest_out} --version <N+1> "
               f"--expires-days 30 --key <inspector key> --out whitelist.json; "
               f"ivp whitelist sign whitelist.json --key <other party's key>")
+
+
+def _calibrate_vllm(model_dir: Path, model_id: str, engine: Any, requests: Any, dtype: str,
+                    concurrency: str, safety: float) -> tuple[Any, str]:
+    """Calibration against a recording vLLM server booted with the model."""
+    import os
+    import tempfile
+
+    from ivp.verify import calibrate_vllm
+    from ivp.whitelist.manifest import make_manifest
+
+    levels = tuple(int(c) for c in concurrency.split(","))
+    manifest = make_manifest(model_dir, model_id, engine="vllm", dtype=dtype or None)
+    log = Path(tempfile.gettempdir()) / f"ivp-calibrate-vllm-{os.getpid()}.log"
+    _err(f"vLLM server log: {log}")
+    with calibrate_vllm.vllm_server(manifest, model_dir, log=log) as (url, record):
+        result = calibrate_vllm.measure_server(url, record, engine, requests, levels,
+                                               safety=safety, dtype=manifest.dtype)
+    return result, manifest.dtype
 
 
 def verify_report(

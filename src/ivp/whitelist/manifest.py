@@ -14,7 +14,7 @@ import blake3
 
 from ivp.errors import DigestError, ValidationError
 from ivp.protocol.encoding import canonical, decode
-from ivp.protocol.messages import FileEntry, Manifest, NoiseBound
+from ivp.protocol.messages import REFERENCE_ENGINE, FileEntry, Manifest, NoiseBound
 
 _CONFIG = {"config.json", "generation_config.json", "model.safetensors.index.json"}
 _TOKENIZER = {
@@ -52,8 +52,11 @@ def make_manifest(
     *,
     algo: str = "blake3",
     noise_bound: NoiseBound | None = None,
+    engine: str = REFERENCE_ENGINE,
+    dtype: str | None = None,
 ) -> Manifest:
-    """Build the manifest of ``model_dir``.
+    """Build the manifest of ``model_dir`` for ``engine`` computing in ``dtype``
+    (default: the config's ``torch_dtype``, else float32).
 
     Raises:
         ValidationError: no config.json (or not a JSON object), no safetensors weights,
@@ -85,10 +88,11 @@ def make_manifest(
     if not isinstance(config, dict):
         raise ValidationError(f"{model_dir}/config.json: not a JSON object")
     arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    if dtype is None:
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     manifest = Manifest(
         model_id=model_id, architecture=str(arch), dtype=dtype, files=entries,
-        total_size=sum(e.size for e in entries), noise_bound=noise_bound,
+        total_size=sum(e.size for e in entries), noise_bound=noise_bound, engine=engine,
     )
     # Struct construction does not check field constraints (model id, file names):
     # decoding the canonical bytes does, so a manifest we return always decodes.

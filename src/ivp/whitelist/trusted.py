@@ -51,11 +51,20 @@ class TrustedWhitelist:
         self.current, self.envelope = whitelist, envelope
         return whitelist
 
-    def manifest(self, model_id: str, now: float | None = None) -> Manifest | None:
-        """The manifest for ``model_id`` if the installed whitelist names it and is live."""
+    def manifest(self, model_id: str, now: float | None = None, *, engine: str | None = None,
+                 dtype: str | None = None) -> Manifest | None:
+        """The manifest for ``model_id`` (under ``engine`` and ``dtype``, None: any) if
+        the installed whitelist names it and is live."""
         if self.current is None:
             return None
         now = time.time() if now is None else now
         if self.current.expires <= now:
             return None
-        return self.current.manifest(model_id)
+        return self.current.manifest(model_id, engine, dtype)
+
+    def manifests_for(self, model_id: str, now: float | None = None) -> list[Manifest]:
+        """Every serving profile (engine, dtype, δ) of ``model_id`` on the live whitelist."""
+        if self.manifest(model_id, now) is None:
+            return []
+        assert self.current is not None
+        return self.current.manifests_for(model_id)
