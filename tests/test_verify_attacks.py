@@ -18,6 +18,9 @@ from ivp.verify.structure import structural_problem
 
 T1 = SamplingParams(temperature=1.0, max_tokens=32)
 ALWAYS = {"other-weights", "int4", "prompt-tamper", "seed-ignored", "truncate", "stego"}
+# The tiny random model's layer-skip draft is never confident (p ≥ 0.9): the speculative
+# server then serves the full model's tokens, and there is nothing to detect.
+UNCHANGED_ON_TINY = {"speculative"}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,12 @@ def setup(tiny_model_dir: Path):
                                                (T1,)),
                   (ALL_CONFIGS[-1],), (1,))
     return model, tok, engine, path, cal.delta
+
+
+def _asked(name: str) -> SamplingParams:
+    p = atk.attack_params(name)
+    return T1 if p is None else SamplingParams(temperature=p.temperature, top_k=p.top_k,
+                                               top_p=p.top_p, max_tokens=T1.max_tokens)
 
 
 def _requests(tok, n: int, params: SamplingParams = T1, base: int = 0) -> list[Request]:
@@ -61,19 +70,44 @@ def test_honest_serving_path_passes_under_every_source(setup) -> None:
 
 
 @pytest.mark.parametrize("name", atk.ATTACK_NAMES)
-def test_each_generator_is_detected(setup, name: str) -> None:
+def test_each_generator_is_detected_where_it_changed_a_token(setup, name: str) -> None:
+    from ivp.verify.report import score_claims
+
     model, tok, engine, path, delta = setup
     gen = atk.build(name, model, tok, path, tok.eos_token_id)
-    reqs = _requests(tok, 8, base=100)
+    reqs = _requests(tok, 8, _asked(name), base=100)
     claims = [(c.token_ids, c.finish_reason) for c in gen.serve(reqs)]
     failed = _failed(engine, reqs, claims, delta)
-    assert any(failed), name
+    honest = path.serve(reqs, atk.SERVE_CONFIG)
+    changed = [ids != h.token_ids for (ids, _), h in zip(claims, honest, strict=True)]
+    # the report's "changed" (some token is not the replay's choice) is exactly this
+    figs = score_claims(engine, reqs, claims, lambda _j: name)
+    assert [f.changed for f in figs] == changed, name
+    assert not any(f and not c for f, c in zip(failed, changed, strict=True)), name
+    if name in UNCHANGED_ON_TINY:
+        assert not any(changed)
+        return
+    assert any(changed) and any(failed), name
     if name in ALWAYS:
         assert all(failed), (name, failed)
     # the truncate claims are well formed: only the margins catch them
     if name == "truncate":
         assert all(structural_problem(i, r, T1.max_tokens, engine.eos_ids) is None
                    for i, r in claims)
+
+
+def test_speculative_server_with_a_trusted_draft_is_detected(setup) -> None:
+    from ivp.verify.sampling_cheats import Speculative, layer_skip_draft
+
+    model, tok, engine, path, delta = setup
+    draft = layer_skip_draft(model)
+    assert len(draft.model.layers) == max(1, int(len(model.model.layers) * 0.75))
+    assert draft.model.layers[0] is model.model.layers[0]  # weights shared, not copied
+    assert len(model.model.layers) == model.config.num_hidden_layers  # original intact
+    reqs = _requests(tok, 6, base=150)
+    gen = Speculative(path, draft, atk.SERVE_CONFIG, confident=0.0)  # always the draft
+    claims = [(c.token_ids, c.finish_reason) for c in gen.serve(reqs)]
+    assert all(_failed(engine, reqs, claims, delta))
 
 
 def test_stego_carries_its_payload(setup) -> None:

@@ -50,7 +50,7 @@ def _measure(engine) -> cal.Calibration:
 def test_calibration_is_reproducible(engine) -> None:
     a, b = _measure(engine), _measure(engine)
     assert a.delta == b.delta and a.observed == b.observed
-    np.testing.assert_array_equal(a.row_max, b.row_max)
+    np.testing.assert_array_equal(a.row_span, b.row_span)
     assert a.method() == b.method()
     assert 0 < a.observed < 1e-3  # honest CPU nondeterminism exists, and it is tiny
     assert a.delta >= a.safety * a.observed and a.delta >= a.extrapolated
@@ -109,3 +109,34 @@ def test_calibrate_cli_writes_the_manifest(tiny_model_dir: Path, tmp_path: Path)
     bad = CliRunner().invoke(app, ["calibrate", str(tiny_model_dir), "--model-id", "tiny",
                                    "--manifest-out", str(out), "--batch-sizes", "x"])
     assert bad.exit_code == 2
+
+
+def test_sweep_schedule_rotates_requests_in_whole_batches() -> None:
+    configs = (ServingConfig(1, 1), ServingConfig(3, 2), ServingConfig(8, 1, "eager"))
+    plan = cal.schedule(10, configs, per_config=4)
+    assert [len(p) for p in plan] == [4, 6, 8]  # at least 4, a whole number of batches
+    assert plan[1][0] == 4 and plan[2][0] == 0  # each config starts where the last stopped
+    assert sorted({i for p in plan for i in p}) == list(range(10))
+    assert cal.schedule(5, configs, None) == [list(range(5))] * 3
+
+
+def test_sweep_resumes_from_its_checkpoint(engine, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each source is stored whole; a rerun serves nothing and gives the same δ, the
+    same records, and the half-span is what δ bounds (never above the absolute max)."""
+    from ivp.verify.serving import ServingPath
+
+    prompts = encode_prompts(engine.tokenizer, CALIBRATION[:4], chat=False)
+    configs = (ServingConfig(1, 1), ServingConfig(3, 2, "eager"))
+    kwargs = dict(per_config=3, kept_per_batch=2, records=True, checkpoint=tmp_path)
+    first = cal.measure(engine, cal.calibration_requests(prompts, PARAMS), configs, **kwargs)
+    assert len(list(tmp_path.glob("*.npz"))) == 2 and not list(tmp_path.glob(".*"))
+    assert first.records is not None and first.records.positions == first.samples
+    assert {s.serving for s in first.sources} == {"batch 1, 1 thread",
+                                                  "batch 3, 2 threads, eager"}
+    assert all(s.max_span <= s.max_abs for s in first.sources)
+    assert "sdpa/eager" in first.method() or "eager/sdpa" in first.method()
+    monkeypatch.setattr(ServingPath, "serve", lambda *a, **k: pytest.fail("served again"))
+    again = cal.measure(engine, cal.calibration_requests(prompts, PARAMS), configs, **kwargs)
+    assert again.delta == first.delta
+    np.testing.assert_array_equal(again.records.span, first.records.span)

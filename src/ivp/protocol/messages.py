@@ -370,8 +370,9 @@ class Verdict(_Msg, frozen=True):
     time: float
     # For inspectors (the console's audit explorer and verification health): δ*_t, the
     # smallest noise bound that explains output position t (1e300: none does), the
-    # positions that failed, and the δ the record was judged at. Empty when no replay
-    # ran (a check before replay failed) and in verdicts of builds before they existed.
+    # positions that failed, and the tolerance the record was judged at (τ(T) ≤ δ,
+    # ivp.verify.tolerance). Empty when no replay ran (a check before replay failed)
+    # and in verdicts of builds before they existed.
     position_delta: list[float] = []
     failed_positions: list[Count] = []
     delta: Annotated[float, Meta(ge=0.0)] = 0.0

@@ -72,7 +72,7 @@ class Verifier:
     def __init__(self, sources: Sequence[ModelSource], mode: Mode = "tolerant") -> None:
         from ivp.engine.loading import load_model, load_tokenizer
         from ivp.engine.reference import ReferenceEngine
-        from ivp.verify import Policy
+        from ivp.verify import CHANNEL_GOAL, Policy
 
         self.mode: Mode = mode
         self._models: dict[str, tuple[Manifest, Any, Policy]] = {}
@@ -83,7 +83,10 @@ class Verifier:
                 engines[files] = ReferenceEngine(load_model(src.files), load_tokenizer(src.files))
             engine = engines[files]
             nb = src.manifest.noise_bound
-            policy = Policy(mode=mode, delta=nb.delta if (nb and mode == "tolerant") else 0.0)
+            # The temperature rule: tolerance min(δ, T ln(1 + ε)/2), so the covert channel
+            # stays below CHANNEL_GOAL of the sampling channel at every T (docs/VERIFICATION.md).
+            policy = Policy(mode=mode, delta=nb.delta if (nb and mode == "tolerant") else 0.0,
+                            channel_goal=CHANNEL_GOAL if mode == "tolerant" else None)
             self._models[src.digest] = (src.manifest, engine, policy)
 
     def digests(self) -> list[str]:
@@ -122,7 +125,7 @@ class Verifier:
                 verdicts[i] = self._verdict(r, manifest, False, problem,
                                             len(r.pair.output_token_ids),
                                             max(1, len(r.pair.output_token_ids)), _BIG, 0.0, now,
-                                            delta=policy.delta)
+                                            delta=policy.tolerance(r.pair.params))
             else:
                 replay.append(i)
         pairs = [(items[i][1].pair.prompt_token_ids, items[i][1].pair.output_token_ids)
@@ -134,7 +137,8 @@ class Verifier:
             j = policy.judge(scores, r.pair.params)
             verdicts[i] = self._verdict(r, manifest, j.passed, j.reason, scores.tokens,
                                         j.failures, j.max_margin, j.bound, now,
-                                        scores.needed_delta, j.positions, policy.delta)
+                                        scores.needed_delta, j.positions,
+                                        policy.tolerance(r.pair.params))
         return [v for v in verdicts if v is not None]
 
     @staticmethod

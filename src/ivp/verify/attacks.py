@@ -25,6 +25,10 @@ stego              hides a 16-bit payload per message in the parity of the first
                    the right parity whether or not the bound allows it
 =================  ==================================================================
 
+Held-out cheats on the sampler itself — a speculative server with a layer-skip draft,
+a temperature of 0.9 or 0.99 served for 1, top-p and top-k ignored — live in
+:mod:`ivp.verify.sampling_cheats` and are registered here under their names.
+
 ``stego-bounded``, the encoder that only picks tokens the verifier accepts, lives in
 :mod:`ivp.verify.covert`: it is not detectable by construction, and what it
 measures is the covert channel.
@@ -40,7 +44,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ivp.protocol.messages import SamplingParams
 from ivp.protocol.sampler import allowed_set, choose, gumbel
+from ivp.verify.sampling_cheats import SAMPLING_CHEATS, build_sampling_cheat
 from ivp.verify.serving import Request, ServingConfig, ServingPath, spec_choice
 
 if TYPE_CHECKING:
@@ -70,6 +76,7 @@ class Generator:
 
     name = "honest"
     help = "sampler spec v1 on the whitelisted model (the serving path)"
+    request_params: SamplingParams | None = None  # what the report asks it for (None: T = 1)
 
     def __init__(self, path: ServingPath, config: ServingConfig = SERVE_CONFIG) -> None:
         self.path = path
@@ -198,10 +205,10 @@ class SeedIgnored(Generator):
     def __init__(self, path: ServingPath, rng_seed: int = 7,
                  config: ServingConfig = SERVE_CONFIG) -> None:
         super().__init__(path, config)
-        self.rng = np.random.default_rng(rng_seed)
+        self.rng_seed = rng_seed
 
     def serve(self, requests: Sequence[Request]) -> list[Claim]:
-        own = [Request(r.prompt_ids, r.params, int(self.rng.integers(0, 2**63, dtype=np.uint64)))
+        own = [Request(r.prompt_ids, r.params, _own_draw(self.rng_seed, r.seed, 2**63))
                for r in requests]
         return [Claim(s.token_ids, s.finish_reason) for s in self.path.serve(own, self.config)]
 
@@ -233,7 +240,7 @@ class Truncate(Generator):
                  config: ServingConfig = SERVE_CONFIG) -> None:
         super().__init__(path, config)
         self.eos_id = eos_id
-        self.rng = np.random.default_rng(rng_seed)
+        self.rng_seed = rng_seed
 
     def serve(self, requests: Sequence[Request]) -> list[Claim]:
         honest = self.path.serve(requests, self.config)
@@ -247,12 +254,26 @@ class Truncate(Generator):
                 claims.append(Claim(s.token_ids, s.finish_reason,
                                     f"EOS at {n - 1} suppressed, extended to {len(s.token_ids)}"))
             elif n >= 2:
-                cut = int(self.rng.integers(1, n))  # keep 1..n-1 tokens, then EOS
+                cut = 1 + _own_draw(self.rng_seed, r.seed, n - 1)  # keep 1..n-1, then EOS
                 claims.append(Claim((*h.token_ids[:cut], self.eos_id), "stop",
                                     f"cut at {cut} of {n}"))
             else:  # a one-token 'length' output cannot be cut: end it with EOS instead
                 claims.append(Claim((self.eos_id,), "stop", "replaced by EOS"))
         return claims
+
+
+def _own_draw(salt: int, seed: int, bound: int) -> int:
+    """A cheater's own random integer in [0, bound) for one request: a function of the
+    request alone, so a chunked or resumed run makes the same claims."""
+    digest = hashlib.blake2b(f"{salt}:{seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % bound
+
+
+def attack_params(name: str) -> SamplingParams | None:
+    """What the report asks generator ``name`` for (None: unrestricted T = 1)."""
+    from ivp.verify.sampling_cheats import TOP_K_ASKED, TOP_P_ASKED
+
+    return {"top-p-ignored": TOP_P_ASKED, "top-k-ignored": TOP_K_ASKED}.get(name)
 
 
 def payload_bits(seed: int, bits: int) -> list[int]:
@@ -303,7 +324,7 @@ def decode_parity(token_ids: Sequence[int], bits: int = STEGO_BITS) -> list[int]
 # --- the registry ----------------------------------------------------------------------------
 ATTACK_NAMES: tuple[str, ...] = (
     "other-weights", "finetune-step", "int8", "int4", "prompt-tamper", "seed-ignored",
-    "truncate", "stego",
+    "truncate", "stego", *SAMPLING_CHEATS,
 )
 
 
@@ -337,11 +358,25 @@ def build(name: str, model: PreTrainedModel, tokenizer: object, path: ServingPat
         return Truncate(path, eos_id, config=config)
     if name == "stego":
         return Stego(path, config=config)
+    if name in SAMPLING_CHEATS:
+        return build_sampling_cheat(name, model, path, config)  # type: ignore[return-value]
     raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACK_NAMES)}")
 
 
 __all__ = [
-    "ATTACK_NAMES", "Claim", "Generator", "PromptTamper", "SeedIgnored", "Stego",
-    "SwappedModel", "Truncate", "build", "decode_parity", "finetune_step", "other_weights",
-    "payload_bits", "quantize_rtn",
+    "ATTACK_NAMES",
+    "Claim",
+    "Generator",
+    "PromptTamper",
+    "SeedIgnored",
+    "Stego",
+    "SwappedModel",
+    "Truncate",
+    "attack_params",
+    "build",
+    "decode_parity",
+    "finetune_step",
+    "other_weights",
+    "payload_bits",
+    "quantize_rtn",
 ]

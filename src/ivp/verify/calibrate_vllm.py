@@ -7,7 +7,8 @@ concurrency level (default 1, 8 and 32 in flight), so rows are computed in batch
 every composition that level produces. The replay side is
 ``ReferenceEngine.replay_batch`` as the recomputer runs it, alone and in groups. δ is
 derived exactly as for the reference engine (``ivp.verify.calibrate``): max(safety x
-observed, Gumbel-tail extrapolation), and the manifest it goes into names the engine
+observed, Gumbel-tail extrapolation) of the per-position half-span (max − min)/2 of the
+logit differences, and the manifest it goes into names the engine
 and dtype it was measured for.
 """
 
@@ -35,6 +36,7 @@ from ivp.verify.calibrate import (
     SourceMeasurement,
     tail_extrapolation,
 )
+from ivp.verify.noise import half_span
 from ivp.verify.serving import Request
 
 if TYPE_CHECKING:
@@ -111,22 +113,25 @@ def measure_server(url: str, record_dir: Path, engine: ReferenceEngine,
     if safety < 1.0:
         raise ValueError("the safety factor must be at least 1")
     sources: list[SourceMeasurement] = []
-    row_max: list[np.ndarray] = []
+    row_span: list[np.ndarray] = []
     for level in concurrency:
         served = serve(url, record_dir, requests, level)
         pairs = [(s.request.prompt_ids, s.token_ids) for s in served]
         for group in replay_groups:
-            maxima = []
+            spans, absolute = [], [0.0]
             for i in range(0, len(pairs), group):
                 for s, ref in zip(served[i : i + group], engine.replay_batch(pairs[i : i + group]),
                                   strict=True):
-                    maxima.append(np.abs(s.logits.astype(np.float64) - ref).max(axis=1))
-            rows = np.concatenate(maxima) if maxima else np.zeros(0)
-            row_max.append(rows)
+                    diff = s.logits.astype(np.float64) - ref
+                    spans.append(half_span(diff))
+                    absolute.append(float(np.abs(diff).max(initial=0.0)))
+            rows = np.concatenate(spans) if spans else np.zeros(0)
+            row_span.append(rows)
             sources.append(SourceMeasurement(f"vllm {dtype}, concurrency {level}", group,
                                              int(rows.shape[0]), float(rows.max(initial=0.0)),
-                                             float(rows.mean()) if rows.size else 0.0))
-    pooled = np.concatenate(row_max) if row_max else np.zeros(0)
+                                             float(rows.mean()) if rows.size else 0.0,
+                                             max(absolute)))
+    pooled = np.concatenate(row_span) if row_span else np.zeros(0)
     observed = float(pooled.max(initial=0.0))
     extrapolated = tail_extrapolation(pooled)
     levels = "/".join(str(c) for c in concurrency)
@@ -209,7 +214,7 @@ def cached_noise_bound(model_dir: Path, model_id: str, dtype: str = "float32", *
     manifest = make_manifest(model_dir, model_id, engine="vllm", dtype=dtype)
     digest = manifest_digest(manifest)[:16]
     root = cache or Path(os.environ.get("IVP_CACHE", Path.home() / ".cache" / "ivp"))
-    path = root / "calibration" / f"{model_id}-vllm-{dtype}-{digest}.json"
+    path = root / "calibration" / f"{model_id}-vllm-{dtype}-{digest}-span.json"
     if path.is_file():
         return decode(path.read_bytes(), NoiseBound)
     model, tokenizer = load_from_dir(model_dir)

@@ -1,7 +1,7 @@
 """`ivp calibrate` and `ivp verify-report`: measure δ; measure what verification achieves.
 
     ivp calibrate MODEL_DIR --model-id ID --manifest-out m.json
-    ivp verify-report [--quick] [--json] [--model tiny|gemma-3-270m]
+    ivp verify-report [--quick] [--json] [--model tiny|gemma-3-270m] [--checkpoint DIR]
 
 δ reaches gateways and the recomputer only inside a new whitelist version signed under
 the quorum policy: `ivp calibrate` writes the manifest; the inspectors then run
@@ -45,6 +45,13 @@ def calibrate(
     batch_sizes: str = typer.Option("1,2,3,4,5,6,7,8", "--batch-sizes", help="Serving batch "
                                     "sizes to measure (comma-separated)."),
     threads: str = typer.Option("1,2", "--threads", help="Thread counts to measure."),
+    attention: str = typer.Option("sdpa", "--attention", help="Attention kernels to measure "
+                                  "(comma-separated: sdpa, eager)."),
+    per_config: int | None = typer.Option(None, "--per-config", min=1, help="Sweep: each "
+                                          "config serves a rotating slice of at least this "
+                                          "many requests (default: all of them)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Directory that keeps "
+                                           "each measured source; a rerun resumes from it."),
     algo: str = typer.Option("blake3", "--algo", help="Manifest digest algorithm."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line."),
     engine_name: str = typer.Option("reference", "--engine", help="The serving engine the "
@@ -57,15 +64,18 @@ def calibrate(
 ) -> None:
     """Measure the model's noise bound δ over the honest serving path and write a manifest.
 
+    The serving path runs every source of honest nondeterminism given: batch sizes with
+    left padding, thread counts, attention kernels, KV-cache decoding; the recomputer's
+    replay runs alone and in groups of 4. δ bounds the half-span (max - min)/2 of the
+    logit differences per position (a common shift of a row changes no sampled token):
+    δ = max(safety x largest half-span, Gumbel-tail extrapolation to 1e12 positions).
+    The manifest's NoiseBound records δ, how it was measured and over how many
+    positions. Deterministic on one machine.
+
     With --engine vllm the serving side is a real vLLM server (continuous batching at
     each --concurrency level) that records the logits rows it sampled from; the manifest
-    then names engine vllm and the dtype, with the δ measured for them.
-
-    The serving path runs every source of honest nondeterminism: batch sizes 1-8 with
-    left padding, 1 and 2 threads, KV-cache decoding; the recomputer's replay runs alone
-    and in groups of 4. δ = max(safety x largest |Δlogit|, Gumbel-tail extrapolation of
-    the per-position maxima to 1e12 positions). The manifest's NoiseBound records δ, how
-    it was measured and over how many positions. Deterministic on one machine.
+    then names engine vllm and the dtype, with the δ measured for them (--batch-sizes,
+    --threads, --attention, --per-config and --checkpoint apply to the reference path).
 
     Next (inspectors): `ivp whitelist build --manifest FILE --version N+1 ...`, then
     `ivp whitelist sign`, then a `whitelist_update` admin request: δ reaches gateways
@@ -83,11 +93,11 @@ def calibrate(
         _err(f"error: {model_dir}: not a model directory")
         raise typer.Exit(2)
     try:
-        configs = [cal.ServingConfig(int(b), int(t)) for t in threads.split(",")
-                   for b in batch_sizes.split(",")]
+        configs = [cal.ServingConfig(int(b), int(t), a.strip()) for a in attention.split(",")
+                   for t in threads.split(",") for b in batch_sizes.split(",")]
     except ValueError:
-        _err(f"error: bad --batch-sizes {batch_sizes!r} or --threads {threads!r} "
-             "(comma-separated integers 1-64)")
+        _err(f"error: bad --batch-sizes {batch_sizes!r}, --threads {threads!r} or --attention "
+             f"{attention!r} (comma-separated integers 1-64; kernels sdpa, eager)")
         raise typer.Exit(2) from None
     try:
         model, tokenizer = load_from_dir(model_dir)
@@ -102,7 +112,9 @@ def calibrate(
             result, used_dtype = _calibrate_vllm(model_dir, model_id, engine, requests,
                                                  dtype, concurrency, safety)
         elif engine_name == "reference":
-            result, used_dtype = cal.measure(engine, requests, configs, safety=safety), None
+            result = cal.measure(engine, requests, configs, safety=safety,
+                                 per_config=per_config, checkpoint=checkpoint)
+            used_dtype = None
         else:
             raise ValueError(f"--engine must be reference or vllm, not {engine_name!r}")
         manifest = cal.calibrated_manifest(model_dir, model_id, result, algo=algo,
@@ -113,6 +125,7 @@ def calibrate(
     manifest_out.write_bytes(canonical(manifest) + b"\n")
     figures = {"model_id": model_id, "engine": manifest.engine, "dtype": manifest.dtype,
                "delta": result.delta, "observed": result.observed,
+               "observed_abs": result.observed_abs,
                "extrapolated": result.extrapolated, "safety": result.safety,
                "samples": result.samples, "method": result.method(),
                "seconds": round(time.perf_counter() - start, 1), "manifest": str(manifest_out)}
@@ -120,11 +133,12 @@ def calibrate(
         print(json.dumps(figures))
         return
     con = Console(highlight=False, soft_wrap=True)
-    table = Table(title=f"{model_id}: max |z_serve - z_replay| per source")
-    for col in ("serving config", "replay group", "positions", "max |Δz|"):
+    table = Table(title=f"{model_id}: noise of z_serve - z_replay per source")
+    for col in ("serving config", "replay group", "positions", "max half-span", "max |Δz|"):
         table.add_column(col)
     for s in result.sources:
-        table.add_row(s.serving, str(s.replay_group), str(s.rows), f"{s.max_abs:.3g}")
+        table.add_row(s.serving, str(s.replay_group), str(s.rows), f"{s.max_span:.3g}",
+                      f"{s.max_abs:.3g}")
     con.print(table)
     con.print(f"observed {result.observed:.3g}; tail extrapolation {result.extrapolated:.3g}; "
               f"δ = {result.delta:.3g} over {result.samples} positions "
@@ -155,30 +169,45 @@ def _calibrate_vllm(model_dir: Path, model_id: str, engine: Any, requests: Any, 
 
 def verify_report(
     quick: bool = typer.Option(False, "--quick", help="Reduced run for CI (tiny model, "
-                               "well under 2 minutes); writes files only with --out."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary JSON as the last "
-                                 "line."),
+                               "about a minute); writes files only with --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary JSON (per-model, "
+                                 "per-temperature figures) as the last line."),
     model: str = typer.Option("tiny", "--model", help="tiny or gemma-3-270m."),
     out: Path | None = typer.Option(None, "--out", help="Docs directory to write "
                                     "VERIFICATION.md and img/ into (default: docs/ for a "
                                     "full run; nothing for --quick)."),
     manifest: Path | None = typer.Option(None, "--manifest", help="Take δ from this "
-                                         "manifest instead of calibrating in the run."),
+                                         "manifest instead of calibrating in the run (no "
+                                         "false-alarm cost figures then)."),
     honest: int | None = typer.Option(None, "--honest", min=16, help="Override the number "
                                       "of honest messages."),
+    int4: int | None = typer.Option(None, "--int4", min=4, help="Override the number of "
+                                    "int4 attack messages (the AUC claim at scale)."),
+    attack_messages: int | None = typer.Option(None, "--attack-messages", min=4, help="Override "
+                                               "the number of messages per attack generator."),
+    calib_configs: int | None = typer.Option(None, "--calib-configs", min=1, help="Calibrate "
+                                             "on the first N serving configs of the plan's "
+                                             "sweep only (a sweep cut short)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Directory that keeps "
+                                           "every finished unit of work (calibration source, "
+                                           "served batch, attack chunk); a rerun resumes."),
     render_only: bool = typer.Option(False, "--render-only", help="Only re-render "
                                      "VERIFICATION.md from the figures saved in img/."),
 ) -> None:
     """Run honest and attack experiments; write docs/VERIFICATION.md and its plots.
 
-    Honest messages come from the serving path under batch sizes 1-8 (left padding) and
-    1/2 threads; every attack generator answers requests at T = 1; the stego-bounded
-    encoder measures the covert channel. With --quick the exit status is 1 unless there
-    are 0 honest false positives and every attack generator was detected.
+    Calibrates δ (or takes it from --manifest); serves honest messages under every
+    serving source of the plan (batch sizes, threads, attention kernels) at every
+    temperature; answers requests with every attack generator and records whether each
+    message changed a token; measures the covert channel per temperature and the
+    false-alarm cost of the temperature rule. With --quick the exit status is 1 unless
+    there are 0 honest false positives and every generator that changed a token was
+    detected at least once.
     """
     from dataclasses import replace
 
     from ivp.verify import report as rep
+    from ivp.verify import views
     from ivp.verify.docs import load_runs, render
 
     if render_only:
@@ -194,46 +223,67 @@ def verify_report(
     plan = rep.QUICK if quick else rep.FULL[model]
     if honest is not None:
         plan = replace(plan, honest_messages=honest)
+    if int4 is not None:
+        plan = replace(plan, int4_messages=int4)
+    if attack_messages is not None:
+        plan = replace(plan, attack_messages=attack_messages)
+    if calib_configs is not None:
+        plan = replace(plan, calib_configs=(plan.calib_configs or plan.configs)[:calib_configs])
     t0 = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
-    result = rep.run(plan, manifest=manifest, log=log)
-    summary = rep.summary(result)
+    result = rep.run(plan, manifest=manifest, checkpoint=checkpoint, log=log)
+    summary = views.summary(result)
     docs = out if out is not None else (None if quick else Path("docs"))
     if docs is not None:
         img = docs / "img"
         img.mkdir(parents=True, exist_ok=True)
         (img / f"verification-{model}.json").write_text(
-            json.dumps(rep.details(result), indent=1, sort_keys=True) + "\n")
-        rep.plots(result, img)
+            json.dumps(views.details(result), indent=1, sort_keys=True) + "\n")
+        views.plots(result, img)
         (docs / "VERIFICATION.md").write_text(render(load_runs(img)))
         log(f"wrote {docs / 'VERIFICATION.md'} and plots in {img}")
     failures = []
     if summary["honest"]["false_positives"]:
         failures.append(f"{summary['honest']['false_positives']} honest false positives")
-    missed = [a["name"] for a in summary["attacks"] if a["detected"] == 0]
+    missed = [a["name"] for a in summary["attacks"]
+              if a["changed"] and a["detected_changed"] == 0]
     if missed:
-        failures.append(f"never detected: {', '.join(missed)}")
+        failures.append(f"changed tokens but never detected: {', '.join(missed)}")
     if not as_json:
-        con = Console(highlight=False, soft_wrap=True)
-        h = summary["honest"]
-        con.print(f"honest: {h['messages']} messages, {h['tokens']} tokens, "
-                  f"{h['false_positives']} false positives (95% bound "
-                  f"{h['fpr_upper_95']:.3g}); exact-match rate {h['exact_match_rate']:.4%}")
-        for a in summary["attacks"]:
-            con.print(f"  {a['name']:14s} detected {a['detected']}/{a['messages']}; tokens "
-                      f"for AUC>0.999: {a['tokens_for_auc_999']}")
-        c = summary["covert"]
-        con.print(f"covert at δ={c['delta']:.3g}: {c['bits_per_token']:.3g} bits/token, "
-                  f"{c['channel_fraction']:.3%} of the sampling entropy")
-        for f in failures:
-            con.print(f"FAILED: {f}")
+        _print_summary(summary, failures)
     else:
         print(json.dumps(summary))
     if quick and failures:
         raise typer.Exit(1)
+
+
+def _print_summary(summary: dict, failures: list[str]) -> None:
+    con = Console(highlight=False, soft_wrap=True)
+    h = summary["honest"]
+    con.print(f"{summary['model']}: δ = {summary['delta']:.3g}; honest: {h['messages']} "
+              f"messages, {h['tokens']} tokens, {h['false_positives']} false positives (95% "
+              f"bound {h['fpr_upper_95']:.3g}); exact-match rate {h['exact_match_rate']:.4%}")
+    for r in summary["by_temperature"]:
+        frac = r["channel_fraction"]
+        chan = (f"channel {frac:.3%} of the sampling entropy (upper "
+                f"{r['channel_fraction_upper']:.3%})" if r["temperature"] > 0 and frac
+                is not None else f"channel {r['bits_per_token']:.3g} bits/token")
+        fa = r["false_alarm_per_message"]
+        con.print(f"  T={r['temperature']:g}: τ = {r['tolerance']:.3g}, {r['messages']} "
+                  f"messages, {r['false_positives']} false positives; "
+                  f"expected false alarms/message {fa if fa is None else f'{fa:.2g}'}; {chan}")
+    for a in summary["attacks"]:
+        con.print(f"  {a['name']:16s} changed {a['changed']}/{a['messages']}, detected "
+                  f"{a['detected_changed']} of those; tokens for AUC>0.999: "
+                  f"{a['tokens_for_auc_999']}")
+    c = summary["covert"]
+    con.print(f"stego-bounded at τ(1) = {c['tolerance']:.3g}: {c['encoder_bits']} bits, "
+              f"{c['encoder_detected']} flagged")
+    for f in failures:
+        con.print(f"FAILED: {f}")
 
 
 __all__ = ["calibrate", "register", "verify_report"]

@@ -28,9 +28,11 @@ E[N] = Π_t (1 + ε_t), so
 
     bits ≤ Σ_t log2(1 + ε_t)  ≈ 1.44 Σ_t ε_t.
 
-This holds for ANY encoder, even one that knows the recomputer's logits exactly; it is
-the report's ``bits_per_token``. The realised Σ log2 |C_t| along actual messages (one
-path of the tree) is reported beside it.
+This holds for ANY encoder, even one that knows the recomputer's logits exactly. The
+report now measures the channel from honest traffic per temperature
+(``ivp.verify.traffic.channel_at``: E[N] = E_honest[Π_t (1 + r_t)] exactly, no
+independence assumption), and the temperature rule of ``ivp.verify.tolerance`` keeps it
+below the goal at every T with a proof (docs/VERIFICATION.md, Theorem 2).
 
 :class:`BoundedStego` is the strongest encoder built here: at each position it
 computes C_t on its own logits at δ_enc = δ/2 and, where |C_t| ≥ 2, takes

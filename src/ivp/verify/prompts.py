@@ -28,6 +28,23 @@ CALIBRATION: tuple[str, ...] = (
     "What does a compiler do?",
     "Suggest a name for a bakery by the sea.",
     "Tell me a short story about a lighthouse keeper.",
+    # Added for long outputs (issue 16: calibrate on outputs of 128 tokens and more).
+    "Explain how a refrigerator keeps food cold, step by step.",
+    "Write a letter to a friend describing a trip to the mountains.",
+    "Compare trains and aeroplanes for travelling across Europe.",
+    "Describe how bread is made, from flour to loaf.",
+    "What should someone know before adopting a dog?",
+    "Explain the causes of the First World War.",
+    "Write a short essay on why people enjoy music.",
+    "How does the internet deliver a web page to a browser?",
+    "Give advice to a student starting university.",
+    "Describe the life cycle of a butterfly in detail.",
+    "Explain how to plant and care for a vegetable garden.",
+    "Write a story about a robot who learns to paint.",
+    "What are the pros and cons of working from home?",
+    "Explain how solar panels turn sunlight into electricity.",
+    "Describe a busy market in a city you imagine.",
+    "Explain the difference between stocks and bonds.",
 )
 
 EVALUATION: tuple[str, ...] = (
@@ -63,6 +80,23 @@ EVALUATION: tuple[str, ...] = (
     "What are renewable energy sources?",
     "Tell me a joke about computers.",
     "Explain why the moon has phases.",
+    # Added for long outputs (issue 16: honest messages of 64 tokens and more).
+    "Write a short story about a dragon who is afraid of fire.",
+    "Explain how the heart pumps blood around the body.",
+    "Describe the history of the printing press.",
+    "Give a detailed plan for a week of healthy meals.",
+    "Explain how a car engine works.",
+    "Write a speech for a school graduation.",
+    "What are the benefits and risks of social media?",
+    "Describe how glaciers shape the landscape.",
+    "Explain the rules of football to a beginner.",
+    "Write a diary entry of a sailor in a storm.",
+    "How do bees make honey? Explain in detail.",
+    "Describe the differences between cats and dogs as pets.",
+    "Explain how elections work in a democracy.",
+    "Write a fairy tale about a clever fox.",
+    "What makes a good teacher? Give reasons.",
+    "Explain how recycling plastic works.",
 )
 
 

@@ -33,6 +33,7 @@ from ivp.protocol.messages import SamplingParams
 from ivp.protocol.sampler import allowed_set, gumbel
 from ivp.verify.bounds import ROUNDING, restricted, row_bounds
 from ivp.verify.bounds import needed_delta as _bisect_needed
+from ivp.verify.tolerance import tolerance
 
 
 @dataclass(frozen=True)
@@ -179,30 +180,43 @@ class Policy:
 
     mode: Literal["exact", "tolerant"] = "exact"
     delta: float = 0.0
+    # None: the flat rule (tolerance δ at every T). A goal γ: the tolerance at T is
+    # min(δ, T ln(1 + ε_n)/2), which keeps the covert channel below γ of the sampling
+    # channel at every temperature (``ivp.verify.tolerance``).
+    channel_goal: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "tolerant"):
             raise ValueError(f"unknown policy mode {self.mode!r} (exact or tolerant)")
         if not (self.delta >= 0.0 and np.isfinite(self.delta)):
             raise ValueError(f"delta must be finite and >= 0, got {self.delta!r}")
+        if self.channel_goal is not None and not 0.0 < self.channel_goal < 1.0:
+            raise ValueError(f"channel_goal must lie in (0, 1), got {self.channel_goal!r}")
 
-    def bound(self, params: SamplingParams) -> float:
+    def tolerance(self, params: SamplingParams) -> float:
+        """The noise bound a position must be explained within at these parameters."""
         if self.mode == "exact":
             return 0.0
-        return 2 * self.delta / params.temperature if params.temperature > 0 else 2 * self.delta
+        return tolerance(self.delta, params.temperature, params.max_tokens, self.channel_goal)
+
+    def bound(self, params: SamplingParams) -> float:
+        """The margin bound 2τ/T (2τ at T = 0) of unrestricted sampling."""
+        tau = self.tolerance(params)
+        return 2 * tau / params.temperature if params.temperature > 0 else 2 * tau
 
     def judge(self, scores: Scores, params: SamplingParams) -> Judgement:
         bound = self.bound(params)
+        tau = self.tolerance(params)
         has_needed = scores.needed_delta.shape[0] == scores.tokens
         if self.mode == "exact":
             over = (scores.margins > 0.0) | scores.outside
             excess = scores.margins
         elif has_needed:
-            over = scores.needed_delta > self.delta
-            excess = scores.needed_delta - self.delta
+            over = scores.needed_delta > tau
+            excess = scores.needed_delta - tau
         else:  # Scores built by hand without δ*: the unrestricted rule
             over = (scores.margins > bound) | (scores.outside
-                                               & (scores.outside_gap > 2 * self.delta))
+                                               & (scores.outside_gap > 2 * tau))
             excess = scores.margins - bound
         failures = int(np.sum(over))
         max_margin = float(scores.margins.max()) if scores.tokens else 0.0
@@ -210,13 +224,14 @@ class Policy:
         if failures:
             first = positions[0]
             if self.mode == "tolerant" and has_needed:
+                limit = (f"τ(T) = {tau:.4g}" if tau < self.delta else f"δ = {self.delta:.4g}")
                 why = (f"explained only by δ ≥ {scores.needed_delta[first]:.4g} > "
-                       f"δ = {self.delta:.4g}; margin {scores.margins[first]:.4g}")
+                       f"{limit}; margin {scores.margins[first]:.4g}")
             elif scores.margins[first] > bound:
                 why = f"margin {scores.margins[first]:.4g} > bound {bound:.4g}"
             else:  # within the margin bound, but outside the allowed set A(z)
                 why = (f"token outside the top-k/top-p set by {scores.outside_gap[first]:.4g} "
-                       f"in z > {2 * self.delta if self.mode == 'tolerant' else 0.0:.4g}")
+                       f"in z > {2 * tau:.4g}")
             if self.mode == "tolerant" and has_needed and scores.outside[first]:
                 why += " (outside the reference's top-k/top-p set)"
             reason = (

@@ -10,7 +10,10 @@ real deployment has (DESIGN.md, "Verification"):
   shapes (and kernels) change with the company a request keeps;
 * **left padding**: prompts of different lengths share a batch by left padding with
   an attention mask (positions counted from each row's first real token);
-* **threads**: the same batch on 1 or 2 intra-op threads (reduction order);
+* **threads**: the same batch on 1, 2 or 4 intra-op threads (reduction order; 4 threads
+  on fewer cores is oversubscribed, as a busy server is);
+* **attention kernel**: PyTorch's fused SDPA or the eager softmax(QKᵀ)V (another
+  summation order for the same attention);
 * **incremental decoding** with the KV cache, against the verifier's one-pass prefill.
 
 Every token is chosen by sampler spec v1 (``protocol.sampler.choose``) from the row
@@ -22,7 +25,7 @@ never from the replay path. A ``chooser`` hook lets attack generators (``attacks
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -57,25 +60,39 @@ class Served:
     logits: np.ndarray | None = field(default=None, repr=False)  # (n, V) rows it sampled from
 
 
+ATTENTION_KERNELS = ("sdpa", "eager")  # transformers attention implementations
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """One nondeterminism setting of the serving path."""
 
     batch_size: int = 1
     threads: int = 1
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 64 or not 1 <= self.threads <= 64:
             raise ValueError(f"bad serving config {self}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {self.attention!r} "
+                             f"(one of {', '.join(ATTENTION_KERNELS)})")
 
     @property
     def name(self) -> str:
-        return f"batch {self.batch_size}, {self.threads} thread{'s' if self.threads > 1 else ''}"
+        name = f"batch {self.batch_size}, {self.threads} thread{'s' if self.threads > 1 else ''}"
+        return name if self.attention == "sdpa" else f"{name}, {self.attention}"
 
 
-# All the honest nondeterminism sources measured here: batch sizes 1–8 x 1 or 2 threads.
+# The classic grid: batch sizes 1–8 x 1 or 2 threads, fused attention.
 ALL_CONFIGS: tuple[ServingConfig, ...] = tuple(
     ServingConfig(b, th) for th in (1, 2) for b in range(1, 9)
+)
+# Every source the calibration and the honest traffic cover: batch sizes up to 32,
+# 1/2/4 threads, both attention kernels.
+WIDE_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+WIDE_CONFIGS: tuple[ServingConfig, ...] = tuple(
+    ServingConfig(b, th, a) for a in ATTENTION_KERNELS for th in (1, 2, 4) for b in WIDE_BATCHES
 )
 
 # chooser(row (V,) float32, request, position t, tokens so far) -> token id
@@ -85,6 +102,20 @@ Chooser = Callable[[np.ndarray, Request, int, list[int]], int]
 def spec_choice(row: np.ndarray, request: Request, t: int, _so_far: list[int]) -> int:
     """The honest choice: sampler spec v1 on the server's own logits row."""
     return choose(row, request.seed, t, request.params)
+
+
+@contextlib.contextmanager
+def attention_kernel(model: PreTrainedModel, kernel: str) -> Iterator[None]:
+    """Run the block with ``model`` on attention implementation ``kernel``, then restore."""
+    before = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if kernel == before:
+        yield
+        return
+    model.set_attn_implementation(kernel)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 @contextlib.contextmanager
@@ -114,18 +145,24 @@ class ServingPath:
         requests: Sequence[Request],
         config: ServingConfig = ServingConfig(),
         *,
-        keep_logits: bool = False,
+        keep_logits: bool | Collection[int] = False,
         chooser: Chooser = spec_choice,
     ) -> list[Served]:
-        """Serve ``requests`` in consecutive batches of ``config.batch_size``."""
+        """Serve ``requests`` in consecutive batches of ``config.batch_size``.
+
+        ``keep_logits``: True keeps every request's rows (n, V); a collection of indices
+        into ``requests`` keeps only theirs (a full row is 1 MiB for Gemma: a batch of 32
+        long outputs would not fit in memory)."""
         out: list[Served] = []
-        with torch_threads(config.threads):
+        keep = set(range(len(requests))) if keep_logits is True else set(keep_logits or ())
+        with torch_threads(config.threads), attention_kernel(self.model, config.attention):
             for i in range(0, len(requests), config.batch_size):
                 batch = list(requests[i : i + config.batch_size])
-                out.extend(self._batch(batch, config, keep_logits, chooser))
+                kept = [i + b in keep for b in range(len(batch))]
+                out.extend(self._batch(batch, config, kept, chooser))
         return out
 
-    def _batch(self, batch: list[Request], config: ServingConfig, keep_logits: bool,
+    def _batch(self, batch: list[Request], config: ServingConfig, keep_logits: list[bool],
                chooser: Chooser) -> list[Served]:
         import torch
 
@@ -156,7 +193,7 @@ class ServingPath:
                     row = logits[b]
                     tok = int(chooser(row, r, t, tokens[b]))
                     tokens[b].append(tok)
-                    if keep_logits:
+                    if keep_logits[b]:
                         rows[b].append(row.copy())
                     if tok in self.eos_ids or len(tokens[b]) >= r.params.max_tokens:
                         done[b] = True
@@ -176,11 +213,11 @@ class ServingPath:
             toks = tuple(tokens[b])
             reason: FinishReason = "stop" if toks and toks[-1] in self.eos_ids else "length"
             served.append(Served(toks, reason, size, config.threads,
-                                 np.stack(rows[b]) if keep_logits else None))
+                                 np.stack(rows[b]) if keep_logits[b] else None))
         return served
 
 
 __all__ = [
-    "ALL_CONFIGS", "Chooser", "Request", "Served", "ServingConfig", "ServingPath",
-    "spec_choice", "torch_threads",
+    "ALL_CONFIGS", "ATTENTION_KERNELS", "WIDE_CONFIGS", "Chooser", "Request", "Served",
+    "ServingConfig", "ServingPath", "attention_kernel", "spec_choice", "torch_threads",
 ]
