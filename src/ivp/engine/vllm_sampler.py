@@ -37,7 +37,7 @@ from vllm import SamplingParams as VllmSamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from ivp.engine.spec_v1_fast import choose_row
+from ivp.engine.spec_v1_fast import choose_rows
 from ivp.errors import ValidationError
 from ivp.protocol.encoding import convert, to_builtins
 from ivp.protocol.messages import SamplingParams
@@ -100,19 +100,29 @@ class SpecV1LogitsProcessor(LogitsProcessor):
         process_dict_updates(self.rows, batch_update, _row)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits: (batch, V) float32, modified in place."""
+        """logits: (batch, V) float32, modified in place: the spec v1 token of each
+        spec v1 row becomes that row's only maximum."""
         if not self.rows:
             return logits
         indices = sorted(self.rows)
-        host = logits[indices].to("cpu", torch.float32).numpy()  # (n, V); a copy on GPUs
-        chosen = []
-        for j, index in enumerate(indices):
-            row = self.rows[index]
+        rows = [self.rows[i] for i in indices]
+        if logits.device.type == "cpu":  # read the rows where they are: no copy
+            host, picked = logits.detach().contiguous().numpy(), indices
+        else:  # one copy of the spec v1 rows to the host
+            host = logits[indices].to("cpu", torch.float32).numpy()
+            picked = list(range(len(indices)))
+        for j, row in zip(picked, rows, strict=True):
             self.observe(row, host[j])
-            chosen.append(choose_row(host[j], row.seed, len(row.output), row.params))
+        chosen, finite = choose_rows(host, picked, [r.seed for r in rows],
+                                     [len(r.output) for r in rows], [r.params for r in rows])
+        # the token becomes the row's only maximum: +inf there (vLLM's greedy argmax
+        # picks it; one write per row); a row that is not all finite is masked whole
         where = torch.tensor(indices, device=logits.device)
-        logits[where] = float("-inf")
-        logits[where, torch.tensor(chosen, device=logits.device)] = 0.0
+        tokens = torch.from_numpy(chosen).to(logits.device)
+        if not finite.all():
+            odd = torch.from_numpy(~finite).to(logits.device)
+            logits[where[odd]] = float("-inf")
+        logits[where, tokens] = float("inf")
         return logits
 
     def observe(self, row: _Row, z: np.ndarray) -> None:
