@@ -17,9 +17,9 @@ Everything here is a small pure numpy function; engines and verifier share them.
 
 from __future__ import annotations
 
-import numpy as np
-
 from collections.abc import Callable
+
+import numpy as np
 
 from ivp.protocol.messages import SamplingParams
 
