@@ -5,9 +5,11 @@ top-p), so a verifier replaying under spec v1 could not explain its tokens. Requ
 that carry ``SamplingParams.extra_args[ARGS]`` — the gateway's seed and sampling
 parameters, put there by ``ivp server --engine vllm`` — are sent to vLLM with
 temperature 0 (greedy), and this processor, which vLLM runs on every step's logits
-before its greedy argmax, replaces each such row by one where only the token
-``ivp.protocol.sampler.choose`` picks is finite (computed by the equivalent, faster
-``ivp.engine.spec_v1_fast.choose_row``). vLLM then emits exactly that token.
+before its greedy argmax, computes the spec v1 token of every such row of the step at
+once (``ivp.engine.spec_v1_fast.choose_rows``: the tokens of
+``ivp.protocol.sampler.choose``, batched and compiled) and writes +inf there, so the
+token is the row's only maximum (a row holding NaN or +inf is first set to -inf
+whole). vLLM's greedy argmax then emits exactly that token.
 
 Why this holds whatever vLLM does around it:
 
