@@ -1,9 +1,11 @@
 """Half of bench/vllm_serving.py that runs in vLLM's environment (.venv-vllm).
 
 One AsyncLLM with the spec v1 logits processor serves, at each concurrency level,
-the same requests twice, side by side: with vLLM's own seeded sampler (plain: no
-spec v1 argument, the processor leaves those rows alone) and with sampler spec v1.
-Prints one JSON object: per level and mode, output tokens/s and time to first token.
+the same requests three times, one right after the other: with vLLM's own seeded
+sampler (plain: no spec v1 argument, the processor leaves those rows alone), all
+greedy with vLLM's argmax (vLLM's cheapest sampling: the floor any sampler is
+measured against) and with sampler spec v1. Prints one JSON object: per level and
+mode, output tokens/s and time to first token.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 PARAMS = ({"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 0.8, "top_k": 40},
           {"temperature": 0.7, "top_p": 0.9})  # the demo's mix, a quarter each
+MODES = ("plain", "greedy", "spec_v1")
 
 
 def main() -> None:
@@ -34,31 +37,30 @@ def main() -> None:
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from ivp.engine.loading import load_tokenizer, read_dir
-    from ivp.engine.vllm_engine import model_facts
     from ivp.engine.vllm_sampler import PROCESSOR, spec_args
     from ivp.protocol.messages import SamplingParams
 
-    files = read_dir(Path(args.model))
-    _vocab, eos, _ctx = model_facts(files, load_tokenizer(files))
     prompts = json.loads(Path(args.prompts).read_text())
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=args.model, dtype="float32", max_model_len=2048, enforce_eager=True,
         skip_tokenizer_init=True, seed=0, max_num_seqs=64, kv_cache_memory_bytes=1 << 30,
         logits_processors=[PROCESSOR], disable_log_stats=True))
 
-    def sampling(i: int, spec: bool) -> VllmParams:
+    def sampling(i: int, mode: str) -> VllmParams:
         p = PARAMS[i % len(PARAMS)]
         seed = 1000 + i
-        common = {"max_tokens": args.max_tokens, "stop_token_ids": sorted(eos),
+        # a fixed length (EOS ignored): every mode generates the same number of tokens
+        common = {"max_tokens": args.max_tokens, "ignore_eos": True,
                   "detokenize": False, "output_kind": RequestOutputKind.DELTA}
-        if spec:
+        if mode == "spec_v1":
             params = SamplingParams(max_tokens=args.max_tokens, **p)
             return VllmParams(temperature=0.0, extra_args=spec_args(seed, params), **common)
+        if mode == "greedy":
+            return VllmParams(temperature=0.0, **common)
         return VllmParams(temperature=p["temperature"], top_k=p.get("top_k", 0),
                           top_p=p.get("top_p", 1.0), seed=seed, **common)
 
-    async def run(level: int, spec: bool, count: int, tag: str) -> dict[str, float]:
+    async def run(level: int, mode: str, count: int, tag: str) -> dict[str, float]:
         gate = asyncio.Semaphore(level)
         ttft: list[float] = []
         tokens = 0
@@ -70,7 +72,7 @@ def main() -> None:
                 first = True
                 async for out in engine.generate(
                         TokensPrompt(prompt_token_ids=prompts[i % len(prompts)]),
-                        sampling(i, spec), f"{tag}-{i}"):
+                        sampling(i, mode), f"{tag}-{i}"):
                     n = len(out.outputs[0].token_ids)
                     if n and first:
                         ttft.append(time.perf_counter() - t0)
@@ -84,16 +86,16 @@ def main() -> None:
                 "tokens": tokens, "requests": count, "seconds": wall}
 
     async def bench() -> dict[str, object]:
-        await run(4, True, 8, "warm")  # compile the chooser, fill caches
-        await run(4, False, 8, "warm-plain")
-        out: dict[str, object] = {}
+        for mode in MODES:  # compile the chooser, fill caches
+            await run(4, mode, 8, f"warm-{mode}")
+        out: dict[str, dict[str, object]] = {}
         for level in (int(x) for x in args.levels.split(",")):
             count = max(8, 2 * level)
-            plain = await run(level, False, count, f"plain{level}")
-            spec = await run(level, True, count, f"spec{level}")
-            out[str(level)] = {"plain": plain, "spec_v1": spec}
-            print(f"level {level}: plain {plain['tokens_per_s']:.1f} tok/s, spec v1 "
-                  f"{spec['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+            out[str(level)] = {mode: await run(level, mode, count, f"{mode}{level}")
+                               for mode in MODES}
+            print(f"level {level}: " + ", ".join(
+                f"{mode} {out[str(level)][mode]['tokens_per_s']:.1f} tok/s"  # type: ignore[index]
+                for mode in MODES), file=sys.stderr, flush=True)
         return out
 
     result = asyncio.run(bench())

@@ -5,9 +5,11 @@
 At each concurrency level (requests in flight), the same requests (the demo's mix:
 greedy, T = 1, top-k 40, top-p 0.9) are served by:
 
-1. plain vLLM with its own seeded sampler, and
-2. vLLM with the spec v1 logits processor — both by ONE in-process AsyncLLM in
-   vLLM's environment (bench/_vllm_inproc.py), one right after the other;
+1. plain vLLM with its own seeded sampler, the same requests all greedy (vLLM's
+   argmax: the cheapest sampling there is, the floor), and
+2. vLLM with the spec v1 logits processor — all by ONE in-process AsyncLLM in
+   vLLM's environment (bench/_vllm_inproc.py), one right after the other, each
+   request generating exactly --max-tokens tokens;
 3. ``ivp server --engine vllm`` over HTTP, straight to the server, and
 4. the same server behind ``ivp gateway`` (durable log on: SQLite synchronous=FULL,
    fsync before every release; ε = 0.2), one right after the other.
@@ -184,16 +186,19 @@ def main() -> None:
                                "levels": {}, "machine": machine()}
     for level in levels:
         e, s = engine_figures[str(level)], served[str(level)]
-        plain, spec = e["plain"], e["spec_v1"]
+        plain, greedy, spec = e["plain"], e["greedy"], e["spec_v1"]
         direct, behind = s["server"], s["gateway"]
         figures["levels"][str(level)] = {
             "plain_tokens_per_s": round(plain["tokens_per_s"], 2),
+            "greedy_tokens_per_s": round(greedy["tokens_per_s"], 2),
             "spec_v1_tokens_per_s": round(spec["tokens_per_s"], 2),
             "server_tokens_per_s": round(direct["tokens_per_s"], 2),
             "gateway_tokens_per_s": round(behind["tokens_per_s"], 2),
             "spec_v1_cost": round(1 - spec["tokens_per_s"] / plain["tokens_per_s"], 4),
+            "spec_v1_cost_vs_greedy": round(1 - spec["tokens_per_s"] / greedy["tokens_per_s"], 4),
             "gateway_cost": round(1 - behind["tokens_per_s"] / direct["tokens_per_s"], 4),
             "plain_ttft_p50_ms": round(plain["ttft_p50_ms"], 1),
+            "greedy_ttft_p50_ms": round(greedy["ttft_p50_ms"], 1),
             "spec_v1_ttft_p50_ms": round(spec["ttft_p50_ms"], 1),
             "server_ttft_p50_ms": round(direct["ttft_p50_ms"], 1),
             "server_latency_p50_ms": round(direct["latency_p50_ms"], 1),

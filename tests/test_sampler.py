@@ -24,6 +24,7 @@ from ivp.protocol.sampler import (
     choose,
     gumbel,
     gumbel_at,
+    gumbel_keyed,
     philox4x32_10,
     ranked,
     seed_key,
@@ -400,6 +401,17 @@ tied_rows = st.one_of(
     st.tuples(st.lists(_values, min_size=1, max_size=12), st.integers(20, 60)).map(
         lambda a: a[0] * a[1]),
 ).filter(lambda z: any(math.isfinite(x) for x in z))
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                          st.integers(0, 2**31 - 1)), min_size=1, max_size=40))
+@settings(max_examples=100, deadline=None)
+def test_gumbel_keyed_equals_gumbel_at_per_entry(entries: list[tuple[int, int, int]]) -> None:
+    """Many (seed, position, id) at once: each value is gumbel_at's, bit for bit."""
+    seeds, positions, ids = (np.array(c, dtype=np.uint64 if n == 0 else np.int64)
+                             for n, c in enumerate(zip(*entries, strict=True)))
+    expected = [gumbel_at(int(s), int(t), np.array([i]))[0] for s, t, i in entries]
+    np.testing.assert_array_equal(gumbel_keyed(seeds, positions, ids), expected)
 
 
 @settings(max_examples=100, deadline=None)

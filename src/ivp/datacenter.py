@@ -156,7 +156,9 @@ class LoopbackDatacenter:
         recomputer_port: the recomputer's port (0: a free one).
         engine: the servers' engine, "reference" or "vllm" (run with vLLM's own
             Python, ``ivp.engine.vllm_env``); ``server_args``: more ``ivp server`` flags;
-            ``noise_bound``: the δ the whitelisted manifest carries (calibrated for it).
+            ``noise_bound``: the δ the whitelisted manifest carries (calibrated for it);
+            ``dtype``: the dtype the manifest and the gateways name (default: the
+            config's).
         console: serve the recomputer's read-only inspectors' console on 127.0.0.1
             (``console_url``).
         device: the gateways' device: "soft" (key in a file) or "tpm" (each gateway gets
@@ -179,6 +181,7 @@ class LoopbackDatacenter:
     engine: str = "reference"
     server_args: tuple[str, ...] = ()
     noise_bound: NoiseBound | None = None
+    dtype: str | None = None
     console: bool = True
     device: str = "soft"
     isolate: bool = False
@@ -237,7 +240,7 @@ class LoopbackDatacenter:
         self.model_dir = self.prepare_model()
         self.inspectors = Inspectors.create(self.root / "inspectors")
         self.manifest = make_manifest(self.model_dir, self.model_id, engine=self.engine,
-                                      noise_bound=self.noise_bound)
+                                      noise_bound=self.noise_bound, dtype=self.dtype)
         whitelist = Whitelist(version=1, expires=time.time() + 30 * 86400,
                               manifests=[self.manifest])
         self.whitelist_path = self.root / "whitelist.json"
@@ -326,7 +329,8 @@ class LoopbackDatacenter:
             "--server-port", str(h.server_port), "--server-cmd", server_cmd,
             "--checkpoint-interval", str(self.checkpoint_interval),
             "--reboot-interval", str(h.reboot_interval), "--engine", self.engine,
-            *h.device_args, *(["--isolate"] if self.isolate else []), *h.extra_args,
+            *(["--dtype", self.manifest.dtype] if self.dtype else []), *h.device_args,
+            *(["--isolate"] if self.isolate else []), *h.extra_args,
         ])
 
     def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,

@@ -5,9 +5,11 @@ top-p), so a verifier replaying under spec v1 could not explain its tokens. Requ
 that carry ``SamplingParams.extra_args[ARGS]`` — the gateway's seed and sampling
 parameters, put there by ``ivp server --engine vllm`` — are sent to vLLM with
 temperature 0 (greedy), and this processor, which vLLM runs on every step's logits
-before its greedy argmax, replaces each such row by one where only the token
-``ivp.protocol.sampler.choose`` picks is finite (computed by the equivalent, faster
-``ivp.engine.spec_v1_fast.choose_row``). vLLM then emits exactly that token.
+before its greedy argmax, computes the spec v1 token of every such row of the step at
+once (``ivp.engine.spec_v1_fast.choose_rows``: the tokens of
+``ivp.protocol.sampler.choose``, batched and compiled) and writes +inf there, so the
+token is the row's only maximum (a row holding NaN or +inf is first set to -inf
+whole). vLLM's greedy argmax then emits exactly that token.
 
 Why this holds whatever vLLM does around it:
 
@@ -37,7 +39,7 @@ from vllm import SamplingParams as VllmSamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from ivp.engine.spec_v1_fast import choose_row
+from ivp.engine.spec_v1_fast import choose_rows
 from ivp.errors import ValidationError
 from ivp.protocol.encoding import convert, to_builtins
 from ivp.protocol.messages import SamplingParams
@@ -100,19 +102,29 @@ class SpecV1LogitsProcessor(LogitsProcessor):
         process_dict_updates(self.rows, batch_update, _row)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits: (batch, V) float32, modified in place."""
+        """logits: (batch, V) float32, modified in place: the spec v1 token of each
+        spec v1 row becomes that row's only maximum."""
         if not self.rows:
             return logits
         indices = sorted(self.rows)
-        host = logits[indices].to("cpu", torch.float32).numpy()  # (n, V); a copy on GPUs
-        chosen = []
-        for j, index in enumerate(indices):
-            row = self.rows[index]
+        rows = [self.rows[i] for i in indices]
+        if logits.device.type == "cpu":  # read the rows where they are: no copy
+            host, picked = logits.detach().contiguous().numpy(), indices
+        else:  # one copy of the spec v1 rows to the host
+            host = logits[indices].to("cpu", torch.float32).numpy()
+            picked = list(range(len(indices)))
+        for j, row in zip(picked, rows, strict=True):
             self.observe(row, host[j])
-            chosen.append(choose_row(host[j], row.seed, len(row.output), row.params))
+        chosen, finite = choose_rows(host, picked, [r.seed for r in rows],
+                                     [len(r.output) for r in rows], [r.params for r in rows])
+        # the token becomes the row's only maximum: +inf there (vLLM's greedy argmax
+        # picks it; one write per row); a row that is not all finite is masked whole
         where = torch.tensor(indices, device=logits.device)
-        logits[where] = float("-inf")
-        logits[where, torch.tensor(chosen, device=logits.device)] = 0.0
+        tokens = torch.from_numpy(chosen).to(logits.device)
+        if not finite.all():
+            odd = torch.from_numpy(~finite).to(logits.device)
+            logits[where[odd]] = float("-inf")
+        logits[where, tokens] = float("inf")
         return logits
 
     def observe(self, row: _Row, z: np.ndarray) -> None:

@@ -17,6 +17,8 @@ Everything here is a small pure numpy function; engines and verifier share them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ivp.protocol.messages import SamplingParams
@@ -44,9 +46,11 @@ def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
 
 
 def _rounds(c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, c3: np.ndarray,
-            key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            key: tuple[int, int] | tuple[np.ndarray, np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The ten Philox rounds on four uint64 arrays of 32-bit words, updated in place
-    (products of two 32-bit words fit in 64 bits)."""
+    (products of two 32-bit words fit in 64 bits). The key words are two integers, or
+    two uint32 arrays (one key per counter)."""
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     p0, p1 = np.empty_like(c0), np.empty_like(c0)
     with np.errstate(over="ignore"):
@@ -129,6 +133,24 @@ def gumbel_pairs(seed: int, positions: np.ndarray, ids: np.ndarray) -> np.ndarra
 _CHUNK = 1 << 16
 
 
+def gumbel_keyed(seeds: np.ndarray, positions: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """g at (seeds[k], positions[k], ids[k]) for every k: the noise of many requests in
+    one call (an engine choosing for a whole batch); the values of ``gumbel_at``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    seeds = np.broadcast_to(np.asarray(seeds, dtype=np.uint64), ids.shape)
+    positions = np.broadcast_to(np.asarray(positions, dtype=np.int64), ids.shape)
+    words = np.empty(ids.shape[0], dtype=np.uint64)
+    for start in range(0, ids.shape[0], _CHUNK):
+        part = slice(start, start + _CHUNK)
+        s = seeds[part]
+        key = ((s & _LO).astype(np.uint32), (s >> _32).astype(np.uint32))
+        c0 = (ids[part] >> 2).astype(np.uint64)
+        out = np.stack(_rounds(c0, positions[part].astype(np.uint64), np.zeros_like(c0),
+                               np.zeros_like(c0), key))
+        words[part] = out[ids[part] & 3, np.arange(c0.shape[0])]
+    return _gumbel(_uniform(words))
+
+
 # Every g lies in [G_MIN, G_MAX]: the noise of the smallest and largest 32-bit word,
 # computed as the spec computes every g.
 G_MIN, G_MAX = (float(g) for g in _gumbel(_uniform(np.array([0, 2**32 - 1], np.uint64))))
@@ -153,7 +175,11 @@ def top_ranked(z: np.ndarray, m: int) -> np.ndarray:
     return candidates[np.argsort(-z[candidates], kind="stable")][:m]
 
 
-def _nucleus(z: np.ndarray, k: int, top_p: float, temperature: float) -> np.ndarray:
+Ranker = Callable[[np.ndarray, int], np.ndarray]  # top_ranked or an equal, faster one
+
+
+def _nucleus(z: np.ndarray, k: int, top_p: float, temperature: float,
+             ranker: Ranker = top_ranked) -> np.ndarray:
     """Smallest prefix of ranked(z)[:k] whose softmax(z/T) mass over those k reaches
     top_p (at least one token).
 
@@ -161,13 +187,12 @@ def _nucleus(z: np.ndarray, k: int, top_p: float, temperature: float) -> np.ndar
     order. Grows a ranked window instead of sorting the whole vocabulary.
     """
     vocab = z.shape[0]
-    members = np.arange(vocab) if k >= vocab else np.sort(top_ranked(z, k))
-    scaled = z[members] / temperature
+    scaled = (z if k >= vocab else z[np.sort(ranker(z, k))]) / temperature  # ascending ids
     z_max = scaled.max()
     total = np.exp(scaled - z_max).sum()
     m = min(k, 256)
     while True:
-        window = top_ranked(z, m)
+        window = ranker(z, m)
         cum = np.cumsum(np.exp(z[window] / temperature - z_max)) / total
         if cum[-1] >= top_p or m >= k:
             n = int(np.searchsorted(cum, top_p, side="left")) + 1
@@ -175,16 +200,18 @@ def _nucleus(z: np.ndarray, k: int, top_p: float, temperature: float) -> np.ndar
         m = min(k, 4 * m)
 
 
-def allowed_set(z: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """A(z): sorted token ids allowed by top_k then top_p. z: (V,) float64."""
+def allowed_set(z: np.ndarray, params: SamplingParams, ranker: Ranker = top_ranked
+                ) -> np.ndarray:
+    """A(z): sorted token ids allowed by top_k then top_p. z: (V,) float64. ``ranker``
+    must return what :func:`top_ranked` returns (an engine may pass a faster one)."""
     vocab = z.shape[0]
     k = params.top_k if 0 < params.top_k < vocab else vocab
     if k == vocab and (params.top_p >= 1.0 or params.temperature == 0):
         finite = np.isfinite(z)
         return np.arange(vocab) if finite.all() else np.flatnonzero(finite)
     if params.top_p < 1.0 and params.temperature > 0:
-        return np.sort(_nucleus(z, k, params.top_p, params.temperature))
-    return np.sort(top_ranked(z, k))
+        return np.sort(_nucleus(z, k, params.top_p, params.temperature, ranker))
+    return np.sort(ranker(z, k))
 
 
 def choose(z: np.ndarray, seed: int, position: int, params: SamplingParams) -> int:
