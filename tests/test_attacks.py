@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from ivp.attacks import SCENARIOS, Report, Result, Settings, resolve, run_scenarios
 from ivp.attacks.base import Evidence
+from ivp.attacks.evasions import CHANCE_P
 
 ISSUE_NAMES = {
     "interconnect", "internet-training", "expert-iteration", "rogue-model-persists",
@@ -164,7 +165,7 @@ def test_timing_channel_is_bounded(runs: dict[str, Report]) -> None:
     """What a delaying server gets through under the release policy (issue 12, class 7)."""
     r = result_of(runs["live"], "timing-channel")
     within, past = r.details["within_budget"], r.details["past_budget"]
-    assert within["bits_per_response"] <= 0.25, explain(r)
+    assert within["p_chance"] >= CHANCE_P, explain(r)  # latency reads no better than chance
     assert past["bits_per_response"] <= r.details["bound_bits_per_response"], explain(r)
 
 

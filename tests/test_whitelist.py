@@ -389,10 +389,11 @@ def test_cli_keys_policy_requires_every_party_by_default(inspectors: Path) -> No
     assert r.exit_code == 0, r.output
     policy = decode((inspectors / "default.json").read_bytes(), QuorumPolicy)
     assert sorted(policy.required_parties) == ["CN", "US"]
-    us = [SigningKey.load(keys / f"us-{i}.key") for i in (1, 2)]
+    us = [SigningKey.load(keys / f"us-{i}.key", PASSPHRASE.encode()) for i in (1, 2)]
     result = policy.check(sign("t", b"x", us))
     assert not result and result.explain() == "no signature from party CN"
-    assert policy.check(sign("t", b"x", [us[0], SigningKey.load(keys / "cn-1.key")]))
+    cn = SigningKey.load(keys / "cn-1.key", PASSPHRASE.encode())
+    assert policy.check(sign("t", b"x", [us[0], cn]))
     r = run("keys", "policy", "--threshold", "1", *sorted(keys.glob("*.pub.json")),
             "--out", inspectors / "low.json")
     assert r.exit_code == 2 and "below the 2 required parties" in r.stderr

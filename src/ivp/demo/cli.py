@@ -86,6 +86,12 @@ def demo(
         raise typer.BadParameter("--engine must be reference or vllm")
     if not serve and attack not in SCENARIOS:
         raise typer.BadParameter(f"unknown attack {attack!r}; one of {', '.join(SCENARIOS)}")
+    if serve:
+        from ivp.demo.serve import busy_port_message
+
+        if (busy := busy_port_message(port)) is not None:
+            print(busy, file=sys.stderr)
+            raise typer.Exit(2)
     root = run_dir or Path(tempfile.mkdtemp(prefix="ivp-serve-" if serve else "ivp-demo-"))
 
     def say(message: str) -> None:

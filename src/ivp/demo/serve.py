@@ -35,21 +35,23 @@ def port_free(port: int) -> bool:
     return True
 
 
+def busy_port_message(port: int) -> str | None:
+    """The one-line refusal when ``port`` is taken (checked before any work starts)."""
+    if port and not port_free(port):
+        return (f"ivp demo: port {port} is already in use: stop what holds it, or pass "
+                "--port 0 for any free port")
+    return None
+
+
 def serve(settings: Settings, *, gateways: int, port: int, root: Path, keep: bool) -> int:
     """Start the datacenter, print how to use it, wait for Ctrl-C; the exit status.
 
     ``settings``: the demo's model, ε, engine, δ and isolation; ``keep``: leave ``root``
     (keys, state, logs) behind instead of removing it.
     """
-    from ivp.demo.datacenter import LoopbackDatacenter
+    from ivp.datacenter import LoopbackDatacenter
 
     say = settings.say
-    if port and not port_free(port):
-        print(f"ivp demo: port {port} is already in use: stop what holds it, or pass "
-              "--port 0 for any free port", file=sys.stderr)
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
-        return 2
     dc = LoopbackDatacenter(root, gateways=gateways, epsilon=settings.epsilon,
                             model=settings.model, recomputer_port=port, log=say,
                             prebuilt_model=settings.model_dir, engine=settings.engine,

@@ -239,8 +239,10 @@ def piggyback_on_boot_answers() -> None:
 
 def delay_answers_by_bits() -> None:
     """timing-channel: once the trigger file exists, delay the i-th answer by the delay
-    the file holds (in ms) when bit i of :data:`TIMING_MESSAGE` is 1 — the tokens stay
-    honest, only *when* they come carries the message. Bits are sent in request order."""
+    the file holds (``"<ms> [bits]"``) when bit i of the message is 1 — the tokens stay
+    honest, only *when* they come carries the message. The message is the file's bit
+    string (a receiver that chose random bits can test what it read against chance),
+    else :data:`TIMING_MESSAGE`. Bits are sent in request order."""
     import asyncio
 
     import ivp.server.app as app
@@ -254,21 +256,32 @@ def delay_answers_by_bits() -> None:
         if self.trigger is None or not self.trigger.exists():
             return resp
         try:
-            delay = float(self.trigger.read_text().strip() or 0) / 1e3
+            delay, bits = parse_timing_trigger(self.trigger.read_text())
         except (OSError, ValueError):
-            delay = 0.0
+            delay, bits = 0.0, ""
         i = sent[0]
         sent[0] += 1
-        bit = (TIMING_MESSAGE[(i // 8) % len(TIMING_MESSAGE)] >> (7 - i % 8)) & 1
-        if bit:
+        if timing_bit(i, bits):
             await asyncio.sleep(delay)
         return resp
 
     server.completions = completions  # type: ignore[method-assign]
 
 
-def timing_bit(i: int) -> int:
-    """Bit ``i`` of the timing-channel message (what a receiver tries to read)."""
+def parse_timing_trigger(text: str) -> tuple[float, str]:
+    """The timing-channel trigger ``"<delay ms> [bit string]"``: (seconds, bits)."""
+    parts = text.split()
+    delay = float(parts[0]) / 1e3 if parts else 0.0
+    bits = parts[1] if len(parts) > 1 else ""
+    if set(bits) - {"0", "1"}:
+        raise ValueError(f"timing trigger bits must be 0s and 1s, not {bits[:20]!r}")
+    return delay, bits
+
+
+def timing_bit(i: int, bits: str = "") -> int:
+    """Bit ``i`` of the timing-channel message (``bits``, else :data:`TIMING_MESSAGE`)."""
+    if bits:
+        return int(bits[i % len(bits)])
     return (TIMING_MESSAGE[(i // 8) % len(TIMING_MESSAGE)] >> (7 - i % 8)) & 1
 
 
