@@ -162,10 +162,13 @@ class ServedStream:
         self._error = error
         self.answer.close()  # the server stops generating: nobody reads it any more
         self.boot.close_tag(self.tag.seq)
-        count = durable if durable is not None else len(self.client.ids)
-        if count:
-            self._final = self.gw.writer.append(self.boot.boot_id, self._pair(
-                finish if count == len(self.client.ids) else "cut", count), stream=True)
+        whole = durable is None or durable == len(self.client.ids)
+        if whole and self.client.ids:
+            self._final = self.gw.writer.append(self.boot.boot_id, self._pair(finish),
+                                                stream=True)
+        elif durable:  # only what was committed: the refused chunk is not logged
+            self._final = self.gw.writer.append(self.boot.boot_id,
+                                                self._pair("cut", durable), stream=True)
         note = None if error is None else str(error)
         self._tail = events + self.client.end(finish if error is None else "cut", note)
 
