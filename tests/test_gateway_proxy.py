@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -210,7 +211,7 @@ def test_stream_deltas_concatenate_to_the_full_decoding(text: str, cuts: list[in
 
     ids = list(text.replace("\ufffd", "").encode())
     bounds = sorted({0, len(ids), *(c for c in cuts if c < len(ids))})
-    chunks = [ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    chunks = [ids[a:b] for a, b in itertools.pairwise(bounds)]
     stream = ClientStream("completions", model_id="m", tag=TAG, prompt_len=1, decode=decode)
     raw = stream.begin() + b"".join(stream.push(c)[0] for c in chunks) + stream.end("length")
     events = [json.loads(e[6:]) for e in raw.decode().split("\n\n") if e and e[6:] != "[DONE]"]
