@@ -41,6 +41,8 @@ ISSUE_NAMES = {
     # issue 12: the operator who owns the wire, the disk and the power
     "forged-ack", "abandoned-boot", "gap-then-cheat", "log-rollback", "fake-control",
     "junk-uplink", "timing-channel", "small-holes",
+    # issue 15: the trust boundary made real
+    "enrolment-bypass", "direct-connection",
 }
 #: `ivp demo --attack NAME` run here (issue 3's acceptance; every other scenario takes
 #: the same path through the demo, and test_datacenter.py runs the default one)
@@ -52,6 +54,8 @@ KNOCKED = {
     "replayed-audit": "sequence",
     "silenced-gateway": "checkpoint",
     "admin-no-quorum": "quorum",
+    "enrolment-bypass": "seal",
+    "direct-connection": "isolate",
 }
 
 
@@ -210,6 +214,10 @@ def test_scenario_goes_unnoticed_without_its_defence(runs: dict[str, Report],
         assert r.seconds_to_detect > 3 * 1.0, explain(r)
     if name == "admin-no-quorum":  # the under-signed request took effect
         assert r.details["model_epsilon_after"], explain(r)
+    if name == "enrolment-bypass":  # the written row was trusted: the rogue BOOT admitted
+        assert r.details["rogue_boot_answer"]["ok"] is True, explain(r)
+    if name == "direct-connection":  # not isolated: the server reached them straight
+        assert any("recomputer" in x for x in r.details["reached"]), explain(r)
 
 
 # --- ivp demo --attack NAME (the same scenario code) -------------------------------------------

@@ -105,8 +105,9 @@ def recomputer(
              "characters; kept out of the command line, which other users can read).")
     ] = None,
     print_identity: Annotated[bool, typer.Option(
-        "--print-identity", help="Print {\"public_key\", \"keyid\"} of the device key "
-                                 "and exit.")] = False,
+        "--print-identity", help="Print {\"public_key\", \"keyid\", \"kem_public_key\"} "
+                                 "of the device (kem_public_key: what gateways seal their "
+                                 "uplink to, --recomputer-kem-key) and exit.")] = False,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Secure ReComputer (SRC): routes INPUT to gateways, ingests signed audit records,
@@ -129,7 +130,10 @@ def recomputer(
             key = device.public_key
         except IvpError as exc:
             _fail(str(exc))
-        typer.echo(json.dumps({"public_key": key.hex, "keyid": key.keyid}))
+        from ivp.protocol.hpke import kem_public_hex
+
+        typer.echo(json.dumps({"public_key": key.hex, "keyid": key.keyid,
+                               "kem_public_key": kem_public_hex(device)}))
         return
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -94,6 +94,8 @@ class UplinkShell:
 
     def check_alive(self) -> None: ...
 
+    def open_sealed(self, body: bytes) -> bytes: ...
+
     async def _enforce_all(self, alarms: Sequence[Alarm]) -> None: ...
 
     def _reload(self) -> None: ...
@@ -129,14 +131,21 @@ class UplinkShell:
                                   f"uplinks waited {waited:.1f} s for {what}: silence "
                                   "clocks restarted", now)], now)
 
-    async def uplink(self, body: bytes) -> Ack:
+    async def uplink(self, body: bytes, sealed: bool = False) -> Ack:
         """Admit a batch of envelopes; ``stored`` only for what is stored durably.
 
+        ``sealed``: the body was sealed to this recomputer's KEM key by the gateway
+        (``Content-Type: application/vnd.ivp.sealed-uplink``); it is opened first, and
+        then checked exactly as a clear one (the records inside are signed).
+
         Raises:
-            ValidationError: the body is over the caps, or not ``{"envelopes": [...]}``.
+            ValidationError: a sealed body that does not open, a body over the caps, or
+                not ``{"envelopes": [...]}``.
             TransportError: the store could not write (nothing was acknowledged).
         """
         self.check_alive()
+        if sealed:
+            body = self.open_sealed(body)
         items = batch_items(body)
         # signatures first, in parallel and outside the lock (pure checks; ``decide``
         # uses only what was authenticated, against the enrolments at that moment)
