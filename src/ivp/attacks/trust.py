@@ -129,8 +129,9 @@ def direct_connection(ctx: Context, result: Result) -> None:
     from ivp.gateway.isolation import Sandbox
     from ivp.server.attacks import direct_report_name
 
-    assert ctx.victim is not None
-    h = ctx.dc.handles[ctx.victim]
+    victim = ctx.victim
+    assert victim is not None
+    h = ctx.dc.handles[victim]
     assert h.trigger is not None
     box = Sandbox.for_state(h.state_dir)
     listener = _Listener()
@@ -154,7 +155,7 @@ def direct_connection(ctx: Context, result: Result) -> None:
         report = _read_report(reports, 30.0)
         result.details["attempts"] = report
         require(result, f"the gateway's own alarm server_network ({h.gateway_id} /alarms)",
-                ctx.wait_for(lambda: ctx.gateway_alarm(ctx.victim, ["server_network"], t0),
+                ctx.wait_for(lambda: ctx.gateway_alarm(victim, ["server_network"], t0),
                              15.0))
         require(result, "the inspectors see it: gateway:server_network at the recomputer",
                 ctx.wait_for(lambda: ctx.alarm(["gateway:server_network"], t0,

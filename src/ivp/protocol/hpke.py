@@ -117,7 +117,7 @@ class StreamSealer:
 
     def push(self, chunk: bytes) -> list[bytes]:
         """Frames for every full ``FRAME`` of plaintext so far (one copy per frame)."""
-        out = []
+        out: list[bytes] = []
         view = memoryview(chunk)
         if self._pending:
             take = FRAME - len(self._pending)
