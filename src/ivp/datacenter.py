@@ -162,8 +162,9 @@ class LoopbackDatacenter:
             config's).
         console: serve the recomputer's read-only inspectors' console on 127.0.0.1
             (``console_url``).
-        device: the gateways' device: "soft" (key in a file) or "tpm" (each gateway gets
-            a software TPM of its own, swtpm, which the datacenter starts and stops).
+        device: the devices of the gateways and the recomputer: "soft" (key in a file)
+            or "tpm" (each gets a software TPM of its own, swtpm, which the datacenter
+            starts and stops).
         isolate: start every gateway with ``--isolate`` (root only): each server in its
             own network namespace, cgroup and bubblewrap sandbox.
         seal_uplink: gateways seal their uplink bodies to the recomputer's KEM key
@@ -255,7 +256,15 @@ class LoopbackDatacenter:
 
         self.log("starting the recomputer")
         rc_state = self.root / "recomputer"
-        ident = self._identity(["recomputer", "--state", str(rc_state)])
+        rc_device: list[str] = []
+        if self.device == "tpm":  # the recomputer's keys in a TPM of its own too
+            from ivp.device.swtpm import Swtpm
+
+            tpm = Swtpm(self.root / "tpms" / "recomputer")
+            with self._lock:
+                self._tpms.append(tpm)
+            rc_device = ["--device", "tpm", "--tpm", tpm.tcti]
+        ident = self._identity(["recomputer", "--state", str(rc_state), *rc_device])
         self.recomputer_key, self.recomputer_kem_key = ident["public_key"], ident["kem_public_key"]
         port = self.recomputer_port or free_port()
         self.recomputer_url = f"http://127.0.0.1:{port}"
@@ -263,7 +272,8 @@ class LoopbackDatacenter:
             "recomputer", "--state", str(rc_state), "--port", str(port),
             "--policy", self.policy_path, "--whitelist", str(self.whitelist_path),
             "--model", f"{self.model_id}={self.model_dir}", "--workers", str(self.workers),
-            "--checkpoint-period", str(self.checkpoint_interval), *self.recomputer_args,
+            "--checkpoint-period", str(self.checkpoint_interval), *rc_device,
+            *self.recomputer_args,
         ]
         if self.console:
             console_port = free_port()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ivp.device import SoftDevice
+from ivp.device import Device, open_device
 from ivp.errors import (
     BrickedError,
     ExpiredError,
@@ -41,7 +41,7 @@ from ivp.errors import (
 )
 from ivp.protocol import envelope as env
 from ivp.protocol.encoding import canonical, decode
-from ivp.protocol.hpke import UPLINK_INFO, device_kem_key, kem_public_hex, open_message
+from ivp.protocol.hpke import device_kem_key, kem_public_hex
 from ivp.protocol.messages import Ack, Shutdown, UplinkResult
 from ivp.protocol.quorum import QuorumPolicy
 from ivp.recomputer import admin as adm
@@ -97,6 +97,8 @@ class Config:
     forward_timeout: float = 600.0
     tamper_endpoint: bool = False  # POST /tamper stands for the tamper mesh (demos, tests)
     signature_workers: int = 1  # processes checking uplink signatures in parallel (0: inline)
+    device: str = "soft"  # ivp.device.KINDS: "tpm" keeps the keys (and the seal's) in a TPM
+    tpm: str | None = None  # the TPM's TCTI with device="tpm" (None: /dev/tpmrm0)
 
     def __post_init__(self) -> None:
         bad = sorted(k for k in self.shutdown_on if not authenticated(k))
@@ -112,7 +114,8 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
 
     def __init__(self, config: Config, pool: WorkerPool | None = None) -> None:
         self.config = config
-        self.device = SoftDevice(Path(config.state_dir) / "device")
+        self.device: Device = open_device(config.device, Path(config.state_dir) / "device",
+                                          config.tpm)
         if self.device.bricked:
             raise BrickedError("recomputer device is bricked (tamper detected): it does nothing")
         self.store = Store(Path(config.state_dir) / "recomputer.sqlite",
@@ -263,6 +266,7 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         self._db_exec.shutdown(wait=True)
         self.store.close()
         self.notices.close()
+        getattr(self.device, "close", lambda: None)()  # a TPM's session (soft: nothing)
 
     # --- helpers ----------------------------------------------------------------------------
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -295,14 +299,6 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         key = self.device.public_key
         return {"public_key": key.hex, "keyid": key.keyid,
                 "kem_public_key": kem_public_hex(self.device)}
-
-    def open_sealed(self, body: bytes) -> bytes:
-        """An uplink body sealed to this recomputer's KEM key, opened.
-
-        Raises:
-            ValidationError: it does not open (altered, or sealed to another key).
-        """
-        return open_message(self._kem, UPLINK_INFO, body)
 
     # --- uplink (the rest is in ``uplink.UplinkShell``) ------------------------------------
     def _reload(self) -> None:
