@@ -36,6 +36,7 @@ from ivp.errors import (
     http_status,
 )
 from ivp.protocol.encoding import loads, to_builtins
+from ivp.protocol.hpke import SEALED_UPLINK
 from ivp.recomputer.batch import MAX_BODY as MAX_UPLINK_BODY
 from ivp.recomputer.metrics import CONTENT_TYPE
 from ivp.recomputer.routing import NoRouteError, RateLimitedError
@@ -218,7 +219,8 @@ async def uplink(request: web.Request) -> web.Response:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_UPLINK_BODY,
                                             actual_size=request.content_length or 0)
     async with rec.admission():  # read only in turn: junk waits unread
-        return _json(await rec.uplink(await _read_capped(request, MAX_UPLINK_BODY)))
+        return _json(await rec.uplink(await _read_capped(request, MAX_UPLINK_BODY),
+                                      sealed=request.content_type == SEALED_UPLINK))
 
 
 async def _read_capped(request: web.Request, cap: int) -> bytes:
