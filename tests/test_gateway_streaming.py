@@ -247,3 +247,47 @@ def test_release_policy_holds_a_stream_whole_to_its_fixed_time(
         await reply.after_release()
         await rig.gw.close()
     run(body())
+
+
+def test_open_streams_share_their_chunks_commits_and_plain_requests_are_unchanged(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Eight streams at once: their chunks go to the log in shared commits (group commit
+    across open streams: fewer commits than chunks), every stream is whole and chained;
+    a plain request beside them is answered as ever (one JSON object, its pair chained)."""
+    async def body() -> None:
+        rig = await serving_rig(tmp_path, tiny_model_dir, sse_answer(IDS), event_delay=0.01)
+        batches: list[int] = []
+        progress = rig.log.progress
+
+        def counted(boot_id: str, pairs: list[Any]) -> list[None]:
+            batches.append(len(pairs))
+            return progress(boot_id, pairs)
+
+        rig.log.progress = counted  # type: ignore[method-assign]
+
+        async def one() -> list[int]:
+            reply = await rig.gw.complete("completions", stream_body())
+            raw = await reply.read()
+            await reply.after_release()
+            return tokens_of(raw)
+
+        async def plain() -> dict[str, Any]:
+            reply = await rig.gw.complete("completions", json.dumps(
+                {"model": MODEL_ID, "prompt": "The quick brown fox", "max_tokens": 4}).encode())
+            assert reply.chunks is None and reply.content_type == "application/json"
+            await reply.after_release()
+            return json.loads(reply.body)
+
+        streamed, server = sse_answer(IDS), rig.server
+        rig.server.answer = lambda r: streamed(r) if r.get("stream") else \
+            (200, server.honest(r))
+        got = await asyncio.gather(*(one() for _ in range(8)), plain())
+        streams, obj = got[:-1], got[-1]
+        assert all(len(s) == len(IDS) for s in streams)
+        assert obj["object"] == "text_completion" and 1 <= len(obj["choices"][0]["token_ids"]) <= 4
+        assert max(batches) > 1 and len(batches) < sum(batches), batches
+        await flush(rig)
+        assert sorted(a.pair.tag.seq for a in rig.recomputer.audits) == list(range(9))
+        assert sum(a.pair.output_token_ids == IDS for a in rig.recomputer.audits) == 8
+        await rig.gw.close()
+    run(body())
