@@ -22,7 +22,8 @@ from ivp.protocol.messages import AuditRecord, Verdict, manifest_digest
 
 pytestmark = pytest.mark.slow
 
-LONG = {"model": MODEL_ID, "prompt": "It was the best of times", "max_tokens": 200,
+MAX_TOKENS = 200
+LONG = {"model": MODEL_ID, "prompt": "It was the best of times", "max_tokens": MAX_TOKENS,
         "temperature": 0, "stream": True}  # greedy: 200 tokens, no EOS, on the tiny model
 
 # A client in its own process: prints every token id as it arrives (one per line).
@@ -64,7 +65,7 @@ def _client(url: str) -> subprocess.Popen[str]:
 def _tokens(proc: subprocess.Popen[str], n: int) -> list[int]:
     """The first ``n`` token ids the client printed."""
     assert proc.stdout is not None
-    got = []
+    got: list[int] = []
     while len(got) < n:
         line = proc.stdout.readline()
         assert line, "the stream ended early"
@@ -112,7 +113,7 @@ def test_client_killed_mid_stream_leaves_a_cut_pair_that_passes(
     client.wait()
     record = _audit_of(receiver, {"cut"})
     assert record.pair.output_token_ids[:len(got)] == got  # nothing released is missing
-    assert len(record.pair.output_token_ids) < LONG["max_tokens"]
+    assert len(record.pair.output_token_ids) < MAX_TOKENS
     verdict = _verdict(tiny_model_dir, record)
     assert verdict.passed, verdict.reason
     assert receiver.refused == []

@@ -455,7 +455,12 @@ class HttpUpstream:
 
     def _aiohttp_stream(self, path: str, body: bytes, timeout: float) -> StreamAnswer:
         task: asyncio.Task[None] | None = None
-        answer = StreamAnswer(lambda: task.cancel() if task is not None else None, path)
+
+        def cancel() -> None:
+            if task is not None:
+                task.cancel()
+
+        answer = StreamAnswer(cancel, path)
 
         async def pump() -> None:
             try:

@@ -21,7 +21,6 @@ never the server on them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import sys
@@ -343,12 +342,16 @@ class InferenceServer:
         sent_text = ""
         # closed at once when the reader leaves mid-stream (its gateway cut the stream):
         # the generation stops and gives the engine back to the next request
-        async with contextlib.aclosing(steps):
+        try:
             async for token in steps:
                 tokens.append(token)
                 delta, sent_text = text_delta(engine, tokens, sent_text, final=False)
                 chunk = stream_chunk(req, ident, name, [token], delta, None)
                 await resp.write(sse(chunk))
+        finally:
+            aclose = getattr(steps, "aclose", None)  # an async generator: its lock freed
+            if aclose is not None:
+                await aclose()
         delta, sent_text = text_delta(engine, tokens, sent_text, final=True)
         final = stream_chunk(req, ident, name, [], delta, engine.finish_reason(tokens))
         final.update(prompt_token_ids=prompt_ids, usage=usage(prompt_ids, tokens), seed=req.seed)
