@@ -155,12 +155,17 @@ async def _input(request: web.Request, endpoint: str) -> web.StreamResponse:
                 rec.metrics.input_total.labels(model, str(resp.status)).inc()
                 ok = resp.status == 200
                 if resp.content_type == "text/event-stream":
-                    out = web.StreamResponse(status=resp.status,
-                                             headers={"Content-Type": "text/event-stream"})
+                    # passed on as it comes; a client that leaves closes the gateway's
+                    # stream too (leaving this block drops the connection to it)
+                    out = web.StreamResponse(status=resp.status, headers={
+                        "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
                     await out.prepare(request)
-                    async for chunk in resp.content.iter_any():
-                        await out.write(chunk)
-                    await out.write_eof()
+                    try:
+                        async for chunk in resp.content.iter_any():
+                            await out.write(chunk)
+                        await out.write_eof()
+                    except (ConnectionError, RuntimeError):
+                        log.info("client left a stream from %s", route.gateway_id)
                     return out
                 data = await resp.read()
                 return web.Response(status=resp.status, body=data,
