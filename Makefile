@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 bench: $(STAMP)
-	@for b in gateway_overhead upload ingest replay_vs_generate; do \
+	@for b in gateway_overhead upload ingest replay_vs_generate streaming; do \
 		echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 # Heavy (hours on 2 cores; not in CI): both full verification runs, resumable from

@@ -10,6 +10,11 @@ asyncio protocol with its own minimal HTTP/1.1 parser (keep-alive, Content-Lengt
 chunked bodies), so that the component under test, not the stub, limits a benchmark.
 
     python bench/stub_server.py --port 8300 [--ready] [--vocab 640]
+        [--token-interval-ms 2] [--chunk-tokens 1]
+
+Streamed answers (``"stream": true``) carry ``--chunk-tokens`` token ids per SSE event;
+with ``--token-interval-ms`` the events go out one by one at that interval (chunked
+transfer encoding, as a generating server sends them), else all at once.
 
 ``--ready`` starts it already booted (for load straight at the stub or through nginx).
 Without ``--port`` (as ``make bench`` runs it) it checks itself for two seconds and
@@ -37,8 +42,10 @@ _decode = msgspec.json.Decoder()
 class Stub:
     """Server state: what a real server holds (minus the model)."""
 
-    def __init__(self, vocab: int, ready: bool) -> None:
+    def __init__(self, vocab: int, ready: bool, interval: float = 0.0,
+                 chunk_tokens: int = 1) -> None:
         self.vocab = vocab
+        self.interval, self.chunk_tokens = interval, max(1, chunk_tokens)
         self.state = "ready" if ready else "empty"
         self.model_id: str | None = "stub" if ready else None
         self.total_size = 0
@@ -78,7 +85,7 @@ class Stub:
             out.append(3 + x % span)  # ids 0..2 are <pad>, <s>, </s> (EOS) in the tiny model
         return out
 
-    def complete(self, body: bytes, chat: bool) -> tuple[int, bytes, bytes]:
+    def complete(self, body: bytes, chat: bool) -> tuple[int, bytes | list[bytes], bytes]:
         if self.state != "ready":
             s, b = _error(503, "no model loaded: this server boots only from weights "
                           "streamed to it by its gateway", "StateError")
@@ -100,12 +107,14 @@ class Stub:
             choice["text"] = text
         prompt_ids = prompt if isinstance(prompt, list) else []
         if req.get("stream"):
-            events = [{"choices": [{"index": 0, "token_ids": [t], "text": " tok",
-                                    "finish_reason": None}], "ivp_tag": tag} for t in ids]
+            k = self.chunk_tokens
+            events = [{"choices": [{"index": 0, "token_ids": ids[i:i + k], "text": " tok" * k,
+                                    "finish_reason": None}], "ivp_tag": tag}
+                      for i in range(0, len(ids), k)]
             events.append({"choices": [{"index": 0, "token_ids": [], "text": "",
                                         "finish_reason": "length"}], "ivp_tag": tag})
-            data = b"".join(b"data: " + _json.encode(e) + b"\n\n" for e in events)
-            return 200, data + b"data: [DONE]\n\n", b"text/event-stream"
+            data = [b"data: " + _json.encode(e) + b"\n\n" for e in events]
+            return 200, [*data, b"data: [DONE]\n\n"], b"text/event-stream"
         return 200, _json.encode({
             "id": "cmpl-stub", "object": "chat.completion" if chat else "text_completion",
             "created": 0, "model": model, "choices": [choice],
@@ -265,7 +274,34 @@ class Connection(asyncio.Protocol):
             status, body = stub.streamed(req.received)
         else:
             status, body = _error(404, f"no route {req.method} {req.path}", "HTTP")
+        if isinstance(body, list):
+            if stub.interval > 0:
+                self._send_timed(body, close=not req.keep_alive)
+                return
+            body = b"".join(body)
         self._send(status, body, close=not req.keep_alive, ctype=ctype)
+
+    def _send_timed(self, events: list[bytes], close: bool) -> None:
+        """SSE events one by one, ``interval`` apart, as chunks (a generating server)."""
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n%s\r\n"
+                             % (b"Connection: close\r\n" if close else b""))
+        loop = asyncio.get_running_loop()
+        transport = self.transport
+
+        def send(i: int) -> None:
+            if transport.is_closing():
+                return  # the reader left: stop generating
+            if i < len(events):
+                transport.write(b"%x\r\n%s\r\n" % (len(events[i]), events[i]))
+                loop.call_later(self.stub.interval, send, i + 1)
+            else:
+                transport.write(b"0\r\n\r\n")
+                if close:
+                    transport.close()
+
+        loop.call_later(self.stub.interval, send, 0)
 
     def _send(self, status: int, body: bytes, close: bool = False,
               ctype: bytes = b"application/json") -> None:
@@ -282,9 +318,10 @@ class Connection(asyncio.Protocol):
         self.transport = None
 
 
-async def serve(host: str, port: int, vocab: int, ready: bool) -> None:
+async def serve(host: str, port: int, vocab: int, ready: bool, interval: float = 0.0,
+                chunk_tokens: int = 1) -> None:
     loop = asyncio.get_running_loop()
-    stub = Stub(vocab, ready)
+    stub = Stub(vocab, ready, interval, chunk_tokens)
     server = await loop.create_server(lambda: Connection(stub), host, port, backlog=1024)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -348,13 +385,18 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=640, help="token ids are < this")
     parser.add_argument("--ready", action="store_true", help="start booted (no upload)")
     parser.add_argument("--quick", action="store_true", help="self-check only (the default)")
+    parser.add_argument("--token-interval-ms", type=float, default=0.0,
+                        help="streams: ms between SSE events (0: all at once)")
+    parser.add_argument("--chunk-tokens", type=int, default=1,
+                        help="streams: token ids per SSE event")
     args = parser.parse_args()
     if args.port is None:
         import json
 
         print(json.dumps(self_check(1 if args.quick else 2), sort_keys=True), flush=True)
         return
-    asyncio.run(serve(args.host, args.port, args.vocab, args.ready))
+    asyncio.run(serve(args.host, args.port, args.vocab, args.ready,
+                      args.token_interval_ms / 1000.0, args.chunk_tokens))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ ISSUE_NAMES = {
     # issue 12: the operator who owns the wire, the disk and the power
     "forged-ack", "abandoned-boot", "gap-then-cheat", "log-rollback", "fake-control",
     "junk-uplink", "timing-channel", "small-holes",
+    # issue 15: the trust boundary made real
+    "enrolment-bypass", "direct-connection",
 }
 #: `ivp demo --attack NAME` run here (issue 3's acceptance; every other scenario takes
 #: the same path through the demo, and test_datacenter.py runs the default one)
@@ -52,7 +54,28 @@ KNOCKED = {
     "replayed-audit": "sequence",
     "silenced-gateway": "checkpoint",
     "admin-no-quorum": "quorum",
+    "enrolment-bypass": "seal",
+    "direct-connection": "isolate",
 }
+
+#: scenarios whose victim runs under ``ivp gateway --isolate`` (root, ip, nft, bwrap)
+NEEDS_ISOLATION = ("direct-connection",)
+
+
+def _skip_without_isolation() -> None:
+    """Skipped on a developer's machine that cannot isolate (not root); in CI, which
+    runs as root with scripts/system-deps.sh, a machine that cannot fails instead."""
+    import os
+
+    from ivp.errors import MisuseError
+    from ivp.gateway.isolation import check_can_isolate
+
+    try:
+        check_can_isolate()
+    except MisuseError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +141,8 @@ def explain(r: Result) -> str:
 @pytest.mark.timeout(1800)  # the fixture plays every scenario, twice over, in this test
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario_is_detected_by_the_live_system(runs: dict[str, Report], name: str) -> None:
+    if name in NEEDS_ISOLATION:
+        _skip_without_isolation()
     r = result_of(runs["live"], name)
     assert not r.error, explain(r)
     assert r.detected, explain(r)
@@ -210,6 +235,10 @@ def test_scenario_goes_unnoticed_without_its_defence(runs: dict[str, Report],
         assert r.seconds_to_detect > 3 * 1.0, explain(r)
     if name == "admin-no-quorum":  # the under-signed request took effect
         assert r.details["model_epsilon_after"], explain(r)
+    if name == "enrolment-bypass":  # the written row was trusted: the rogue BOOT admitted
+        assert r.details["rogue_boot_answer"]["ok"] is True, explain(r)
+    if name == "direct-connection":  # not isolated: the server reached them straight
+        assert any("recomputer" in x for x in r.details["reached"]), explain(r)
 
 
 # --- ivp demo --attack NAME (the same scenario code) -------------------------------------------

@@ -1,7 +1,7 @@
 """Every benchmark's ``--quick`` mode runs and ends with one JSON object (its figures).
 
 The quick modes are smoke runs (tiny sizes, one short round); their figures mean
-nothing. The four run side by side to keep this test short.
+nothing. They run side by side to keep this test short.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ EXPECTED = {
     "upload.py": {"gb_per_s", "hash_share_of_transfer", "extrapolation_1tb_400gbit"},
     "ingest.py": {"records_per_s", "store", "refused"},
     "replay_vs_generate.py": {"models"},
+    "streaming.py": {"latency", "throughput", "added_ttft_p50_ms", "streamed_tokens_per_s",
+                     "durable_commit_floor"},
 }
 
 

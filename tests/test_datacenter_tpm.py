@@ -1,6 +1,7 @@
-"""A live loopback datacenter whose gateway keeps its key in a TPM (swtpm): enrolled
-by its P-256 public key, every record it signs is made by the TPM and accepted and
-verified by the recomputer like an Ed25519 gateway's."""
+"""A live loopback datacenter whose gateway and recomputer keep their keys in TPMs
+(swtpm): the gateway enrolled by its P-256 public key, every record it signs made by
+its TPM, sealed to the recomputer's TPM-derived KEM key, accepted and verified like an
+Ed25519 gateway's; the recomputer's acks and seals made by its own TPM."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ def test_tpm_gateway_is_enrolled_audited_and_passes(tmp_path: Path, swtpm: Swtpm
         [h] = dc.handles
         assert h.public_key.startswith("ecdsa-p256:")
         assert not (h.state_dir / "device" / "uid.secret").exists()  # no key file at all
+        assert dc.recomputer_key.startswith("ecdsa-p256:")  # the gateway obeys that key
+        assert not (dc.root / "recomputer" / "device" / "uid.secret").exists()
         answers = dc.send(6, concurrency=2, max_tokens=8)
         assert all(a["status"] == 200 for a in answers), answers[:2]
         dc.drain()

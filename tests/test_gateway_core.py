@@ -205,16 +205,17 @@ def test_chat_and_streaming_requests_are_tagged_logged_and_audited(
         assert a1["choices"][0]["message"]["role"] == "assistant"
         stream = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 6, "stream": True}
         r2 = await rig.gw.complete("completions", json.dumps(stream).encode())
+        raw = await r2.read()
         await r2.after_release()
         assert r2.content_type == "text/event-stream"
-        events = [e[6:] for e in r2.body.decode().split("\n\n") if e]
+        events = [e[6:] for e in raw.decode().split("\n\n") if e]
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
         ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
         assert ids == rig.server.tokens(rig.server.requests[-1])[0]
         assert all(len(c["choices"][0]["token_ids"]) <= 1 for c in chunks)  # our chunking
         assert chunks[-1]["ivp"]["tag"]["seq"] == 1
-        assert b"SERVER-FORMATTED" not in r2.body and b'"x"' not in r2.body
+        assert b"SERVER-FORMATTED" not in raw and b'"x"' not in raw
         await flush(rig)
         assert [a.audit_seq for a in rig.recomputer.audits] == [1, 2]
         assert rig.recomputer.audits[0].pair.endpoint == "chat.completions"
@@ -255,8 +256,9 @@ def test_stop_string_cuts_output_text_and_log_and_the_server_never_sees_it(
         assert "stop" not in rig.server.requests[-1]
         stream = {**request, "stream": True, "stream_options": {"include_usage": True}}
         reply = await rig.gw.complete("completions", json.dumps(stream).encode())
+        raw = await reply.read()
         await reply.after_release()
-        events = [json.loads(e[6:]) for e in reply.body.decode().split("\n\n")
+        events = [json.loads(e[6:]) for e in raw.decode().split("\n\n")
                   if e and e != "data: [DONE]"]
         assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == \
             "Hello world. The"

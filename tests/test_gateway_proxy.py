@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from ivp.errors import ValidationError
 from ivp.gateway import inputs, proxy
 from ivp.gateway.errors import ServerProtocolError
+from ivp.gateway.streaming import ClientStream, parse_server_stream
 from ivp.protocol.messages import SamplingParams, Tag
 
 TAG = Tag(gateway_id="gw", boot_id="b" * 32, seq=3)
@@ -167,7 +169,7 @@ TAGD = {"gateway_id": "gw", "boot_id": "b" * 32, "seq": 3}
 def test_server_stream_is_reassembled() -> None:
     raw = _sse({"choices": [{"token_ids": [5, 6]}], "ivp_tag": TAGD},
                {"choices": [{"token_ids": [7], "finish_reason": "stop"}], "ivp_tag": TAGD})
-    assert proxy.parse_server_stream(raw, TAG, PARAMS, LIMITS) == proxy.ServerOutput([5, 6, 7],
+    assert parse_server_stream(raw, TAG, PARAMS, LIMITS) == proxy.ServerOutput([5, 6, 7],
                                                                                      "stop")
 
 
@@ -183,7 +185,7 @@ def test_server_stream_is_reassembled() -> None:
 ])
 def test_server_streams_outside_the_protocol_are_refused(raw: bytes) -> None:
     with pytest.raises(ServerProtocolError):
-        proxy.parse_server_stream(raw, TAG, PARAMS, LIMITS)
+        parse_server_stream(raw, TAG, PARAMS, LIMITS)
 
 
 def test_client_objects_carry_the_tag_and_token_ids() -> None:
@@ -200,15 +202,23 @@ def test_client_objects_carry_the_tag_and_token_ids() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(0, 255), max_size=12))
-def test_stream_deltas_concatenate_to_the_full_decoding(ids: list[int]) -> None:
-    """Byte tokens that split multi-byte characters: deltas still add up exactly."""
+@given(st.text(max_size=10), st.lists(st.integers(0, 40), max_size=6))
+def test_stream_deltas_concatenate_to_the_full_decoding(text: str, cuts: list[int]) -> None:
+    """Byte tokens that split multi-byte characters, in chunks as a server sends them:
+    no event carries an incomplete character (U+FFFD), and the texts add up exactly."""
     def decode(t: list[int]) -> str:
         return bytes(t).decode("utf-8", errors="replace")
 
-    deltas = proxy.text_deltas(ids, decode)
-    assert len(deltas) == len(ids)
-    assert "".join(deltas) == decode(ids)
+    ids = list(text.replace("\ufffd", "").encode())
+    bounds = sorted({0, len(ids), *(c for c in cuts if c < len(ids))})
+    chunks = [ids[a:b] for a, b in itertools.pairwise(bounds)]
+    stream = ClientStream("completions", model_id="m", tag=TAG, prompt_len=1, decode=decode)
+    raw = stream.begin() + b"".join(stream.push(c)[0] for c in chunks) + stream.end("length")
+    events = [json.loads(e[6:]) for e in raw.decode().split("\n\n") if e and e[6:] != "[DONE]"]
+    assert [t for e in events for t in e["choices"][0]["token_ids"]] == ids
+    texts = [e["choices"][0]["text"] for e in events]
+    assert all("\ufffd" not in t for t in texts)  # held back until complete
+    assert "".join(texts) == decode(ids)
 
 
 def test_prompt_limits() -> None:

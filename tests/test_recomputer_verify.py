@@ -194,3 +194,63 @@ def test_stop_cut_with_text_not_cut_or_length_claimed_fails(verifier: Verifier,
     [v] = verdicts(verifier, [job(gateway, replace(cut, finish_reason="length"))])
     assert not v.passed and v.reason == ("finish_reason 'length' but the output ends at a "
                                          "stop string")
+
+
+def test_stream_cut_short_passes_with_its_decoded_text(
+        verifier: Verifier, gateway: ScriptedGateway, tiny_engine: Any) -> None:
+    """A stream cut mid-way (client gone, server dead, power cut) is an honest prefix:
+    every token replayed, any length; its text must still be the ids' decoding."""
+    full = gateway.pair("It was the best of times", temperature=1.0, max_tokens=16, seed=3)
+    ids = full.output_token_ids[:7]
+    cut = replace(full, output_token_ids=ids, finish_reason="cut",
+                  output_text=tiny_engine.tokenizer.decode(ids, skip_special_tokens=True))
+    [v] = verdicts(verifier, [job(gateway, cut)])
+    assert v.passed, v.reason
+    [v] = verdicts(verifier, [job(gateway, replace(cut, output_text=full.output_text))])
+    assert not v.passed
+    assert v.reason == ("output_text is not the whitelisted tokenizer's decoding of the "
+                        "token ids")
+    # a cut prefix whose tokens were not the generation's still fails replay
+    forged = replace(cut, output_token_ids=[*ids[:-1], (ids[-1] + 1) % 640])
+    forged = replace(forged, output_text=tiny_engine.tokenizer.decode(
+        forged.output_token_ids, skip_special_tokens=True))
+    [v] = verdicts(verifier, [job(gateway, forged)])
+    assert not v.passed
+
+
+def test_cut_stream_that_reached_its_stop_string_fails(verifier: Verifier,
+                                                       gateway: ScriptedGateway,
+                                                       tiny_engine: Any) -> None:
+    """Attack: tokens past the stop string filed as a cut stream (the gateway ends a
+    stream at its stop string itself: a 'cut' pair never reaches one)."""
+    full, cut, _ = _stopped(gateway, tiny_engine)
+    k = len(cut.output_token_ids)
+    at = replace(cut, finish_reason="cut")
+    [v] = verdicts(verifier, [job(gateway, at)])
+    assert not v.passed
+    assert v.reason == "finish_reason 'cut' but the output ends at a stop string"
+    longer = replace(cut, output_token_ids=full.output_token_ids[:k + 1], finish_reason="cut")
+    [v] = verdicts(verifier, [job(gateway, longer)])
+    assert not v.passed
+    assert v.reason == f"tokens continue after the stop string that first appears at token {k - 1}"
+
+
+def test_stop_rule_knocked_out_lets_the_run_on_cheat_pass(
+        verifier: Verifier, gateway: ScriptedGateway, tiny_engine: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Knock-out: with the verifier ignoring the pair's stop strings, tokens smuggled past
+    the stop string as a cut stream pass replay (each of them is honest): the stop rule
+    is the defence."""
+    from ivp.recomputer import workers
+
+    full, cut, _ = _stopped(gateway, tiny_engine)
+    ids = full.output_token_ids[:len(cut.output_token_ids) + 1]
+    longer = replace(cut, output_token_ids=ids, finish_reason="cut",
+                     output_text=tiny_engine.tokenizer.decode(ids, skip_special_tokens=True))
+    [v] = verdicts(verifier, [job(gateway, longer)])
+    assert not v.passed
+    original = workers.structural_problem
+    monkeypatch.setattr(workers, "structural_problem",
+                        lambda *a, **kw: original(*a, **{**kw, "stop": ()}))
+    [v] = verdicts(verifier, [job(gateway, longer)])
+    assert v.passed, v.reason

@@ -134,6 +134,7 @@ class GatewayHandle:
     extra_args: tuple[str, ...] = ()
     server_port: int = 0
     device_args: list[str] = field(default_factory=list)  # e.g. --device tpm --tpm TCTI
+    isolate: bool | None = None  # --isolate for this one (None: the datacenter's choice)
 
 
 @dataclass
@@ -161,10 +162,14 @@ class LoopbackDatacenter:
             config's).
         console: serve the recomputer's read-only inspectors' console on 127.0.0.1
             (``console_url``).
-        device: the gateways' device: "soft" (key in a file) or "tpm" (each gateway gets
-            a software TPM of its own, swtpm, which the datacenter starts and stops).
+        device: the devices of the gateways and the recomputer: "soft" (key in a file)
+            or "tpm" (each gets a software TPM of its own, swtpm, which the datacenter
+            starts and stops).
         isolate: start every gateway with ``--isolate`` (root only): each server in its
             own network namespace, cgroup and bubblewrap sandbox.
+        seal_uplink: gateways seal their uplink bodies to the recomputer's KEM key
+            (``--recomputer-kem-key``); a gateway whose uplink crosses the attack suite's
+            tap (``uplink_url``) does not, so that the tap can pick records by content.
     """
 
     root: Path
@@ -186,6 +191,7 @@ class LoopbackDatacenter:
     device: str = "soft"
     isolate: bool = False
     recomputer_port: int = 0
+    seal_uplink: bool = True
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -195,6 +201,7 @@ class LoopbackDatacenter:
         self.recomputer_url = ""
         self.console_url = ""
         self.recomputer_key = ""
+        self.recomputer_kem_key = ""  # gateways seal their uplink to it (--seal-uplink)
         self._lock = threading.Lock()  # add_gateway may run in several threads
         self._named = 0
         self._tpms: list[Any] = []  # ivp.device.swtpm.Swtpm, one per TPM gateway
@@ -249,14 +256,24 @@ class LoopbackDatacenter:
 
         self.log("starting the recomputer")
         rc_state = self.root / "recomputer"
-        self.recomputer_key = self._identity(["recomputer", "--state", str(rc_state)])["public_key"]
+        rc_device: list[str] = []
+        if self.device == "tpm":  # the recomputer's keys in a TPM of its own too
+            from ivp.device.swtpm import Swtpm
+
+            tpm = Swtpm(self.root / "tpms" / "recomputer")
+            with self._lock:
+                self._tpms.append(tpm)
+            rc_device = ["--device", "tpm", "--tpm", tpm.tcti]
+        ident = self._identity(["recomputer", "--state", str(rc_state), *rc_device])
+        self.recomputer_key, self.recomputer_kem_key = ident["public_key"], ident["kem_public_key"]
         port = self.recomputer_port or free_port()
         self.recomputer_url = f"http://127.0.0.1:{port}"
         self._recomputer_args = [
             "recomputer", "--state", str(rc_state), "--port", str(port),
             "--policy", self.policy_path, "--whitelist", str(self.whitelist_path),
             "--model", f"{self.model_id}={self.model_dir}", "--workers", str(self.workers),
-            "--checkpoint-period", str(self.checkpoint_interval), *self.recomputer_args,
+            "--checkpoint-period", str(self.checkpoint_interval), *rc_device,
+            *self.recomputer_args,
         ]
         if self.console:
             console_port = free_port()
@@ -314,7 +331,8 @@ class LoopbackDatacenter:
             python = require_vllm_python()
         server_cmd = " ".join([python, "-m", "ivp.cli", "server", "--host", "{host}", "--port",
                                "{port}", "--engine", self.engine, *self.server_args])
-        if self.isolate:
+        isolate = self.isolate if h.isolate is None else h.isolate
+        if isolate:
             server_cmd += " --weights-dir {weights}"
         if h.attack:
             h.trigger = self.root / f"{h.gateway_id}.attack"
@@ -330,13 +348,18 @@ class LoopbackDatacenter:
             "--checkpoint-interval", str(self.checkpoint_interval),
             "--reboot-interval", str(h.reboot_interval), "--engine", self.engine,
             *(["--dtype", self.manifest.dtype] if self.dtype else []), *h.device_args,
-            *(["--isolate"] if self.isolate else []), *h.extra_args,
+            *(["--isolate"] if isolate else []),
+            # sealed to the recomputer, unless the operator's tap must read the records
+            *(["--recomputer-kem-key", self.recomputer_kem_key]
+              if self.seal_uplink and h.uplink_url is None else []),
+            *h.extra_args,
         ])
 
     def add_gateway(self, attack: str | None = None, *, uplink_url: str | None = None,
                     upload: bool = True, reboot_interval: float = 0.0,
                     extra_args: tuple[str, ...] = (),
-                    enrol_url: Callable[[str], str] | None = None) -> int:
+                    enrol_url: Callable[[str], str] | None = None,
+                    isolate: bool | None = None) -> int:
         """Enrol, start and (by default) boot one more gateway after :meth:`start`.
 
         Args:
@@ -347,6 +370,8 @@ class LoopbackDatacenter:
             reboot_interval: its forced reboot period in seconds (0: off).
             extra_args: more ``ivp gateway`` flags (e.g. ``--allow-tamper-endpoint``).
             enrol_url: given the gateway's URL, the URL to enrol instead (a proxy).
+            isolate: start this one with (True) or without (False) ``--isolate``
+                whatever the datacenter's ``isolate`` (None: as the datacenter).
 
         Returns:
             The new gateway's index in :attr:`handles`. Safe to call from several
@@ -354,6 +379,7 @@ class LoopbackDatacenter:
         """
         h = self._new_handle(attack, uplink_url, reboot_interval)
         h.extra_args = tuple(extra_args)
+        h.isolate = isolate
         h.enrol_url = enrol_url(h.url) if enrol_url is not None else None
         with self._lock:
             self.handles.append(h)

@@ -44,6 +44,8 @@ class Victim:
         fronted: the URL enrolled for it is the operator's
             :class:`~ivp.attacks.tap.ControlTap` in front of it (SHUTDOWN, relays and
             INPUT from the recomputer cross a proxy the operator controls).
+        isolated: its server runs under ``ivp gateway --isolate`` (root), whatever the
+            session's ``isolate`` (the ``isolate`` knockout turns it off).
     """
 
     server_attack: str | None = None
@@ -51,6 +53,7 @@ class Victim:
     upload: bool = True
     gateway_args: tuple[str, ...] = ()  # more `ivp gateway` flags
     fronted: bool = False  # the recomputer reaches it through the operator's ControlTap
+    isolated: bool = False  # ivp gateway --isolate for this victim
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ Knockouts (each disables exactly the named check, nothing else):
 * ``relay-order`` — the gateway applies a relay whatever its number (5).
 * ``uplink-caps`` — no cap on the items of an uplink batch (6).
 * ``release`` — the gateway releases every response at once, whatever its policy (7).
+* ``seal`` — the recomputer's store trusts every row it finds, sealed or not (issue 15).
+* ``isolate`` — a scenario's victim that asks for ``--isolate`` runs without it (the
+  runner reads this one; nothing is patched in the recomputer) (issue 15).
 
 ``ivp attack run`` never uses this module.
 """
@@ -215,12 +218,24 @@ def _release_off() -> None:
     _patch(ReleasePolicy, "release", lambda self, budget, ready: Release(ready, 0))
 
 
+def _seal_off() -> None:
+    from ivp.recomputer.seal import Sealer
+
+    _patch(Sealer, "check", lambda self, db: [])
+
+
+def _isolate_off() -> None:
+    """Nothing to patch here: ``ivp.attacks.runner`` starts the victim without
+    ``--isolate`` when this name is among the session's knockouts."""
+
+
 _APPLY: dict[str, Callable[[], None]] = {
     "audit": _audit_off, "sequence": _sequence_off, "checkpoint": _checkpoint_off,
     "quorum": _quorum_off, "signed-ack": _signed_ack_off, "first-claim": _first_claim_off,
     "all-boots": _all_boots_off, "gap-store": _gap_store_off, "counter": _counter_off,
     "receipts": _receipts_off, "relay-order": _relay_order_off,
-    "uplink-caps": _uplink_caps_off, "release": _release_off,
+    "uplink-caps": _uplink_caps_off, "release": _release_off, "seal": _seal_off,
+    "isolate": _isolate_off,
 }
 KNOCKOUTS = tuple(_APPLY)
 

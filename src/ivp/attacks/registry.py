@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ivp.attacks import admin, boot, evasions, physical, serving, uplink
+from ivp.attacks import admin, boot, evasions, physical, serving, trust, uplink
 from ivp.attacks.base import Scenario
 
 ORDER = (
@@ -16,9 +16,11 @@ ORDER = (
     # the operator who owns the wire, the disk and the power (issue 12)
     "forged-ack", "abandoned-boot", "gap-then-cheat", "log-rollback", "fake-control",
     "junk-uplink", "timing-channel", "small-holes",
+    # the trust boundary made real: root on the recomputer's disk, the server's network
+    "enrolment-bypass", "direct-connection",
 )
 
-_ALL = {s.name: s for m in (serving, boot, uplink, admin, physical, evasions)
+_ALL = {s.name: s for m in (serving, boot, uplink, admin, physical, evasions, trust)
         for s in m.SCENARIOS}
 if set(_ALL) != set(ORDER):  # a scenario module and ORDER disagree
     raise RuntimeError(f"scenarios vs ORDER: {sorted(set(_ALL) ^ set(ORDER))}")

@@ -142,10 +142,14 @@ class AttackSession:
             behind.append(url)
             return front.url if front is not None else url
 
+        isolate = None  # as the session
+        if spec.isolated:  # the `isolate` knockout: the same victim, not isolated
+            isolate = "isolate" not in self.settings.knockouts
         try:
             index = self.dc.add_gateway(spec.server_attack, upload=False,
                                         uplink_url=tap.url if tap else None,
-                                        extra_args=spec.gateway_args, enrol_url=enrolled)
+                                        extra_args=spec.gateway_args, enrol_url=enrolled,
+                                        isolate=isolate)
         except BaseException:
             for t in (tap, front):
                 if t is not None:

@@ -138,10 +138,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 async def _send(gateway: Gateway, request: web.Request, reply: Reply) -> web.StreamResponse:
     """Write the reply, then run its after-release step (the sampling draw) regardless."""
     headers = {"Cache-Control": "no-cache"} if reply.content_type == "text/event-stream" else {}
-    resp = web.Response(body=reply.body, status=reply.status, headers=headers,
-                        content_type=reply.content_type)
+    resp: web.StreamResponse
+    if reply.chunks is None:
+        resp = web.Response(body=reply.body, status=reply.status, headers=headers,
+                            content_type=reply.content_type)
+    else:  # a stream: each piece leaves as soon as the datapath hands it over (durable)
+        resp = web.StreamResponse(status=reply.status, headers=headers)
+        resp.content_type = reply.content_type
     try:
         await resp.prepare(request)
+        if reply.chunks is not None:
+            await resp.write(reply.body)
+            async for piece in reply.chunks:
+                await resp.write(piece)
         await resp.write_eof()
     except (ConnectionError, RuntimeError) as exc:  # client gone: the pair is logged anyway
         log.info("client left before the response was written: %s", exc)

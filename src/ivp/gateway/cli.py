@@ -43,6 +43,12 @@ def gateway(
         help="Required. The recomputer's public key (its --print-identity: 64 hex for "
              "Ed25519, ecdsa-p256:<hex> for P-256), or a file holding that JSON. The only "
              "key whose Shutdown and Readmit envelopes this gateway obeys.")] = None,
+    recomputer_kem_key: Annotated[str | None, typer.Option(
+        help="The recomputer's X25519 KEM public key (its --print-identity "
+             "kem_public_key: 64 hex, or that JSON file). Every uplink body is then sealed "
+             "to it (HPKE, RFC 9180): the operator's network sees no prompt or output of "
+             "the audit records, only sizes and timing. Without it the uplink is signed "
+             "but readable.")] = None,
     policy: Annotated[Path | None, typer.Option(
         help="Quorum policy JSON (inspector keys) the whitelist must be signed under.")] = None,
     whitelist: Annotated[Path | None, typer.Option(
@@ -160,6 +166,10 @@ def gateway(
         key_hex = _recomputer_key(recomputer_key)
     except (IvpError, OSError, ValueError) as exc:
         _fail(f"--recomputer-key: {exc}")
+    try:
+        seal_to = _kem_key(recomputer_kem_key) if recomputer_kem_key else None
+    except (IvpError, OSError, ValueError) as exc:
+        _fail(f"--recomputer-kem-key: {exc}")
     from aiohttp import web
 
     from ivp.web import bound_port, listen
@@ -183,7 +193,7 @@ def gateway(
                        checkpoint_interval, reboot_interval, release_grid_ms, sync, sandbox,
                        engine, dtype, allow_tamper_endpoint, _release_policy(
                            release_budget_ms, release_per_prompt_token_ms,
-                           release_per_token_ms, release_late_steps))
+                           release_per_token_ms, release_late_steps), seal_to=seal_to)
     except (IvpError, OSError, ValueError) as exc:
         sock.close()
         if sandbox is not None:
@@ -238,6 +248,29 @@ def _recomputer_key(value: str) -> str:
     return VerifyKey.from_hex(text).hex
 
 
+def _kem_key(value: str) -> bytes:
+    """The recomputer's KEM public key: 64 hex, or its --print-identity JSON file.
+
+    Raises:
+        ValueError: neither (or not a valid X25519 public key).
+    """
+    text = value.strip()
+    if not all(c in "0123456789abcdefABCDEF" for c in text) or len(text) != 64:
+        if not Path(value).is_file():
+            raise ValueError("expected the recomputer's kem_public_key (64 hex digits) or "
+                             f"its --print-identity JSON file; {value!r} is neither")
+        try:
+            text = str(json.loads(Path(value).read_text())["kem_public_key"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{value}: no \"kem_public_key\" in it (a recomputer's "
+                             "--print-identity JSON)") from None
+    from ivp.protocol.hpke import seal_message
+
+    key = bytes.fromhex(text)
+    seal_message(key, b"check", b"")  # ValidationError now rather than at the first uplink
+    return key
+
+
 class _Built:
     def __init__(self, app: Any, config: Any, server_host: str, server_port: int) -> None:
         self.app, self.config = app, config
@@ -249,7 +282,8 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
            policy: Path, whitelist: Path, epsilon: float, server_port: int, server_cmd: str,
            checkpoint_interval: float, reboot_interval: float, release_grid_ms: float,
            sync: str, sandbox: Any = None, engine: str = "reference",
-           dtype: str = "", tamper_endpoint: bool = False, release: Any = None) -> _Built:
+           dtype: str = "", tamper_endpoint: bool = False, release: Any = None,
+           seal_to: bytes | None = None) -> _Built:
     import socket
 
     from ivp.gateway.app import build_app
@@ -296,7 +330,7 @@ def _build(device: object, state: Path, gateway_id: str | None, host: str, port:
     core = Gateway(
         config, device, log, trusted,  # type: ignore[arg-type]
         HttpUpstream(f"http://{server_host}:{server_port}"), power,
-        uplink=HttpUplink(recomputer) if recomputer else None,
+        uplink=HttpUplink(recomputer, seal_to=seal_to) if recomputer else None,
         recomputer_key=VerifyKey.from_hex(recomputer_key) if recomputer_key else None,
         on_serving=freeze_heap,
     )

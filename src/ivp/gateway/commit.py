@@ -1,7 +1,8 @@
 """The group-commit writer (SNG property 3's durability: durable before release).
 
-Appends (a pair must be durable before its response is released) and sampling draws
-(after release) share one write queue, written in arrival order by one loop on the
+Appends (a pair must be durable before its response is released), the chunks of open
+streams (each durable before its bytes are released) and sampling draws (after
+release) share one write queue, written in arrival order by one loop on the
 log's own thread: every transaction holds all that waited, so concurrent requests and
 the draws of earlier ones cost one fsync together (group commit). Draws keep tag order
 because they are queued in tag order (``serving.ServingBoot.settle``) and the queue is
@@ -41,11 +42,14 @@ T = TypeVar("T")
 @dataclass
 class Write:
     """One queued write of the group commit: an ``append`` (a pair, before release), a
-    ``decide`` (a sampling draw, after release) or a ``barrier`` (flush up to here)."""
+    ``progress`` (an open stream's pair so far, before its chunk is released), a
+    ``decide`` (a sampling draw, after release) or a ``barrier`` (flush up to here).
+    ``stream``: an append that ends a stream (its partial row goes with it)."""
 
     kind: str
     boot_id: str
     pair: PairRecord | None = None
+    stream: bool = False
     pos: int = 0
     keep: bool = False
     future: asyncio.Future[Any] = field(
@@ -82,10 +86,20 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
-    def append(self, boot_id: str, pair: PairRecord) -> asyncio.Future[Link]:
+    def append(self, boot_id: str, pair: PairRecord, stream: bool = False
+               ) -> asyncio.Future[Link]:
         """Queue ``pair``'s append: the future gives its link once it is durable;
-        concurrent callers share one commit (group commit)."""
-        future = self.enqueue(Write("append", boot_id, pair=pair))
+        concurrent callers share one commit (group commit). ``stream``: the pair ends a
+        stream (its partial row is dropped in the same commit)."""
+        future = self.enqueue(Write("append", boot_id, pair=pair, stream=stream))
+        self._append_waiting.set()
+        return future
+
+    def progress(self, boot_id: str, pair: PairRecord) -> asyncio.Future[None]:
+        """Queue an open stream's pair so far (``log.PairLog.progress``): the future ends
+        once it is durable, in the same group commit as every other open stream's and
+        every plain pair's."""
+        future = self.enqueue(Write("progress", boot_id, pair=pair))
         self._append_waiting.set()
         return future
 
@@ -137,7 +151,7 @@ class GroupCommit:
                 await self._linger()
                 batch, self._writes = self._writes, []
                 self._urgent = False
-                appends = sum(1 for w in batch if w.kind == "append")
+                appends = sum(1 for w in batch if w.kind in ("append", "progress"))
                 t = time.monotonic()
                 results = await self.call(self._write_batch, batch)
                 if appends:
@@ -173,12 +187,18 @@ class GroupCommit:
             i = 0
             while i < len(batch):
                 op, j = batch[i], i + 1
-                if op.kind == "append":
-                    while j < len(batch) and batch[j].kind == "append" and \
+                if op.kind in ("append", "progress"):
+                    while j < len(batch) and batch[j].kind == op.kind and \
                             batch[j].boot_id == op.boot_id:
                         j += 1
                     pairs = [w.pair for w in batch[i:j] if w.pair is not None]
-                    self._step(out, range(i, j), self.log.append, op.boot_id, pairs)
+                    if op.kind == "progress":
+                        self._step(out, range(i, j), self.log.progress, op.boot_id, pairs)
+                    else:
+                        ended = tuple(w.pair.tag.seq for w in batch[i:j]
+                                      if w.stream and w.pair is not None)
+                        self._step(out, range(i, j), self.log.append, op.boot_id, pairs,
+                                   ended)
                 elif op.kind == "decide":
                     while j < len(batch) and batch[j].kind == "decide":
                         j += 1

@@ -255,8 +255,10 @@ class Gateway:
                                                name="ivp-reboots"))
 
     async def _recover(self, keep_all: bool = False) -> None:
-        """Draw for every pair a crash left undecided (all kept when ``keep_all``: the
-        fate of the last draw batch is unknown), then close every boot left open."""
+        """Chain every stream a crash cut (its last durable chunk: all it released), draw
+        for every pair a crash left undecided (all kept when ``keep_all``: the fate of
+        the last draw batch is unknown), then close every boot left open."""
+        await self._db(self.log.cut_streams)  # streams the crash cut: chained as they stood
         for boot_id, eps in (await self._db(self.log.undecided_epsilons)).items():
             self.draws.recovered(boot_id, eps)  # the ε its BOOT declared
         drawn = [self.writer.decide(boot_id, pos, True) if keep_all
@@ -266,8 +268,7 @@ class Gateway:
         for op in drawn:
             await self.datapath.drawn(op)
         for boot_id in await self._db(self.log.open_boots):
-            await self._db(self.log.checkpoint, boot_id, self.gateway_id, self._sign_checkpoint)
-            await self._db(self.log.close_boot, boot_id)
+            await self._db(self.log.end_boot, boot_id, self.gateway_id, self._sign_checkpoint)
 
     async def close(self) -> None:
         """Stop background work and power the server off (the gateway is going away)."""
@@ -311,9 +312,10 @@ class Gateway:
         self._ended.append(boot)
         del self._ended[:-4]
         with contextlib.suppress(IvpError):
-            await self._db(self.log.checkpoint, boot.boot_id, self.gateway_id,
-                           self._sign_checkpoint)
-            await self._db(self.log.close_boot, boot.boot_id)
+            # its open streams are chained as they stood in the commit that closes it:
+            # no chunk they released is missing, and none can be committed after
+            boot.chained.update(await self._db(self.log.end_boot, boot.boot_id,
+                                               self.gateway_id, self._sign_checkpoint))
         self._wake_uplink()
 
     def spawn(self, coro: Coroutine[Any, Any, Any] | Awaitable[Any]) -> asyncio.Future[Any]:

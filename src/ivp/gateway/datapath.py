@@ -9,7 +9,10 @@ pair. The draw happens after release, so the server cannot know which outputs wi
 checked; draws are made in tag order (``ServingBoot.settle``).
 
 The hot path makes no task per request: the release settles the tag at once and the
-draw's commit ends the future the HTTP shell waits on through callbacks.
+draw's commit ends the future the HTTP shell waits on through callbacks. A streamed
+request with no release policy goes chunk by chunk instead (``streaming_shell``: each
+chunk durable before it leaves); with a release policy it is served whole, at the
+policy's fixed time, like any other.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from ivp.gateway.commit import Write
 from ivp.gateway.errors import BodyTooLargeError, ServerProtocolError
 from ivp.gateway.serving import Link, ServingBoot
 from ivp.gateway.shared import Reply
+from ivp.gateway.streaming import client_stream, parse_server_stream
+from ivp.gateway.streaming_shell import ServedStream
 from ivp.protocol.messages import AuditRecord, Tag
 
 if TYPE_CHECKING:
@@ -61,6 +66,13 @@ class Datapath:
             seed = gw.device.random_u64()  # TRNG: the client never chooses it
             t_request = time.time()
             boot.open_tag(seq)
+            if request.stream and gw.config.release is None:
+                try:
+                    return await self._stream(boot, request, prompt_ids, tag, seed,
+                                              t_request, drawn)
+                except BaseException:
+                    boot.close_tag(seq)
+                    raise
             try:
                 budget = self._budget(prompt_ids, request)
                 try:
@@ -83,13 +95,12 @@ class Datapath:
             committing = gw.writer.append(boot.boot_id, pair)
             where = await asyncio.shield(committing)  # durable before release
             boot.committed()
-            if request.stream:
-                payload = proxy.client_stream(
+            if request.stream:  # held by the release policy: the whole stream at once
+                payload = client_stream(
                     request.endpoint, model_id=pair.model_id, tag=tag,
-                    prompt_len=len(prompt_ids), token_ids=out.token_ids, text=text,
-                    finish_reason=out.finish_reason, include_usage=request.include_usage,
-                    deltas=proxy.text_deltas(out.token_ids, boot.tokenizer.decode, request.stop,
-                                             text))
+                    prompt_len=len(prompt_ids), token_ids=out.token_ids,
+                    decode=boot.tokenizer.decode, finish_reason=out.finish_reason,
+                    stops=request.stop, include_usage=request.include_usage)
                 content_type = "text/event-stream"
             else:
                 payload = proxy.client_response(
@@ -129,7 +140,7 @@ class Datapath:
         try:
             if status != 200:
                 raise ServerProtocolError(f"server answered HTTP {status}: {raw[:300]!r}")
-            parse = proxy.parse_server_stream if request.stream else proxy.parse_server_response
+            parse = parse_server_stream if request.stream else proxy.parse_server_response
             return parse(raw, tag, request.params, boot.limits), elapsed
         except ServerProtocolError:
             # Neither the client nor the alarm gets any of the answer (not even the parse
@@ -141,6 +152,39 @@ class Datapath:
             raise ServerProtocolError(
                 "the server's output was outside the protocol and was dropped; an alarm was "
                 "raised") from None
+
+    async def _stream(self, boot: Boot, request: proxy.ClientRequest, prompt_ids: list[int],
+                      tag: Tag, seed: int, t_request: float, drawn: asyncio.Future[None]
+                      ) -> Reply:
+        """A streamed request with no release policy (``streaming_shell``): the reply
+        starts once the first tokens are durable; the rest follows chunk by chunk."""
+        gw = self.gw
+        body = proxy.server_request(boot.manifest.model_id, prompt_ids, request.params, seed,
+                                    tag, True)
+        answer = await gw.upstream.stream("/v1/completions", body,
+                                          timeout=gw.config.server_timeout)
+        try:
+            status = await answer.status()
+        except BaseException:
+            answer.close()
+            raise
+        if status != 200:
+            answer.close()
+            await gw.alarm("unpaired_output", f"{tag.boot_id}/{tag.seq}: an HTTP error answer "
+                           "outside the protocol (no open tag, or not token ids): dropped "
+                           "unread")
+            raise ServerProtocolError("the server's output was outside the protocol and was "
+                                      "dropped; an alarm was raised")
+        stream = ServedStream(self, boot, request, prompt_ids, tag, seed, t_request, answer,
+                              drawn)
+        try:
+            first = await stream.start()
+        except BaseException:
+            answer.close()
+            raise
+        boot.committed()
+        self._ok[request.endpoint].inc()
+        return Reply(first, "text/event-stream", after_release=stream.close, chunks=stream)
 
     # --- release: the timing channel ----------------------------------------------------
     def _budget(self, prompt_ids: list[int], request: proxy.ClientRequest) -> float | None:

@@ -17,6 +17,11 @@ holds that disk, so:
 * commits are **durable** (WAL, ``synchronous=FULL``): :meth:`PairLog.append` returns
   only after the pairs are on disk, and the gateway releases a response only after
   that (several concurrent pairs may share one commit: group commit);
+* a **streamed** pair is durable chunk by chunk: :meth:`PairLog.progress` keeps each
+  open stream's pair so far (sealed, finish reason "cut") before its tokens are
+  released; the pair is chained once, whole, when the stream ends (:meth:`append`
+  drops the row in the same commit), and a stream the end of a boot or a crash cut is
+  chained as it stood (:meth:`cut_streams`), so no released token is ever missing;
 * the sampling decision (:meth:`PairLog.decide`) turns a pair into a signed, numbered
   audit record in the spool *in the same transaction* that deletes the pair, so a
   crash can never lose a kept pair, skip an audit number or number one twice;
@@ -49,10 +54,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ivp.device import Device
-from ivp.errors import PeerDataError, StateError
+from ivp.errors import PeerDataError, StateError, ValidationError
 from ivp.gateway import serving
 from ivp.gateway.serving import Link
-from ivp.protocol.encoding import decode
+from ivp.protocol.encoding import canonical, decode
 from ivp.protocol.messages import AuditRecord, BootClose, Checkpoint, PairRecord
 
 SCHEMA = """
@@ -64,6 +69,9 @@ CREATE TABLE IF NOT EXISTS boots (
 CREATE TABLE IF NOT EXISTS pairs (
     boot_id TEXT NOT NULL, pos INTEGER NOT NULL, prev TEXT NOT NULL, head TEXT NOT NULL,
     sealed BLOB NOT NULL, PRIMARY KEY (boot_id, pos));
+CREATE TABLE IF NOT EXISTS streams (
+    boot_id TEXT NOT NULL, seq INTEGER NOT NULL, sealed BLOB NOT NULL,
+    PRIMARY KEY (boot_id, seq));
 CREATE TABLE IF NOT EXISTS spool (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, boot_id TEXT NOT NULL,
     n INTEGER NOT NULL, created REAL NOT NULL, sealed BLOB NOT NULL);
@@ -73,6 +81,7 @@ CREATE TABLE IF NOT EXISTS alarms (
 """
 
 _PAIR = "gateway/log/pair"
+_STREAM = "gateway/log/stream"
 _SPOOL = "gateway/log/spool"
 _META = "gateway/log/meta"
 _ALARM_SEQ = "alarm_seq"  # meta key: the last GatewayAlarm number used
@@ -260,17 +269,16 @@ class PairLog:
         return int(row[0]), int(row[1])
 
     # --- pairs --------------------------------------------------------------------------
-    def append(self, boot_id: str, pairs: list[PairRecord]) -> list[Link]:
-        """Chain and store ``pairs`` (in order) durably, in one commit.
+    def append(self, boot_id: str, pairs: list[PairRecord],
+               streams: tuple[int, ...] = ()) -> list[Link]:
+        """Chain and store ``pairs`` (in order) durably, in one commit; ``streams``: the
+        tag seqs of streamed pairs among them, whose partial rows go in the same commit.
 
         Raises:
             StateError: the boot is unknown or closed (a pair of a dead boot is dropped).
         """
         with self._txn():
-            row = self._db.execute("SELECT head, pairs, closed FROM boots WHERE boot_id=?",
-                                   (boot_id,)).fetchone()
-            if row is None or row[2]:
-                raise StateError(f"boot {boot_id!r} is not open: pair dropped")
+            row = self._open_boot(boot_id)
             links = []
             for data, where in serving.link_pairs(boot_id, row[0], row[1], pairs):
                 # the bytes both chained and sealed
@@ -282,7 +290,67 @@ class PairLog:
             if links:
                 self._db.execute("UPDATE boots SET head=?, pairs=? WHERE boot_id=?",
                                  (links[-1].head, links[-1].pos, boot_id))
+            for seq in streams:
+                self._db.execute("DELETE FROM streams WHERE boot_id=? AND seq=?",
+                                 (boot_id, seq))
         return links
+
+    def _open_boot(self, boot_id: str) -> tuple[str, int]:
+        row = self._db.execute("SELECT head, pairs, closed FROM boots WHERE boot_id=?",
+                               (boot_id,)).fetchone()
+        if row is None or row[2]:
+            raise StateError(f"boot {boot_id!r} is not open: pair dropped")
+        return row[0], row[1]
+
+    def progress(self, boot_id: str, pairs: list[PairRecord]) -> list[None]:
+        """Keep each open stream's pair so far (finish reason "cut": what the pair is
+        should the stream end here) durably, in one commit, replacing the last one.
+
+        Raises:
+            StateError: the boot is unknown or closed (the chunk is not released).
+        """
+        with self._txn():
+            self._open_boot(boot_id)
+            for pair in pairs:
+                where = f"{boot_id}/{pair.tag.seq}".encode()
+                self._db.execute(
+                    "INSERT OR REPLACE INTO streams(boot_id, seq, sealed) VALUES (?,?,?)",
+                    (boot_id, pair.tag.seq, self.device.seal(_STREAM, canonical(pair), where)))
+        return [None] * len(pairs)
+
+    def cut_streams(self, boot_id: str | None = None) -> dict[str, dict[int, Link]]:
+        """Chain every stream left open (of ``boot_id``, else of every open boot) as it
+        stood at its last durable chunk, in tag order: {boot_id: {seq: link}}. A row that
+        does not open (an edited log) is dropped and alarmed."""
+        out: dict[str, dict[int, Link]] = {}
+        with self._txn():
+            rows = self._db.execute(
+                "SELECT s.boot_id, s.seq, s.sealed FROM streams s JOIN boots b ON "
+                "b.boot_id = s.boot_id WHERE b.closed = 0 AND (? IS NULL OR s.boot_id = ?) "
+                "ORDER BY b.started, s.seq", (boot_id, boot_id)).fetchall()
+            for bid, seq, sealed in rows:
+                try:
+                    pair = decode(self.device.unseal(_STREAM, sealed, f"{bid}/{seq}".encode()),
+                                  PairRecord)
+                except (PeerDataError, ValidationError) as exc:
+                    self._db.execute("DELETE FROM streams WHERE boot_id=? AND seq=?",
+                                     (bid, seq))
+                    self._alarm("log_corrupt", f"stream {bid}/{seq}: {exc}", time.time())
+                    continue
+                (link,) = self.append(bid, [pair], (seq,))
+                out.setdefault(bid, {})[seq] = link
+        return out
+
+    def end_boot(self, boot_id: str, gateway_id: str, sign: Callable[[Checkpoint], bytes]
+                 ) -> dict[int, Link]:
+        """Close a boot in one commit: its open streams chained as they stood, its final
+        checkpoint, closed (no pair or chunk of it is accepted after). The links of the
+        streams it chained, by tag seq."""
+        with self._txn():
+            cut = self.cut_streams(boot_id).get(boot_id, {})
+            self.checkpoint(boot_id, gateway_id, sign)
+            self.close_boot(boot_id)
+        return cut
 
     def read_pair(self, boot_id: str, pos: int) -> tuple[Link, PairRecord] | None:
         """A logged (undecided) pair, unsealed and checked against its chain link.

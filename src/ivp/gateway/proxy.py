@@ -9,13 +9,13 @@ The gateway is the note's "inputter trusted for the delimiter" and the output co
 * :func:`server_request` builds the only body the server sees: token ids (the
   gateway tokenised the prompt with the *whitelisted* tokenizer), the sampler
   parameters, the seed and the tag.
-* :func:`parse_server_response` / :func:`parse_server_stream` accept only the token
-  ids and the finish reason, and only under the tag the gateway sent (a response
-  that pairs with no open tag is dropped and alarmed by the caller).
+* :func:`parse_server_response` (and ``streaming.ServerStream`` for streams) accept
+  only the token ids and the finish reason, and only under the tag the gateway sent (a
+  response that pairs with no open tag is dropped and alarmed by the caller).
 * :func:`finish_output` cuts an output at the client's first stop string
   (``protocol.stops``: the same rule the recomputer checks).
-* :func:`client_response` / :func:`client_stream` re-serialise the answer from the
-  token ids alone, so no byte of the server's own formatting (text, spacing, chunk
+* :func:`client_response` (and ``streaming.ClientStream``) re-serialise the answer
+  from the token ids alone, so no byte of the server's own formatting (text, spacing, chunk
   boundaries, extra fields) reaches the client: the only channel out is the token
   sequence, which the audit checks.
 
@@ -43,7 +43,7 @@ from ivp.gateway.inputs import (
 )
 from ivp.protocol.encoding import canonical, to_builtins
 from ivp.protocol.messages import FinishReason, SamplingParams, Tag, TokenId
-from ivp.protocol.stops import TextStream, cut_at_stop
+from ivp.protocol.stops import cut_at_stop
 
 
 # --- tokenizer -------------------------------------------------------------------------
@@ -176,23 +176,13 @@ class _SrvCompletion(Struct):
     ivp_tag: Tag
 
 
-class _SrvChunkChoice(Struct):
-    token_ids: list[TokenId] = []
-    finish_reason: FinishReason | None = None
-
-
-class _SrvChunk(Struct):
-    choices: list[_SrvChunkChoice] = []
-    ivp_tag: Tag | None = None
-
-
 @dataclass(frozen=True)
 class ServerOutput:
     token_ids: list[int]
     finish_reason: str
 
 
-def _check_output(out: ServerOutput, params: SamplingParams, limits: ModelLimits) -> ServerOutput:
+def check_output(out: ServerOutput, params: SamplingParams, limits: ModelLimits) -> ServerOutput:
     n = len(out.token_ids)
     if n > params.max_tokens:
         raise ServerProtocolError(f"server returned {n} tokens, max_tokens is {params.max_tokens}")
@@ -227,60 +217,8 @@ def parse_server_response(raw: bytes, tag: Tag, params: SamplingParams,
     if len(resp.choices) != 1:
         raise ServerProtocolError(f"server answer has {len(resp.choices)} choices, not 1")
     choice = resp.choices[0]
-    return _check_output(ServerOutput(list(choice.token_ids), choice.finish_reason),
+    return check_output(ServerOutput(list(choice.token_ids), choice.finish_reason),
                          params, limits)
-
-
-def parse_server_stream(raw: bytes, tag: Tag, params: SamplingParams,
-                        limits: ModelLimits) -> ServerOutput:
-    """Token ids and finish reason of a server's SSE stream (``data: {...}`` events).
-
-    Raises:
-        ServerProtocolError: a line that is not an SSE data event, a chunk under another
-            tag, no tag at all, no finish reason, tokens after the finish reason, or a
-            missing ``[DONE]``.
-    """
-    ids: list[int] = []
-    finish: str | None = None
-    tagged = done = False
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ServerProtocolError("server stream is not UTF-8") from None
-    for line in text.splitlines():
-        if not line.strip() or line.startswith(":"):
-            continue
-        if not line.startswith("data:"):
-            raise ServerProtocolError(f"server stream line outside the protocol: {line[:60]!r}")
-        data = line[5:].strip()
-        if done:
-            raise ServerProtocolError("server sent data after [DONE]")
-        if data == "[DONE]":
-            done = True
-            continue
-        try:
-            chunk = msgspec.json.decode(data, type=_SrvChunk)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ServerProtocolError(f"server stream chunk outside the protocol: {exc}") from None
-        if chunk.ivp_tag is not None:
-            if chunk.ivp_tag != tag:
-                raise ServerProtocolError("server stream chunk pairs with no open tag")
-            tagged = True
-        if len(chunk.choices) > 1:
-            raise ServerProtocolError("server stream chunk has more than one choice")
-        for c in chunk.choices:
-            if finish is not None and c.token_ids:
-                raise ServerProtocolError("server sent tokens after the finish reason")
-            ids.extend(c.token_ids)
-            if c.finish_reason is not None:
-                if finish is not None:
-                    raise ServerProtocolError("server sent two finish reasons")
-                finish = c.finish_reason
-    if not tagged:
-        raise ServerProtocolError("server stream carries no tag: unpaired output")
-    if finish is None or not done:
-        raise ServerProtocolError("server stream ended without a finish reason and [DONE]")
-    return _check_output(ServerOutput(ids, finish), params, limits)
 
 
 # --- to the client ------------------------------------------------------------------------
@@ -329,73 +267,7 @@ def finish_output(out: ServerOutput, stops: tuple[str, ...],
     return ServerOutput(out.token_ids[:kept], "stop"), text
 
 
-def text_deltas(token_ids: list[int], decode: Any, stops: tuple[str, ...] = (),
-                text: str | None = None) -> list[str]:
-    """Per-token text deltas whose concatenation is the output's text.
-
-    A token that ends inside a multi-byte character gets "" and its text arrives with
-    the token that completes it; text that could still begin a stop string is held
-    back until it cannot (``protocol.stops.TextStream``). ``text``: the full
-    decoding, when the caller has it.
-    """
-    stream = TextStream(decode, stops)
-    deltas = [stream.push(t) for t in token_ids]
-    rest = stream.finish(text if not stops else None)
-    if deltas:
-        deltas[-1] += rest
-    return deltas
-
-
-def client_stream(endpoint: Endpoint, *, model_id: str, tag: Tag, prompt_len: int,
-                  token_ids: list[int], text: str, deltas: list[str], finish_reason: str,
-                  created: int | None = None, include_usage: bool = False) -> bytes:
-    """SSE events re-serialised by the gateway: one chunk per token, the finish chunk
-    (with the tag), with ``include_usage`` a usage chunk (no choices, as OpenAI sends
-    for ``stream_options.include_usage``), then [DONE].
-
-    The gateway chooses the chunking (one token per event), so the server's chunk
-    boundaries cannot carry information out either.
-    """
-    created = int(time.time()) if created is None else created
-    rid = f"{tag.gateway_id}-{tag.boot_id[:12]}-{tag.seq}"
-    chat = endpoint == "chat.completions"
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    rid = ("chatcmpl-" if chat else "cmpl-") + rid
-    events: list[bytes] = []
-
-    def event(choice: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        body = {"id": rid, "object": obj, "created": created, "model": model_id,
-                "choices": [choice], **(extra or {})}
-        events.append(b"data: " + canonical(body) + b"\n\n")
-
-    if chat:
-        event({"index": 0, "delta": {"role": "assistant", "content": ""}, "token_ids": [],
-               "finish_reason": None})
-    for tok, delta in zip(token_ids, deltas, strict=True):
-        piece: dict[str, Any] = {"content": delta} if chat else {}
-        choice = {"index": 0, "token_ids": [tok], "finish_reason": None}
-        if chat:
-            choice["delta"] = piece
-        else:
-            choice["text"] = delta
-            choice["logprobs"] = None
-        event(choice)
-    last: dict[str, Any] = {"index": 0, "token_ids": [], "finish_reason": finish_reason}
-    if chat:
-        last["delta"] = {}
-    else:
-        last["text"] = ""
-        last["logprobs"] = None
-    event(last, {"ivp": {"tag": to_builtins(tag)}})
-    if include_usage:
-        events.append(b"data: " + canonical({
-            "id": rid, "object": obj, "created": created, "model": model_id, "choices": [],
-            "usage": _usage(prompt_len, len(token_ids))}) + b"\n\n")
-    events.append(b"data: [DONE]\n\n")
-    return b"".join(events)
-
-
 __all__ = ["ChatBody", "ClientRequest", "CompletionBody", "Endpoint", "HFTokenizer",
-           "ModelLimits", "ServerOutput", "Tokenizer", "client_response", "client_stream",
-           "finish_output", "parse_request", "parse_server_response", "parse_server_stream",
-           "server_request", "text_deltas", "tokenize"]
+           "ModelLimits", "ServerOutput", "Tokenizer", "check_output", "client_response",
+           "finish_output", "parse_request", "parse_server_response", "server_request",
+           "tokenize"]

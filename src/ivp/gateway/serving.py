@@ -24,9 +24,10 @@ What each piece decides, and the attack or fault its check blocks:
   else.
 
 The shell around this core (``datapath``) does the waiting: the server call, the
-group commit (``commit``), the release, the TRNG. A future streamed answer fits the
-same shape: its tag stays open while chunks are appended, and it is settled once, when
-its last chunk was released.
+group commit (``commit``), the release, the TRNG. A streamed answer
+(``streaming_shell``) fits the same shape: its tag stays open while its chunks are
+committed and released, and it is settled once, when its last chunk was released (or
+the client left), so later tags' draws wait for it.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class ServingBoot(Generic[W]):
     # settled seqs from next_draw up, each with its pair's link (None: no pair)
     next_draw: int = 0
     settled: dict[int, tuple[Link | None, W]] = field(default_factory=dict)
+    # streams the end of this boot chained as they stood (log.PairLog.end_boot), by seq
+    chained: dict[int, Link] = field(default_factory=dict)
 
     @property
     def model_id(self) -> str:

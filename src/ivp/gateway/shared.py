@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ivp.gateway.release import ReleasePolicy
 
@@ -76,14 +77,29 @@ class GatewayConfig:
             raise ValueError("intervals must be >= 0")
 
 
+class Chunks(Protocol):
+    """A streamed body: each piece may leave as soon as it is returned (it is durable)."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+
 @dataclass
 class Reply:
-    """An answer for the HTTP shell. ``after_release`` runs once the bytes are sent."""
+    """An answer for the HTTP shell. ``after_release`` runs once the bytes are sent (or
+    the client left). ``chunks``: a streamed body, written piece by piece after
+    ``body``; ``after_release`` then also ends the stream (a cut one is logged as cut)."""
 
     body: bytes
     content_type: str = "application/json"
     status: int = 200
     after_release: Callable[[], Awaitable[None]] | None = None
+    chunks: Chunks | None = None
+
+    async def read(self) -> bytes:
+        """The whole body, as a client reading to the end gets it (tests, tools)."""
+        if self.chunks is None:
+            return self.body
+        return self.body + b"".join([piece async for piece in self.chunks])
 
 
 __all__ = ["GatewayConfig", "Reply", "State"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ivp.errors import IvpError, PeerDataError, TransportError, ValidationError
+from ivp.gateway.upstream import StreamAnswer
 from ivp.protocol.acks import Heartbeat, UplinkAck, UplinkReceipt, payload_digest
 from ivp.protocol.encoding import canonical, decode, to_builtins
 from ivp.protocol.envelope import (
@@ -65,6 +66,10 @@ class FakeServer:
     persist_state: bool = False  # a server that keeps its RAM across power cycles (attack)
     stop_reading_at: int | None = None  # stop consuming the weight stream after N bytes
     delay: float = 0.0  # seconds each completion takes (a slow, or signalling, server)
+    event_delay: float = 0.0  # seconds between the events of a streamed answer
+    cut_after: int | None = None  # a streamed answer dies after this many events
+    streams_open: int = 0  # streamed answers still being sent
+    _pumps: set[asyncio.Future[None]] = field(default_factory=set)
 
     # --- power (driven by FakePower) ------------------------------------------------------
     def power(self, on: bool) -> None:
@@ -123,6 +128,36 @@ class FakeServer:
                 return self.answer(request)
             return 200, self.honest(request)
         return 404, b"{}"
+
+    async def stream(self, path: str, body: bytes, *, timeout: float = 600.0
+                     ) -> StreamAnswer:
+        """:meth:`post`'s answer as a stream: one piece per SSE event, ``event_delay``
+        seconds apart; with ``cut_after`` set, the server dies after that many events."""
+        status, raw = await self.post(path, body, timeout=timeout)
+        answer = StreamAnswer(lambda: None, path)
+        answer._head(status)
+        pieces = [p + b"\n\n" for p in raw.split(b"\n\n") if p] or [raw]
+        self.streams_open += 1
+
+        async def pump() -> None:
+            try:
+                for i, piece in enumerate(pieces):
+                    if self.cut_after is not None and i >= self.cut_after:
+                        answer._end(TransportError(f"server unreachable ({path}): "
+                                                   "ConnectionResetError"))
+                        return
+                    if self.event_delay:
+                        await asyncio.sleep(self.event_delay)
+                    if answer._ended:  # the gateway hung up: the server stops
+                        return
+                    answer._push(piece)
+                answer._end(None)
+            finally:
+                self.streams_open -= 1
+
+        self._pumps.add(task := asyncio.ensure_future(pump()))
+        task.add_done_callback(self._pumps.discard)
+        return answer
 
     def tokens(self, request: dict[str, Any]) -> tuple[list[int], str]:
         """A pure function of (seed, prompt, max_tokens): stops at EOS when drawn."""

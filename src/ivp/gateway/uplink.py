@@ -70,16 +70,28 @@ class CursorTransport(UplinkTransport, Protocol):
 
 
 class HttpUplink:
-    """:class:`UplinkTransport` over aiohttp to ``<url>/uplink``."""
+    """:class:`UplinkTransport` over aiohttp to ``<url>/uplink``.
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    With ``seal_to`` (the recomputer's X25519 KEM public key) every body is sealed to
+    it (``ivp.protocol.hpke.seal_message``): the records inside stay signed, and only
+    the recomputer can read their prompts and outputs.
+    """
+
+    def __init__(self, url: str, timeout: float = 30.0, seal_to: bytes | None = None) -> None:
         self.url = url.rstrip("/") + "/uplink"
+        self.seal_to = seal_to
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
     async def post(self, body: bytes) -> bytes:
-        return await self._call("POST", self.url, "recomputer", data=body,
-                                headers={"Content-Type": "application/json"})
+        if self.seal_to is None:
+            return await self._call("POST", self.url, "recomputer", data=body,
+                                    headers={"Content-Type": "application/json"})
+        from ivp.protocol.hpke import SEALED_UPLINK, UPLINK_INFO, seal_message
+
+        return await self._call("POST", self.url, "recomputer",
+                                data=seal_message(self.seal_to, UPLINK_INFO, body),
+                                headers={"Content-Type": SEALED_UPLINK})
 
     async def cursor(self, gateway_id: str, boot_id: str | None) -> bytes:
         """``GET <recomputer>/uplink/cursor?gateway_id=&boot_id=``: the raw answer."""

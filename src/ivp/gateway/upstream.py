@@ -5,7 +5,9 @@ by an in-memory server in tests (:mod:`ivp.gateway.testing`) and over HTTP/1.1 o
 loopback port in production: inference requests (small JSON bodies, one per served
 pair: the hot path) go over a minimal keep-alive client of their own
 (:class:`_Connections`, a third of aiohttp's client cost per request); health checks
-and the streamed weights use aiohttp. Every failure to reach the server becomes
+and the streamed weights use aiohttp. A streamed completion is read as it arrives
+(:class:`StreamAnswer`): the gateway commits and releases each piece while the server
+is still generating. Every failure to reach the server becomes
 :class:`~ivp.errors.TransportError` here, at the boundary. Answers are read up to a
 cap: a server cannot exhaust the gateway's memory with an endless answer.
 """
@@ -29,6 +31,88 @@ class _BadAnswer(Exception):
     """The server's bytes are not an HTTP/1.1 answer this client reads."""
 
 
+class StreamAnswer:
+    """A server's answer read as it arrives (a streamed completion): :meth:`status`
+    once its head is in, then :meth:`read` until it gives ``b""`` (the end).
+    :meth:`close` drops the connection, so the server sees its reader gone and stops."""
+
+    def __init__(self, close: Callable[[], None], path: str = "/v1/completions") -> None:
+        self._close = close
+        self._path = path
+        self._status = 0
+        self._pieces: list[bytes] = []
+        self._ended = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # fed by the connection (on the event loop)
+    def _head(self, status: int) -> None:
+        self._status = status
+        self._wake()
+
+    def _push(self, piece: bytes) -> None:
+        self._pieces.append(piece)
+        self._wake()
+
+    def _end(self, error: BaseException | None) -> None:
+        if not self._ended:
+            self._ended, self._error = True, error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            exc = self._error
+            if isinstance(exc, TransportError):
+                raise exc
+            raise TransportError(_unreachable(self._path, exc)) from None
+
+    async def status(self) -> int:
+        """The answer's HTTP status (waits for its head).
+
+        Raises:
+            TransportError: the server failed before its head came.
+        """
+        while not self._status:
+            if self._ended:
+                self._raise()
+                raise TransportError(_unreachable(self._path, EOFError()))
+            await self._wait()
+        return self._status
+
+    async def read(self) -> bytes:
+        """Every body byte that arrived since the last read (waits for at least one);
+        ``b""`` once the answer ended.
+
+        Raises:
+            TransportError: the server failed, was reset, or timed out mid-answer.
+        """
+        while not self._pieces and not self._ended:
+            await self._wait()
+        if self._pieces:
+            out = b"".join(self._pieces) if len(self._pieces) > 1 else self._pieces[0]
+            self._pieces = []
+            return out
+        self._raise()
+        return b""
+
+    def close(self) -> None:
+        """Drop the connection if the answer is still coming (the server stops)."""
+        if not self._ended:
+            self._end(TransportError("the answer was abandoned"))
+            self._close()
+
+
 class _Conn(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to the server, one request at a time. Each
     answer (Content-Length, chunked, or delimited by the connection's end; the body
@@ -48,6 +132,7 @@ class _Conn(asyncio.Protocol):
         self._trailers = False
         self._body: list[bytes] = []
         self._size = 0
+        self._answer: StreamAnswer | None = None  # a streamed answer: pieces go there
 
     def ask(self, request: bytes, timeout: float) -> asyncio.Future[tuple[int, bytes, bool]]:
         """Send ``request``; the future gives (status, body, keep-alive) of its answer."""
@@ -59,6 +144,12 @@ class _Conn(asyncio.Protocol):
         self.transport.write(request)
         return waiter
 
+    def ask_streamed(self, request: bytes, timeout: float, answer: StreamAnswer
+                     ) -> asyncio.Future[tuple[int, bytes, bool]]:
+        """As :meth:`ask`, each piece of the body handed to ``answer`` as it arrives."""
+        self._answer = answer
+        return self.ask(request, timeout)
+
     def close(self) -> None:
         self.closed = True
         if self._timer is not None:
@@ -69,15 +160,30 @@ class _Conn(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
+        if self._answer is not None:
+            self._answer._end(exc)
+            self._answer = None
         self.close()
 
     def _finish(self, keep: bool) -> None:
         assert self._waiter is not None
         if self._timer is not None:
             self._timer.cancel()
+        if self._answer is not None:
+            for piece in self._body:  # a Content-Length or close-delimited body: at once
+                self._answer._push(piece)
+            self._body = []
+            self._answer._end(None)
+            self._answer = None
         if not self._waiter.done():
             self._waiter.set_result((self._status, b"".join(self._body), keep))
         self._waiter = None
+
+    def _piece(self, piece: bytes) -> None:
+        if self._answer is not None:
+            self._answer._push(piece)
+        else:
+            self._body.append(piece)
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,6 +226,8 @@ class _Conn(asyncio.Protocol):
             if head is None:
                 return False
             self._head(head)
+            if self._answer is not None:
+                self._answer._head(self._status)
         if self._mode == "length":
             if len(buf) < self._need:
                 return False
@@ -195,7 +303,7 @@ class _Conn(asyncio.Protocol):
             n = self._need
             if buf[n - 2:n] != b"\r\n":
                 raise _BadAnswer("chunk not followed by CRLF")
-            self._body.append(bytes(buf[:n - 2]))
+            self._piece(bytes(buf[:n - 2]))
             del buf[:n]
             self._need = -1
 
@@ -236,6 +344,27 @@ class _Connections:
             else:
                 conn.close()
 
+    async def stream(self, path: str, body: bytes, timeout: float) -> StreamAnswer:
+        """POST ``body``; the answer's pieces as they arrive (see :class:`StreamAnswer`)."""
+        epoch = self._epoch
+        conn = await self._take()
+        answer = StreamAnswer(conn.close)
+        done = conn.ask_streamed(
+            b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (path.encode(), self.host.encode(), self.port,
+                                              len(body)) + body, timeout, answer)
+
+        def settle(fut: asyncio.Future[tuple[int, bytes, bool]]) -> None:
+            keep = not fut.cancelled() and fut.exception() is None and fut.result()[2]
+            if keep and epoch == self._epoch and len(self._idle) < self.limit \
+                    and not conn.closed:
+                self._idle.append(conn)
+            else:
+                conn.close()
+
+        done.add_done_callback(settle)
+        return answer
+
     def reset(self) -> None:
         self._epoch += 1
         idle, self._idle = self._idle, []
@@ -254,6 +383,11 @@ class Upstream(Protocol):
 
     async def post(self, path: str, body: bytes | AsyncIterable[bytes], *,
                    timeout: float = 600.0) -> tuple[int, bytes]: ...
+
+    async def stream(self, path: str, body: bytes, *, timeout: float = 600.0
+                     ) -> StreamAnswer:
+        """POST ``body``; the answer as it arrives (a streamed completion)."""
+        ...
 
     async def reset(self) -> None:
         """Forget pooled connections (called after every power cycle)."""
@@ -310,6 +444,41 @@ class HttpUpstream:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(_unreachable(path, exc)) from None
 
+    async def stream(self, path: str, body: bytes, *, timeout: float = 600.0
+                     ) -> StreamAnswer:
+        if self._fast is None:  # not plain loopback HTTP: aiohttp, pieces as they come
+            return self._aiohttp_stream(path, body, timeout)
+        try:
+            return await self._fast.stream(path, body, timeout)
+        except OSError as exc:
+            raise TransportError(_unreachable(path, exc)) from None
+
+    def _aiohttp_stream(self, path: str, body: bytes, timeout: float) -> StreamAnswer:
+        task: asyncio.Task[None] | None = None
+        answer = StreamAnswer(lambda: task.cancel() if task is not None else None, path)
+
+        async def pump() -> None:
+            try:
+                async with self._client().post(
+                    self.base_url + path, data=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                ) as resp:
+                    answer._head(resp.status)
+                    size = 0
+                    async for piece in resp.content.iter_any():
+                        size += len(piece)
+                        if size > MAX_ANSWER:
+                            raise TransportError(f"server answer larger than {MAX_ANSWER} "
+                                                 "bytes: dropped")
+                        answer._push(piece)
+                answer._end(None)
+            except (TimeoutError, aiohttp.ClientError, OSError, TransportError) as exc:
+                answer._end(exc)
+
+        task = asyncio.ensure_future(pump())
+        return answer
+
     async def reset(self) -> None:
         """Drop pooled connections (after a power cycle they point at a dead process)."""
         if self._fast is not None:
@@ -342,4 +511,4 @@ def _unreachable(path: str, exc: BaseException) -> str:
     return f"server unreachable ({path}): {type(exc).__name__}"
 
 
-__all__ = ["MAX_ANSWER", "HttpUpstream", "Upstream"]
+__all__ = ["MAX_ANSWER", "HttpUpstream", "StreamAnswer", "Upstream"]

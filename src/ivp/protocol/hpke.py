@@ -13,6 +13,10 @@ top bit marks the last frame) and one HPKE ciphertext of at most ``FRAME`` plain
 bytes. The context's sequence numbers make every frame's nonce unique and bind the
 order; the last frame is sealed with ``AAD_LAST`` (flipping the mark makes it fail to
 open), so a cut stream is refused rather than read as shorter. ``info`` binds the stream to its use.
+
+Single messages (:func:`seal_message`) use the same suite, single shot: the gateway
+seals each uplink body (its signed audit records carry prompts and outputs) to the
+recomputer's KEM key, so the operator's network sees only sizes and timing.
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ def _suite() -> Any:
                            AEADId.AES128_GCM)
 
 
+#: the uplink body sealed to the recomputer (``seal_message``), and its ``info``
+SEALED_MAGIC = b"IVPSEAL1"
+SEALED_UPLINK = "application/vnd.ivp.sealed-uplink"
+UPLINK_INFO = b"ivp/uplink/v1"
+
+
 def upload_info(model_id: str) -> bytes:
     """``info`` of a weight upload: the stream opens only as an upload of that model."""
     return b"ivp/upload/v1/" + model_id.encode()
@@ -49,6 +59,42 @@ def device_kem_key(device: Any) -> Any:
 
 def kem_public_hex(device: Any) -> str:
     return bytes(device_kem_key(device).public_key.to_public_bytes()).hex()
+
+
+def seal_message(recipient_public: bytes, info: bytes, plaintext: bytes) -> bytes:
+    """One message sealed to ``recipient_public`` (HPKE base mode, single shot):
+    ``SEALED_MAGIC`` || ``enc`` (32 bytes) || ciphertext (the plaintext + 16-byte tag).
+
+    Raises:
+        ValidationError: not a 32-byte X25519 public key.
+    """
+    suite = _suite()
+    try:
+        key = suite.kem.deserialize_public_key(recipient_public)
+    except Exception:  # pyhpke raises its own errors for a bad key
+        raise ValidationError("not an X25519 public key (32 bytes)") from None
+    enc, ctx = suite.create_sender_context(key, info)
+    return SEALED_MAGIC + bytes(enc) + bytes(ctx.seal(plaintext, b""))
+
+
+def open_message(key_pair: Any, info: bytes, data: bytes) -> bytes:
+    """The plaintext of :func:`seal_message`'s output.
+
+    Raises:
+        ValidationError: not a sealed ivp message, or it does not open (altered, sealed
+            to another key or for another ``info``).
+    """
+    head = len(SEALED_MAGIC) + ENC_SIZE
+    if len(data) < head + TAG or not data.startswith(SEALED_MAGIC):
+        raise ValidationError("not a sealed ivp message (IVPSEAL1 || enc || ciphertext)")
+    suite = _suite()
+    try:
+        ctx = suite.create_recipient_context(data[len(SEALED_MAGIC):head],
+                                             key_pair.private_key, info)
+        return bytes(ctx.open(data[head:], b""))
+    except Exception:  # pyhpke's OpenError or a bad encapsulated key
+        raise ValidationError("sealed message does not open (altered, or not sealed to "
+                              "this device for this use)") from None
 
 
 class StreamSealer:
@@ -71,7 +117,7 @@ class StreamSealer:
 
     def push(self, chunk: bytes) -> list[bytes]:
         """Frames for every full ``FRAME`` of plaintext so far (one copy per frame)."""
-        out = []
+        out: list[bytes] = []
         view = memoryview(chunk)
         if self._pending:
             take = FRAME - len(self._pending)
@@ -186,5 +232,6 @@ async def open_stream(chunks: AsyncIterator[bytes], key_pair: Any, info: bytes
     opener.finish()
 
 
-__all__ = ["FRAME", "MAGIC", "StreamOpener", "StreamSealer", "device_kem_key", "kem_public_hex",
-           "open_stream", "seal_stream", "upload_info"]
+__all__ = ["FRAME", "MAGIC", "SEALED_MAGIC", "SEALED_UPLINK", "UPLINK_INFO", "StreamOpener",
+           "StreamSealer", "device_kem_key", "kem_public_hex", "open_message", "open_stream",
+           "seal_message", "seal_stream", "upload_info"]

@@ -42,6 +42,10 @@ Probability = Annotated[float, Meta(gt=0.0, le=1.0)]
 EngineName = Annotated[str, Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
 REFERENCE_ENGINE = "reference"
 FinishReason = Literal["stop", "length"]
+# A logged pair may also end "cut": a stream that ended before its finish (the client
+# left, the server died, the power went): its tokens are the prefix it had sent, all of
+# which are checked by replay like any others. A server never says "cut".
+PairFinish = Literal["stop", "length", "cut"]
 
 
 def _float_fields(cls: type) -> tuple[str, ...]:
@@ -149,7 +153,7 @@ class PairRecord(_Msg, frozen=True):
     prompt_token_ids: list[TokenId]
     output_token_ids: list[TokenId]
     output_text: str
-    finish_reason: FinishReason
+    finish_reason: PairFinish
     seed: U64
     params: SamplingParams
     t_request: float

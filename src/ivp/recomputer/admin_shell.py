@@ -23,7 +23,7 @@ from ivp.recomputer import admin as adm
 from ivp.recomputer import admin_ops
 
 if TYPE_CHECKING:
-    from ivp.device import SoftDevice
+    from ivp.device import Device
     from ivp.recomputer.ingest import Ingest
     from ivp.recomputer.metrics import Metrics
     from ivp.recomputer.routing import Router
@@ -51,7 +51,7 @@ class AdminShell:
     whitelist: TrustedWhitelist
     router: Router
     admin: adm.AdminCore
-    device: SoftDevice
+    device: Device
     metrics: Metrics
     _db: Callable[..., Awaitable[Any]]
     _spawn: Callable[[Awaitable[Any]], None]

@@ -48,6 +48,9 @@ KINDS: dict[str, tuple[bool, str]] = {
     "shutdown_silent": (True, "a shut-down gateway sent no heartbeat for too long"),
     "gateway_locked": (True, "a gateway shut itself down: its log was set back (a signed "
                              "heartbeat says so)"),
+    "store_tampered": (False, "rows of the recomputer's store were written, edited or "
+                              "deleted outside the recomputer (no valid seal): refused and "
+                              "quarantined at start"),
     "forged": (False, "a record with a bad signature by an enrolled key id"),
     "unenrolled": (False, "a record signed by no enrolled device key"),
     "replay": (False, "an audit record or gateway alarm already stored was sent again"),

@@ -36,6 +36,7 @@ from ivp.errors import (
     http_status,
 )
 from ivp.protocol.encoding import loads, to_builtins
+from ivp.protocol.hpke import SEALED_UPLINK
 from ivp.recomputer.batch import MAX_BODY as MAX_UPLINK_BODY
 from ivp.recomputer.metrics import CONTENT_TYPE
 from ivp.recomputer.routing import NoRouteError, RateLimitedError
@@ -154,12 +155,17 @@ async def _input(request: web.Request, endpoint: str) -> web.StreamResponse:
                 rec.metrics.input_total.labels(model, str(resp.status)).inc()
                 ok = resp.status == 200
                 if resp.content_type == "text/event-stream":
-                    out = web.StreamResponse(status=resp.status,
-                                             headers={"Content-Type": "text/event-stream"})
+                    # passed on as it comes; a client that leaves closes the gateway's
+                    # stream too (leaving this block drops the connection to it)
+                    out = web.StreamResponse(status=resp.status, headers={
+                        "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
                     await out.prepare(request)
-                    async for chunk in resp.content.iter_any():
-                        await out.write(chunk)
-                    await out.write_eof()
+                    try:
+                        async for chunk in resp.content.iter_any():
+                            await out.write(chunk)
+                        await out.write_eof()
+                    except (ConnectionError, RuntimeError):
+                        log.info("client left a stream from %s", route.gateway_id)
                     return out
                 data = await resp.read()
                 return web.Response(status=resp.status, body=data,
@@ -213,7 +219,8 @@ async def uplink(request: web.Request) -> web.Response:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_UPLINK_BODY,
                                             actual_size=request.content_length or 0)
     async with rec.admission():  # read only in turn: junk waits unread
-        return _json(await rec.uplink(await _read_capped(request, MAX_UPLINK_BODY)))
+        return _json(await rec.uplink(await _read_capped(request, MAX_UPLINK_BODY),
+                                      sealed=request.content_type == SEALED_UPLINK))
 
 
 async def _read_capped(request: web.Request, cap: int) -> bytes:

@@ -104,9 +104,18 @@ def recomputer(
         help="File holding the token inspectors log in to the console with (at least 16 "
              "characters; kept out of the command line, which other users can read).")
     ] = None,
+    device_kind: Annotated[str, typer.Option(
+        "--device", help="soft: the development default, whose UID secret is a FILE in "
+             "STATE/device (whoever reads it can sign as this recomputer, seal rows of its "
+             "store and open sealed uplink); tpm: the keys are made inside a TPM 2.0 and "
+             "never leave it (see --tpm, docs/TRUST.md).")] = "soft",
+    tpm: Annotated[str | None, typer.Option(
+        help="With --device tpm: the TPM's TCTI, e.g. device:/dev/tpmrm0 (default) or "
+             "swtpm:host=127.0.0.1,port=2321 (scripts/swtpm.sh start).")] = None,
     print_identity: Annotated[bool, typer.Option(
-        "--print-identity", help="Print {\"public_key\", \"keyid\"} of the device key "
-                                 "and exit.")] = False,
+        "--print-identity", help="Print {\"public_key\", \"keyid\", \"kem_public_key\"} "
+                                 "of the device (kem_public_key: what gateways seal their "
+                                 "uplink to, --recomputer-kem-key) and exit.")] = False,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Secure ReComputer (SRC): routes INPUT to gateways, ingests signed audit records,
@@ -120,16 +129,21 @@ def recomputer(
     """
     import logging
 
-    from ivp.device import SoftDevice
+    from ivp.device import open_device
     from ivp.errors import IvpError
 
     if print_identity:
-        device = SoftDevice(state / "device")
+        from ivp.protocol.hpke import kem_public_hex
+
         try:
+            device = open_device(device_kind, state / "device", tpm)
             key = device.public_key
+            ident = {"public_key": key.hex, "keyid": key.keyid,
+                     "kem_public_key": kem_public_hex(device)}
+            getattr(device, "close", lambda: None)()
         except IvpError as exc:
             _fail(str(exc))
-        typer.echo(json.dumps({"public_key": key.hex, "keyid": key.keyid}))
+        typer.echo(json.dumps(ident))
         return
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -169,6 +183,7 @@ def recomputer(
             shutdown_on=frozenset(kinds), shutdown_scope=shutdown_scope,  # type: ignore[arg-type]
             batch_size=batch_size, rate_limit=rate_limit, rate_burst=rate_burst,
             health_interval=health_interval, tamper_endpoint=allow_tamper_endpoint,
+            device=device_kind, tpm=tpm,
         )
         console_settings = None
         if console:

@@ -32,7 +32,7 @@ from ivp.protocol.messages import Readmit, Shutdown
 from ivp.recomputer.alarms import Alarm
 
 if TYPE_CHECKING:
-    from ivp.device import SoftDevice
+    from ivp.device import Device
     from ivp.recomputer.ingest import Ingest
     from ivp.recomputer.store import Store
 
@@ -44,7 +44,7 @@ class Delivery:
 
     ingest: Ingest
     store: Store
-    device: SoftDevice
+    device: Device
     session: Any
     _relaying: set[str]
     _closing: bool

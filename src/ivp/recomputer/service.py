@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ivp.device import SoftDevice
+from ivp.device import Device, open_device
 from ivp.errors import (
     BrickedError,
     ExpiredError,
@@ -41,6 +41,7 @@ from ivp.errors import (
 )
 from ivp.protocol import envelope as env
 from ivp.protocol.encoding import canonical, decode
+from ivp.protocol.hpke import device_kem_key, kem_public_hex
 from ivp.protocol.messages import Ack, Shutdown, UplinkResult
 from ivp.protocol.quorum import QuorumPolicy
 from ivp.recomputer import admin as adm
@@ -52,6 +53,7 @@ from ivp.recomputer.ingest import Ingest, Rules
 from ivp.recomputer.notices import MAX_BATCH as MAX_NOTICES
 from ivp.recomputer.notices import NoticeLog
 from ivp.recomputer.routing import RateLimiter, Route, Router, not_whitelisted
+from ivp.recomputer.seal import SEAL_PURPOSE, Sealer
 from ivp.recomputer.sensors import SensorHub, SensorReading, SensorRules
 from ivp.recomputer.sensors import batch_items as sensor_items
 from ivp.recomputer.signatures import SignaturePool
@@ -95,6 +97,8 @@ class Config:
     forward_timeout: float = 600.0
     tamper_endpoint: bool = False  # POST /tamper stands for the tamper mesh (demos, tests)
     signature_workers: int = 1  # processes checking uplink signatures in parallel (0: inline)
+    device: str = "soft"  # ivp.device.KINDS: "tpm" keeps the keys (and the seal's) in a TPM
+    tpm: str | None = None  # the TPM's TCTI with device="tpm" (None: /dev/tpmrm0)
 
     def __post_init__(self) -> None:
         bad = sorted(k for k in self.shutdown_on if not authenticated(k))
@@ -110,10 +114,14 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
 
     def __init__(self, config: Config, pool: WorkerPool | None = None) -> None:
         self.config = config
-        self.device = SoftDevice(Path(config.state_dir) / "device")
+        self.device: Device = open_device(config.device, Path(config.state_dir) / "device",
+                                          config.tpm)
         if self.device.bricked:
             raise BrickedError("recomputer device is bricked (tamper detected): it does nothing")
-        self.store = Store(Path(config.state_dir) / "recomputer.sqlite")
+        self.store = Store(Path(config.state_dir) / "recomputer.sqlite",
+                           Sealer(self.device.derive_key(SEAL_PURPOSE)))
+        self._report_tampering()
+        self._kem = device_kem_key(self.device)  # audit records arrive sealed to it
         self.notices = NoticeLog(Path(config.state_dir) / "notices.sqlite",
                                  self.device.signer())
         self._notice_wake = asyncio.Event()
@@ -175,6 +183,17 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
                     raise
                 log.warning("given whitelist not newer than the installed version %d: %s",
                             current.version, exc)
+
+    def _report_tampering(self) -> None:
+        """One ``store_tampered`` alarm per table whose rows the store refused at open
+        (written, edited or deleted outside the recomputer: ``ivp.recomputer.seal``)."""
+        now = time.time()
+        alarms = [Alarm("store_tampered", None, None, f.describe()[:2000], now, dedupe=False)
+                  for f in self.store.tampered]
+        for a in alarms:
+            log.error("store tampered: %s", a.detail)
+        if alarms:
+            self.store.add_alarms(alarms)
 
     def _load_models(self) -> list[ModelSource]:
         """The recomputer's own copies of whitelisted models, checked file by file.
@@ -247,6 +266,7 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         self._db_exec.shutdown(wait=True)
         self.store.close()
         self.notices.close()
+        getattr(self.device, "close", lambda: None)()  # a TPM's session (soft: nothing)
 
     # --- helpers ----------------------------------------------------------------------------
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -277,7 +297,8 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
 
     def identity(self) -> dict[str, str]:
         key = self.device.public_key
-        return {"public_key": key.hex, "keyid": key.keyid}
+        return {"public_key": key.hex, "keyid": key.keyid,
+                "kem_public_key": kem_public_hex(self.device)}
 
     # --- uplink (the rest is in ``uplink.UplinkShell``) ------------------------------------
     def _reload(self) -> None:

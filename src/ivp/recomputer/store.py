@@ -9,6 +9,10 @@ its copy on the signed refusal), the latest heartbeat per gateway, the hash-chai
 admin log, used admin nonces, relays (inspectors' instructions to forward to each
 gateway), settings (whitelist, ε, reboot schedule) and sensor events.
 
+Sealing (``ivp.recomputer.seal``): every row that grants trust carries an HMAC made by
+the recomputer's device key on this connection only; rows written, edited or deleted
+by anyone else are found at open, moved to ``quarantine`` and reported (``tampered``).
+
 Durability: WAL journal with ``synchronous=FULL``, so a transaction that returned is
 on disk (an Ack is sent only after its transaction returned). Triggers make the
 admin log, the verdicts and the audit envelopes append-only: a bug (or a careless
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ from typing import Any
 
 from ivp.protocol.encoding import to_builtins
 from ivp.protocol.envelope import Envelope
+from ivp.recomputer.seal import Finding, Sealer, quarantine
 from ivp.recomputer.store_schema import SCHEMA, TRIGGERS
 
 
@@ -109,14 +115,17 @@ class Snapshot:
 class Store:
     """SQLite at ``path``; see the module docstring for the durability contract."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sealer: Sealer | None = None,
+                 now: float | None = None) -> None:
+        """Open (or create) the store; with ``sealer``, check every trust-granting row
+        against its seal first and quarantine the rows that fail (``self.tampered``
+        lists them by table; the caller raises the alarms)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self.journal_mode = str(self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0])
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
         self.sync_mode = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}[
             int(self._db.execute("PRAGMA synchronous").fetchone()[0])
         ]
@@ -125,6 +134,14 @@ class Store:
         if "relay_seq" not in relay_columns:  # a store from before numbered relays
             self._db.execute("ALTER TABLE relays ADD COLUMN relay_seq INTEGER NOT NULL "
                              "DEFAULT 0")
+        self.tampered: list[Finding] = []
+        if sealer is not None:
+            sealer.install(self._db)
+            self.tampered = sealer.check(self._db)
+            if self.tampered:  # foreign keys still off: a kept verdict may name a moved audit
+                quarantine(self._db, sealer, self.tampered,
+                           time.time() if now is None else now)
+        self._db.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         self._db.close()

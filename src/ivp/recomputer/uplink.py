@@ -40,7 +40,7 @@ from ivp.recomputer.ingest import Authenticated, Outcome
 from ivp.recomputer.store import QueuedAudit
 
 if TYPE_CHECKING:
-    from ivp.device import SoftDevice
+    from ivp.device import Device
     from ivp.recomputer.ingest import Ingest
     from ivp.recomputer.metrics import Metrics
     from ivp.recomputer.signatures import SignaturePool
@@ -81,7 +81,7 @@ class UplinkShell:
 
     ingest: Ingest
     store: Store
-    device: SoftDevice
+    device: Device
     metrics: Metrics
     noise: Noise
     _admitted: asyncio.Semaphore | None = None
@@ -91,8 +91,19 @@ class UplinkShell:
     _wake: asyncio.Event
     router: Any
     _db: Callable[..., Awaitable[Any]]
+    _kem: Any  # the device's X25519 KEM key pair (``ivp.protocol.hpke.device_kem_key``)
 
     def check_alive(self) -> None: ...
+
+    def open_sealed(self, body: bytes) -> bytes:
+        """An uplink body sealed to this recomputer's KEM key, opened.
+
+        Raises:
+            ValidationError: it does not open (altered, or sealed to another key).
+        """
+        from ivp.protocol.hpke import UPLINK_INFO, open_message
+
+        return open_message(self._kem, UPLINK_INFO, body)
 
     async def _enforce_all(self, alarms: Sequence[Alarm]) -> None: ...
 
@@ -129,14 +140,21 @@ class UplinkShell:
                                   f"uplinks waited {waited:.1f} s for {what}: silence "
                                   "clocks restarted", now)], now)
 
-    async def uplink(self, body: bytes) -> Ack:
+    async def uplink(self, body: bytes, sealed: bool = False) -> Ack:
         """Admit a batch of envelopes; ``stored`` only for what is stored durably.
 
+        ``sealed``: the body was sealed to this recomputer's KEM key by the gateway
+        (``Content-Type: application/vnd.ivp.sealed-uplink``); it is opened first, and
+        then checked exactly as a clear one (the records inside are signed).
+
         Raises:
-            ValidationError: the body is over the caps, or not ``{"envelopes": [...]}``.
+            ValidationError: a sealed body that does not open, a body over the caps, or
+                not ``{"envelopes": [...]}``.
             TransportError: the store could not write (nothing was acknowledged).
         """
         self.check_alive()
+        if sealed:
+            body = self.open_sealed(body)
         items = batch_items(body)
         # signatures first, in parallel and outside the lock (pure checks; ``decide``
         # uses only what was authenticated, against the enrolments at that moment)

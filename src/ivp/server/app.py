@@ -21,6 +21,7 @@ never the server on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import sys
@@ -340,11 +341,14 @@ class InferenceServer:
         await resp.prepare(request)
         tokens: list[int] = []
         sent_text = ""
-        async for token in steps:
-            tokens.append(token)
-            delta, sent_text = text_delta(engine, tokens, sent_text, final=False)
-            chunk = stream_chunk(req, ident, name, [token], delta, None)
-            await resp.write(sse(chunk))
+        # closed at once when the reader leaves mid-stream (its gateway cut the stream):
+        # the generation stops and gives the engine back to the next request
+        async with contextlib.aclosing(steps):
+            async for token in steps:
+                tokens.append(token)
+                delta, sent_text = text_delta(engine, tokens, sent_text, final=False)
+                chunk = stream_chunk(req, ident, name, [token], delta, None)
+                await resp.write(sse(chunk))
         delta, sent_text = text_delta(engine, tokens, sent_text, final=True)
         final = stream_chunk(req, ident, name, [], delta, engine.finish_reason(tokens))
         final.update(prompt_token_ids=prompt_ids, usage=usage(prompt_ids, tokens), seed=req.seed)

@@ -268,6 +268,72 @@ def delay_answers_by_bits() -> None:
     server.completions = completions  # type: ignore[method-assign]
 
 
+def direct_report_name(trigger: Any) -> str:
+    """The file (in the server's temporary directory) where direct-connection writes
+    how each attempt ended: named by the trigger's path, so servers never share it."""
+    import hashlib
+    import os
+
+    return f"ivp-direct-{hashlib.sha256(os.fsencode(str(trigger))).hexdigest()[:12]}.json"
+
+
+def try_direct_connections(targets: list[str], timeout: float = 3.0) -> dict[str, Any]:
+    """Connect (TCP) to each ``host:port`` and send one UDP datagram to each: how each
+    attempt ended (``connected``, ``sent``, ``timeout`` or the errno's name)."""
+    import errno
+    import socket
+
+    out: dict[str, Any] = {"tcp": {}, "udp": {}}
+    for target in targets:
+        host, port = target.rsplit(":", 1)
+        for kind, sock_type in (("tcp", socket.SOCK_STREAM), ("udp", socket.SOCK_DGRAM)):
+            with socket.socket(socket.AF_INET, sock_type) as sock:
+                sock.settimeout(timeout)
+                try:
+                    if kind == "tcp":
+                        sock.connect((host, int(port)))
+                        out[kind][target] = "connected"
+                    else:
+                        sock.sendto(b"ivp-direct", (host, int(port)))
+                        out[kind][target] = "sent"
+                except TimeoutError:
+                    out[kind][target] = "timeout"
+                except OSError as exc:
+                    out[kind][target] = errno.errorcode.get(exc.errno or 0, str(exc))
+    return out
+
+
+def reach_past_the_gateway() -> None:
+    """direct-connection: once the trigger file exists (JSON ``{"targets": [...]}``),
+    the server tries, once, to reach each target straight (the recomputer, another
+    gateway, an outside address), bypassing its gateway, and writes how each attempt
+    ended to :func:`direct_report_name` in its temporary directory (which its operator
+    can read). It keeps serving honestly."""
+    import asyncio
+    import json
+    import tempfile
+    from pathlib import Path
+
+    server = app.InferenceServer
+    original = server.completions
+    done: list[bool] = []
+
+    async def completions(self: Any, request: Any) -> Any:
+        if not done and self.trigger is not None and self.trigger.exists():
+            done.append(True)
+            try:
+                targets = list(json.loads(self.trigger.read_text())["targets"])
+            except (OSError, ValueError, KeyError, TypeError):
+                targets = []
+            report = await asyncio.to_thread(try_direct_connections, targets)
+            where = Path(tempfile.gettempdir())
+            where.mkdir(parents=True, exist_ok=True)
+            (where / direct_report_name(self.trigger)).write_text(json.dumps(report))
+        return await original(self, request)
+
+    server.completions = completions  # type: ignore[method-assign]
+
+
 def parse_timing_trigger(text: str) -> tuple[float, str]:
     """The timing-channel trigger ``"<delay ms> [bit string]"``: (seconds, bits)."""
     parts = text.split()
@@ -309,6 +375,9 @@ ATTACKS: dict[str, Attack] = {
                "during the boot upload", install=piggyback_on_boot_answers),
         Attack("timing-channel", "delays its answers (honest tokens) to signal the bits of "
                "a message through their timing", install=delay_answers_by_bits),
+        Attack("direct-connection", "tries to reach the recomputer, another gateway and "
+               "an outside address straight, past its gateway (and serves honestly)",
+               install=reach_past_the_gateway),
     )
 }
 
@@ -336,4 +405,5 @@ _INSTALLED: set[str] = set()
 
 
 __all__ = ["ATTACKS", "EXFIL_MARKER", "Attack", "add_weight_noise", "arm",
-           "expert_iteration_step", "get_attack", "quantize_int8", "training_gradient"]
+           "direct_report_name", "expert_iteration_step", "get_attack", "quantize_int8",
+           "training_gradient", "try_direct_connections"]

@@ -4,7 +4,9 @@ Replay scores every position of the claimed tokens, but some cheats keep each to
 plausible and change the shape of the message instead: tokens after the EOS, a
 finish reason the tokens do not give, more tokens than ``max_tokens``, or a text
 that is not the decoding of the ids, or an output that does not end exactly where
-the client's stop string first appears. The recomputer runs the same checks before
+the client's stop string first appears. A streamed pair cut before its finish
+(``finish_reason: "cut"``) is any prefix of a generation: only its text is checked
+here, its tokens by replay. The recomputer runs the same checks before
 replaying (``recomputer.workers``); the verification report runs them on every
 message so that its figures cover the whole rule.
 """
@@ -56,20 +58,27 @@ def structural_problem(
             if k < n:
                 return k, (f"tokens continue after the stop string that first appears at "
                            f"token {k - 1}")
-            if finish_reason != "stop":
+            if finish_reason != "stop":  # "cut" included: the gateway stops there itself
                 return n - 1, (f"finish_reason {finish_reason!r} but the output ends at a "
                                "stop string")
             if text is not None and text != stream.text:
                 return 0, "output_text is not the decoded text cut before the stop string"
             return None
     ends_eos = output_ids[-1] in eos_ids
+    if finish_reason == "cut":
+        # a stream that ended before its finish (client gone, server dead, power cut):
+        # any prefix of a generation, each token checked by replay; only its text is
+        # checked here (the last token may be an EOS whose finish chunk never came)
+        if text is not None and decode is not None and decode(output_ids) != text:
+            return 0, "output_text is not the whitelisted tokenizer's decoding of the token ids"
+        return None
     if finish_reason == "stop" and not ends_eos:
         return n - 1, ("finish_reason 'stop' but the output does not end with EOS"
                        + (" or at a stop string" if stop else ""))
     if finish_reason == "length" and (ends_eos or n != max_tokens):
         return n - 1, (f"finish_reason 'length' but {n} tokens of max_tokens {max_tokens}"
                        + (" ending with EOS" if ends_eos else ""))
-    if finish_reason not in ("stop", "length"):
+    if finish_reason not in ("stop", "length", "cut"):
         return n - 1, f"unknown finish_reason {finish_reason!r}"
     if text is not None and decode is not None and decode(output_ids) != text:
         return 0, "output_text is not the whitelisted tokenizer's decoding of the token ids"
