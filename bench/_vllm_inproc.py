@@ -23,12 +23,21 @@ PARAMS = ({"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 0.8, "top_
 MODES = ("plain", "greedy", "spec_v1")
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, object]:
+    """The run of median throughput, with every round's throughput beside it."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2],
+            "rounds_tokens_per_s": [round(r["tokens_per_s"], 2) for r in runs]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompts", required=True, help="JSON file: list of token-id lists")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the modes this many "
+                    "times per level; each mode's figures are its median round")
     args = ap.parse_args()
 
     from vllm import SamplingParams as VllmParams
@@ -91,8 +100,11 @@ def main() -> None:
         out: dict[str, dict[str, object]] = {}
         for level in (int(x) for x in args.levels.split(",")):
             count = max(8, 2 * level)
-            out[str(level)] = {mode: await run(level, mode, count, f"{mode}{level}")
-                               for mode in MODES}
+            runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+            for r in range(args.rounds):  # modes interleaved: load drift hits each alike
+                for mode in MODES:
+                    runs[mode].append(await run(level, mode, count, f"{mode}{level}-{r}"))
+            out[str(level)] = {mode: median_run(runs[mode]) for mode in MODES}
             print(f"level {level}: " + ", ".join(
                 f"{mode} {out[str(level)][mode]['tokens_per_s']:.1f} tok/s"  # type: ignore[index]
                 for mode in MODES), file=sys.stderr, flush=True)

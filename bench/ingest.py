@@ -266,6 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f["refused"] += refused
                 f["latencies"] += latencies
         status = json.loads(_get(url + "/status"))
+    seal_check = _seal_check(work / "rc")  # the recomputer has stopped: its next start
     out = {}
     for mode, f in figures.items():
         lat = sorted(f["latencies"])
@@ -289,10 +290,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sealed["recomputer_cpu_us_per_record"] - clear["recomputer_cpu_us_per_record"], 1),
         "gateway_side_sealing_us_per_record": round(seal_s / n * 1e6, 2),
         "signature_workers": args.signature_workers,
+        "store_seal_check_at_start": seal_check,
         "machine_after": machine(),
     })
     result["goal_met"] = result["records_per_s"] >= GOAL and result["refused"] == 0
     return result
+
+
+def _seal_check(state: Path) -> dict[str, Any]:
+    """What the store's seal check costs the recomputer's next start: the store it left
+    (every record of both modes), opened as ``Recomputer`` opens it (``ivp.recomputer.seal``:
+    one HMAC per sealed row). Nothing may be found tampered."""
+    from ivp.device import SoftDevice
+    from ivp.recomputer.seal import SEAL_PURPOSE, Sealer
+    from ivp.recomputer.store import Store
+
+    key = SoftDevice(state / "device").derive_key(SEAL_PURPOSE)
+    t = time.perf_counter()
+    store = Store(state / "recomputer.sqlite", Sealer(key))
+    seconds = time.perf_counter() - t
+    with store.transaction() as db:
+        rows = int(db.execute("SELECT count(*) FROM seals").fetchone()[0])
+    tampered = [f.table for f in store.tampered]
+    store.close()
+    if tampered:
+        raise RuntimeError(f"the bench's own store was found tampered: {tampered}")
+    return {"sealed_rows": rows, "seconds": round(seconds, 3),
+            "us_per_row": round(seconds / max(rows, 1) * 1e6, 2)}
 
 
 def _resign(trust: dict[str, Path], policy: Any, key: Any, manifest: Any,

@@ -1,6 +1,6 @@
 """vLLM serving under ivp: what sampler spec v1 and the gateway cost, side by side.
 
-    .venv/bin/python bench/vllm_serving.py [--model tiny|gemma] [--levels 1,8,32]
+    .venv/bin/python bench/vllm_serving.py [--model tiny|gemma] [--levels 1,8,32] [--rounds N]
 
 At each concurrency level (requests in flight), the same requests (the demo's mix:
 greedy, T = 1, top-k 40, top-p 0.9) are served by:
@@ -97,6 +97,13 @@ async def _serve(url: str, model_id: str, prompts: list[list[int]], level: int, 
             "requests": count, "seconds": wall, "pairs": pairs}
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median throughput, with every round's throughput beside it."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2],
+            "rounds_tokens_per_s": [round(r["tokens_per_s"], 2) for r in runs]}
+
+
 def verify_rate(model_dir: Path, pairs: list[tuple[list[int], list[int], dict[str, Any]]]
                 ) -> dict[str, float]:
     """Tokens per second the recomputer's replay + scoring verifies (seeds made up:
@@ -126,6 +133,8 @@ def main() -> None:
     ap.add_argument("--gemma-dir", default=None)
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the compared modes "
+                    "this many times per level; each mode's figures are its median round")
     args = ap.parse_args()
 
     from ivp.engine.loading import load_tokenizer, read_dir
@@ -149,7 +158,8 @@ def main() -> None:
     note("1+2: plain vLLM and vLLM + spec v1, one in-process engine (.venv-vllm)")
     inproc = subprocess.run([vllm_py, str(BENCH / "_vllm_inproc.py"), "--model", str(model_dir),
                              "--levels", args.levels, "--max-tokens", str(args.max_tokens),
-                             "--prompts", str(work / "prompts.json")],
+                             "--prompts", str(work / "prompts.json"),
+                             "--rounds", str(args.rounds)],
                             stdout=subprocess.PIPE, check=True, text=True)
     engine_figures = json.loads(inproc.stdout.strip().splitlines()[-1])
 
@@ -174,15 +184,19 @@ def main() -> None:
         asyncio.run(_serve(server, model_id, prompts, 4, 8, args.max_tokens))  # warm up
         for level in levels:
             count = max(8, 2 * level)
-            direct = asyncio.run(_serve(server, model_id, prompts, level, count,
-                                        args.max_tokens))
-            behind = asyncio.run(_serve(gateway, model_id, prompts, level, count,
-                                        args.max_tokens))
-            served[str(level)] = {"server": direct, "gateway": behind}
+            runs: dict[str, list[dict[str, Any]]] = {"server": [], "gateway": []}
+            for _ in range(args.rounds):  # interleaved: load drift hits both alike
+                runs["server"].append(asyncio.run(_serve(server, model_id, prompts, level,
+                                                         count, args.max_tokens)))
+                runs["gateway"].append(asyncio.run(_serve(gateway, model_id, prompts, level,
+                                                          count, args.max_tokens)))
+            served[str(level)] = {k: median_run(v) for k, v in runs.items()}
+            direct, behind = served[str(level)]["server"], served[str(level)]["gateway"]
             note(f"level {level}: server {direct['tokens_per_s']:.1f} tok/s, gateway "
                  f"{behind['tokens_per_s']:.1f} tok/s")
 
     figures: dict[str, Any] = {"model": model_id, "max_tokens": args.max_tokens,
+                               "rounds": args.rounds,
                                "levels": {}, "machine": machine()}
     for level in levels:
         e, s = engine_figures[str(level)], served[str(level)]
@@ -205,6 +219,9 @@ def main() -> None:
             "gateway_latency_p50_ms": round(behind["latency_p50_ms"], 1),
             "gateway_added_latency_p50_ms": round(behind["latency_p50_ms"]
                                                   - direct["latency_p50_ms"], 1),
+            "rounds_tokens_per_s": {name: run.get("rounds_tokens_per_s") for name, run in (
+                ("plain", plain), ("greedy", greedy), ("spec_v1", spec), ("server", direct),
+                ("gateway", behind))},
         }
     best = max(levels, key=lambda c: served[str(c)]["server"]["tokens_per_s"])
     note("recomputer: replay + scoring of the pairs served at the best level")

@@ -2,12 +2,12 @@
 # Debian packages that ivp's tests need beyond Python: swtpm (the software TPM the TPM
 # device is tested against) and the TPM2 TSS libraries that tpm2-pytss builds on;
 # iproute2, nftables and bubblewrap for `ivp gateway --isolate` (namespaces, the veth's
-# firewall, the server's sandbox).
+# firewall, the server's sandbox); softhsm2 for inspector keys in a PKCS#11 token.
 # Idempotent and quick when everything is installed (one dpkg-query). Installs as root
 # (CI starts from nothing); otherwise it says what is missing and leaves the rest to you.
 set -euo pipefail
 PKGS=(swtpm swtpm-tools libtss2-dev libtss2-tcti-swtpm0 pkg-config iproute2 nftables
-	bubblewrap)
+	bubblewrap softhsm2)
 
 if ! command -v dpkg-query >/dev/null; then
 	echo "system-deps: not a Debian system: install ${PKGS[*]} (or their equivalents)" >&2

@@ -160,3 +160,37 @@ def test_recomputer_identity_names_its_kem_key(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     ident = json.loads(out.output.strip().splitlines()[-1])
     assert ident["kem_public_key"] == kem_public_hex(SoftDevice(tmp_path / "rc" / "device"))
+
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_recomputer_that_requires_sealed_uplink_refuses_clear_bodies(
+        config: Any, inspectors: Inspectors, gateway: ScriptedGateway, required: bool) -> None:
+    """--require-sealed-uplink: a valid, signed but clear body is a 400 and changes
+    nothing; the same body sealed is taken. Without the flag the clear body is taken
+    (so the refusal comes from the flag alone)."""
+    import dataclasses
+
+    async def main() -> None:
+        rec = Recomputer(dataclasses.replace(config, require_sealed_uplink=required))
+        client = TestClient(TestServer(make_app(rec)))
+        await client.start_server()
+        await enrol(rec, inspectors, gateway)
+        clear = body(gateway.boot())
+        r = await client.post("/uplink", data=clear,
+                              headers={"Content-Type": "application/json"})
+        answer = await r.json()
+        if not required:
+            assert r.status == 200 and answer["results"] == [{"ok": True, "error": ""}]
+        else:
+            assert r.status == 400, answer
+            assert answer["error"]["type"] == "ValidationError"
+            assert "--require-sealed-uplink" in answer["error"]["message"]
+            assert (await rec.status())["gateways"]["gw-a"]["state"] != "serving"
+            mine = bytes.fromhex(rec.identity()["kem_public_key"])
+            r = await client.post("/uplink", data=seal_message(mine, UPLINK_INFO, clear),
+                                  headers={"Content-Type": SEALED_UPLINK})
+            assert (await r.json())["results"] == [{"ok": True, "error": ""}]
+        await client.close()
+        await rec.close()
+    run(main())

@@ -44,6 +44,10 @@ def demo(
                                help="Attack to run after the honest phase (any scenario of "
                                "`ivp attack list`): " + ", ".join(_names()) + "."),
     cap: int = typer.Option(300, min=1, help="Most requests sent during the attack phase."),
+    patience: float | None = typer.Option(
+        None, min=1.0, help="Most seconds the attack phase serves traffic waiting for the "
+        "detection (default: 60 for tiny, 900 for gemma-3-270m, whose answers take seconds "
+        "each on a CPU)."),
     max_tokens: int = typer.Option(24, min=1, help="max_tokens of every honest request."),
     concurrency: int = typer.Option(4, min=1, help="Concurrent client requests."),
     run_dir: Path | None = typer.Option(None, help="Keep keys, state and logs here "
@@ -110,8 +114,12 @@ def demo(
             isolate = False
     if isolate:
         say("servers isolated by the kernel (network namespace, cgroup, sandbox)")
+    if patience is None:
+        # Only ε of the victim's share of traffic is audited: on a real model at CPU
+        # speed, 60 s of traffic can be a handful of requests and no audit at all.
+        patience = 900.0 if model == "gemma-3-270m" else 60.0
     settings = Settings(model=model, epsilon=epsilon, cap=cap, say=say, isolate=isolate,
-                        engine=engine)
+                        engine=engine, patience=patience)
     if engine == "vllm":
         from ivp.verify.calibrate_vllm import cached_noise_bound
 

@@ -88,6 +88,10 @@ def recomputer(
     health_interval: Annotated[float, typer.Option(
         help="Seconds between gateway health checks.")] = 5.0,
     batch_size: Annotated[int, typer.Option(help="Audit records per replay batch.")] = 16,
+    require_sealed_uplink: Annotated[bool, typer.Option(
+        "--require-sealed-uplink", help="Refuse every uplink body that is not sealed to "
+             "this recomputer's KEM key (gateways need --recomputer-kem-key): audit "
+             "records then never cross the operator's network readable.")] = False,
     allow_tamper_endpoint: Annotated[bool, typer.Option(
         help="DEMO/TEST ONLY: POST /tamper stands for the tamper mesh and bricks the "
              "device.")] = False,
@@ -183,7 +187,7 @@ def recomputer(
             shutdown_on=frozenset(kinds), shutdown_scope=shutdown_scope,  # type: ignore[arg-type]
             batch_size=batch_size, rate_limit=rate_limit, rate_burst=rate_burst,
             health_interval=health_interval, tamper_endpoint=allow_tamper_endpoint,
-            device=device_kind, tpm=tpm,
+            device=device_kind, tpm=tpm, require_sealed_uplink=require_sealed_uplink,
         )
         console_settings = None
         if console:

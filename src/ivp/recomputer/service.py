@@ -99,6 +99,7 @@ class Config:
     signature_workers: int = 1  # processes checking uplink signatures in parallel (0: inline)
     device: str = "soft"  # ivp.device.KINDS: "tpm" keeps the keys (and the seal's) in a TPM
     tpm: str | None = None  # the TPM's TCTI with device="tpm" (None: /dev/tpmrm0)
+    require_sealed_uplink: bool = False  # refuse uplink bodies not sealed to this device
 
     def __post_init__(self) -> None:
         bad = sorted(k for k in self.shutdown_on if not authenticated(k))

@@ -92,6 +92,7 @@ class UplinkShell:
     router: Any
     _db: Callable[..., Awaitable[Any]]
     _kem: Any  # the device's X25519 KEM key pair (``ivp.protocol.hpke.device_kem_key``)
+    config: Any  # ivp.recomputer.service.Config
 
     def check_alive(self) -> None: ...
 
@@ -145,16 +146,24 @@ class UplinkShell:
 
         ``sealed``: the body was sealed to this recomputer's KEM key by the gateway
         (``Content-Type: application/vnd.ivp.sealed-uplink``); it is opened first, and
-        then checked exactly as a clear one (the records inside are signed).
+        then checked exactly as a clear one (the records inside are signed). With
+        ``Config.require_sealed_uplink`` a clear body is refused whole.
 
         Raises:
-            ValidationError: a sealed body that does not open, a body over the caps, or
+            ValidationError: a sealed body that does not open, a clear body where only
+                sealed ones are taken, a body over the caps, or
                 not ``{"envelopes": [...]}``.
             TransportError: the store could not write (nothing was acknowledged).
         """
         self.check_alive()
         if sealed:
             body = self.open_sealed(body)
+        elif self.config.require_sealed_uplink:
+            # the inspectors' side of "the operator's network sees no prompt": a gateway
+            # started without --recomputer-kem-key delivers nothing (and so goes silent)
+            raise ValidationError("this recomputer takes only sealed uplink bodies "
+                                  "(--require-sealed-uplink): start the gateway with "
+                                  "--recomputer-kem-key")
         items = batch_items(body)
         # signatures first, in parallel and outside the lock (pure checks; ``decide``
         # uses only what was authenticated, against the enrolments at that moment)

@@ -40,7 +40,7 @@ from rich.table import Table
 from ivp.errors import IvpError
 from ivp.protocol.encoding import canonical, convert, decode, to_builtins
 from ivp.protocol.envelope import WHITELIST, Envelope, add_signature
-from ivp.protocol.keys import SCHEMES, SigningKey
+from ivp.protocol.keys import SCHEMES, Signer, SigningKey, VerifyKey
 from ivp.protocol.messages import Manifest, NoiseBound, Whitelist, manifest_digest
 from ivp.protocol.quorum import InspectorKey, QuorumPolicy
 from ivp.whitelist.keyfiles import load_signing_key, new_key_passphrase
@@ -127,7 +127,7 @@ def _pretty(obj: Any) -> bytes:
     return msgspec.json.format(canonical(obj), indent=2) + b"\n"
 
 
-def _load_keys(paths: list[Path]) -> list[SigningKey]:
+def _load_keys(paths: list[Path]) -> list[Signer]:
     keys = [load_signing_key(Path(p)) for p in paths]
     ids = [k.keyid for k in keys]
     if len(set(ids)) != len(ids):
@@ -159,7 +159,7 @@ def _read_envelope(path: Path) -> tuple[Envelope, Whitelist]:
     return env, wl
 
 
-def _warn_outside(keys: list[SigningKey], policy_file: Path | None) -> None:
+def _warn_outside(keys: list[Signer], policy_file: Path | None) -> None:
     """Warn (stderr) about each signing key the policy does not list: its signature
     would be ignored by every gateway, and the whitelist may then lack its quorum."""
     if policy_file is None:
@@ -192,6 +192,12 @@ def keys_new(
     insecure_plaintext: bool = typer.Option(
         False, "--insecure-plaintext", help="Write the private key unencrypted: anyone who "
         "copies the file can then sign for your party. For throw-away test keys only."),
+    pkcs11_module: str | None = typer.Option(
+        None, "--pkcs11", help="Make the key inside a PKCS#11 token (an HSM) through this "
+        "module, e.g. /usr/lib/softhsm/libsofthsm2.so: NAME.key is then a reference that "
+        "holds no secret (Ed25519 only; the token's PIN is read like a passphrase)."),
+    token: str | None = typer.Option(
+        None, "--token", help="With --pkcs11: the token's label."),
 ) -> None:
     """Create an inspector's signing key, encrypted at rest under a passphrase.
 
@@ -213,16 +219,45 @@ def keys_new(
         for p in (key_path, pub_path):
             if p.exists() and not force:
                 _fail(f"{p} exists (use --force to overwrite; the old key is then lost)")
-        secret = new_key_passphrase(passphrase_file, insecure_plaintext)
-        key = SigningKey.generate(scheme)  # type: ignore[arg-type]
-        key.save(key_path, passphrase=secret)
-        pub = InspectorKey(keyid=key.keyid, party=party, public_key=key.verify_key.hex,
+        if pkcs11_module is not None:
+            verify = _new_pkcs11_key(pkcs11_module, token, name, scheme, passphrase_file,
+                                     insecure_plaintext, key_path)
+            at_rest = f"a reference to token {token!r}: the private key never leaves it"
+        else:
+            secret = new_key_passphrase(passphrase_file, insecure_plaintext)
+            key = SigningKey.generate(scheme)  # type: ignore[arg-type]
+            key.save(key_path, passphrase=secret)
+            verify = key.verify_key
+            at_rest = "0600, " + ("UNENCRYPTED" if secret is None else "passphrase-encrypted") \
+                + "; keep it secret"
+        pub = InspectorKey(keyid=verify.keyid, party=party, public_key=verify.hex,
                            name=name)
         _write(pub_path, _pretty(pub))
-    at_rest = "UNENCRYPTED" if secret is None else "passphrase-encrypted"
-    _out().print(f"key {name} ({party}, {key.scheme}): keyid {key.keyid}\n"
-                 f"  private: {key_path} (0600, {at_rest}; keep it secret)\n"
+    _out().print(f"key {name} ({party}, {verify.scheme}): keyid {verify.keyid}\n"
+                 f"  private: {key_path} ({at_rest})\n"
                  f"  public:  {pub_path}")
+
+
+def _new_pkcs11_key(module: str, token: str | None, name: str, scheme: str,
+                    passphrase_file: Path | None, insecure_plaintext: bool,
+                    key_path: Path) -> VerifyKey:
+    """``ivp keys new --pkcs11``: the key pair made in the token, its reference written."""
+    from ivp.whitelist import pkcs11
+    from ivp.whitelist.keyfiles import passphrase
+
+    if token is None:
+        _fail("--pkcs11 needs --token (the token's label)")
+    if insecure_plaintext:
+        _fail("--pkcs11 and --insecure-plaintext contradict (the key stays in the token)")
+    if scheme != "ed25519":
+        _fail("--pkcs11 makes Ed25519 keys only (--type ed25519)")
+    pin = passphrase(passphrase_file, prompt=f"PIN of token {token!r}: ")
+    if pin is None:
+        _fail(f"the PIN of token {token!r}: pass --passphrase-file, set "
+              "$IVP_KEY_PASSPHRASE_FILE or $IVP_KEY_PASSPHRASE, or run on a terminal")
+    verify = pkcs11.generate(module, token, name, pin)
+    _write(key_path, pkcs11.Reference(module, token, name, verify.hex).to_bytes())
+    return verify
 
 
 @keys_app.command("policy")

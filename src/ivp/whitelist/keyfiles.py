@@ -8,7 +8,9 @@ writes plaintext only when told ``--insecure-plaintext``.
 The passphrase comes, in this order, from ``ivp keys new --passphrase-file``, the file
 named by ``$IVP_KEY_PASSPHRASE_FILE``, ``$IVP_KEY_PASSPHRASE``, or a hidden prompt
 when standard input is a terminal. Every command that signs (``ivp whitelist``,
-``ivp admin``) loads keys through :func:`load_signing_key`.
+``ivp admin``) loads keys through :func:`load_signing_key`. A key file may instead be a
+PKCS#11 reference (``ivp keys new --pkcs11``, :mod:`ivp.whitelist.pkcs11`): the key is
+then in an HSM, and the same sources give the token's PIN.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ivp.errors import ValidationError
-from ivp.protocol.keys import SigningKey
+from ivp.protocol.keys import Signer, SigningKey
 
 PASSPHRASE_ENV = "IVP_KEY_PASSPHRASE"
 PASSPHRASE_FILE_ENV = "IVP_KEY_PASSPHRASE_FILE"
@@ -77,15 +79,25 @@ def new_key_passphrase(file: Path | None, insecure_plaintext: bool) -> bytes | N
     return secret
 
 
-def load_signing_key(path: Path) -> SigningKey:
-    """Load a private key file, asking for its passphrase if it is encrypted.
+def load_signing_key(path: Path) -> Signer:
+    """Load a private key file, asking for its passphrase if it is encrypted; or, for a
+    PKCS#11 reference, log into its token (asking for the PIN the same way).
 
     Raises:
         ValidationError: not a key file; encrypted and no passphrase available; wrong
-            passphrase.
+            passphrase; a reference whose token, PIN or key does not answer.
     """
+    from ivp.whitelist import pkcs11
+
     path = Path(path)
     try:
+        if pkcs11.is_reference(path):
+            ref = pkcs11.read_reference(path)
+            pin = passphrase(prompt=f"PIN of token {ref.token!r} for {path}: ")
+            if pin is None:
+                raise ValidationError(f"{path} is a key in PKCS#11 token {ref.token!r}: "
+                                      f"its PIN: {_HOW}")
+            return pkcs11.Pkcs11Signer(ref, pin)
         encrypted = SigningKey.is_encrypted(path)
     except OSError as exc:
         raise ValidationError(f"{path}: {exc.strerror}") from None

@@ -13,12 +13,12 @@ from collections.abc import Iterable
 from ivp.errors import ExpiredError
 from ivp.protocol.encoding import canonical, decode
 from ivp.protocol.envelope import WHITELIST, Envelope, sign
-from ivp.protocol.keys import SigningKey
+from ivp.protocol.keys import Signer
 from ivp.protocol.messages import Manifest, Whitelist
 from ivp.protocol.quorum import QuorumPolicy
 
 
-def sign_whitelist(whitelist: Whitelist, keys: Iterable[SigningKey]) -> Envelope:
+def sign_whitelist(whitelist: Whitelist, keys: Iterable[Signer]) -> Envelope:
     return sign(WHITELIST, canonical(whitelist), keys)
 
 
