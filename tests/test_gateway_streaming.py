@@ -4,6 +4,7 @@ before it leaves, cut streams logged as cut, text re-serialised from token ids."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -289,5 +290,44 @@ def test_open_streams_share_their_chunks_commits_and_plain_requests_are_unchange
         await flush(rig)
         assert sorted(a.pair.tag.seq for a in rig.recomputer.audits) == list(range(9))
         assert sum(a.pair.output_token_ids == IDS for a in rig.recomputer.audits) == 8
+        await rig.gw.close()
+    run(body())
+
+
+def test_a_stream_cancelled_while_its_first_chunk_is_logged_ends_cut_in_tag_order(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The request is cancelled (the gateway going away) while its first chunk's commit
+    runs: that chunk is durable, so the pair is chained cut and drawn under its own tag,
+    before the next request's — never left for a later boot to draw out of tag order."""
+    async def body() -> None:
+        import threading
+
+        rig = await serving_rig(tmp_path, tiny_model_dir, sse_answer(IDS), event_delay=0.01)
+        progress, logging, first = rig.log.progress, threading.Event(), [True]
+
+        def slow(boot_id: str, pairs: list[Any]) -> list[None]:
+            if first[0]:
+                first[0] = False
+                logging.set()
+                time.sleep(0.2)  # the first chunk's commit, still running when cancelled
+            return progress(boot_id, pairs)
+
+        rig.log.progress = slow  # type: ignore[method-assign]
+        task = asyncio.ensure_future(rig.gw.complete("completions", stream_body()))
+        while not logging.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        r2 = await rig.gw.complete("completions", stream_body())
+        await r2.read()
+        await r2.after_release()
+        await asyncio.sleep(0.3)  # the cut pair's append and both draws
+        await flush(rig)
+        audits = rig.recomputer.audits
+        assert [a.pair.tag.seq for a in audits] == [0, 1]
+        assert audits[0].pair.finish_reason == "cut"
+        assert audits[0].pair.output_token_ids == IDS[:len(audits[0].pair.output_token_ids)]
+        assert audits[0].pair.output_token_ids and audits[1].pair.output_token_ids == IDS
         await rig.gw.close()
     run(body())

@@ -62,16 +62,24 @@ class Datapath:
         seq = tag.seq
         drawn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         committing: asyncio.Future[Link] | None = None
+        cutting: asyncio.Future[Link | None] | None = None  # a stream cancelled mid-start
         try:
             seed = gw.device.random_u64()  # TRNG: the client never chooses it
             t_request = time.time()
             boot.open_tag(seq)
             if request.stream and gw.config.release is None:
+                served: list[ServedStream] = []
                 try:
                     return await self._stream(boot, request, prompt_ids, tag, seed,
-                                              t_request, drawn)
+                                              t_request, drawn, served)
                 except BaseException:
                     boot.close_tag(seq)
+                    if served and served[0].client.ids:
+                        # cancelled while its first chunk was being logged: that chunk
+                        # may be durable, so the pair ends cut and seq is settled with
+                        # it (never as "no pair", which would let later tags be drawn
+                        # before a pair chained under an earlier one)
+                        cutting = served[0].cut_now()
                     raise
             try:
                 budget = self._budget(prompt_ids, request)
@@ -111,7 +119,8 @@ class Datapath:
             await self._release(t0, budget, tag)
         except BaseException:
             # no release will come: a committed pair gets its draw once its commit ends
-            self._settle_unreleased(boot, seq, committing, drawn)
+            self._settle_unreleased(boot, seq, committing if cutting is None else cutting,
+                                    drawn)
             raise
         gw.metrics.overhead_seconds.observe(max(0.0, time.monotonic() - t0 - t_server))
         self._ok[request.endpoint].inc()
@@ -154,8 +163,8 @@ class Datapath:
                 "raised") from None
 
     async def _stream(self, boot: Boot, request: proxy.ClientRequest, prompt_ids: list[int],
-                      tag: Tag, seed: int, t_request: float, drawn: asyncio.Future[None]
-                      ) -> Reply:
+                      tag: Tag, seed: int, t_request: float, drawn: asyncio.Future[None],
+                      served: list[ServedStream]) -> Reply:
         """A streamed request with no release policy (``streaming_shell``): the reply
         starts once the first tokens are durable; the rest follows chunk by chunk."""
         gw = self.gw
@@ -177,6 +186,7 @@ class Datapath:
                                       "dropped; an alarm was raised")
         stream = ServedStream(self, boot, request, prompt_ids, tag, seed, t_request, answer,
                               drawn)
+        served.append(stream)
         try:
             first = await stream.start()
         except BaseException:
@@ -253,7 +263,8 @@ class Datapath:
                 op.future.add_done_callback(functools.partial(self._draw_committed, op, done))
 
     def _settle_unreleased(self, boot: Boot, seq: int,
-                           committing: asyncio.Future[Link] | None,
+                           committing: asyncio.Future[Link] | asyncio.Future[Link | None]
+                           | None,
                            drawn: asyncio.Future[None]) -> None:
         """The request failed or was cancelled: settle ``seq`` once its commit (if it was
         handed one) has ended; a committed pair still gets its draw."""
@@ -261,7 +272,7 @@ class Datapath:
             self._settle(boot, seq, None, drawn)
             return
 
-        def committed(fut: asyncio.Future[Link]) -> None:
+        def committed(fut: asyncio.Future[Any]) -> None:
             ok = not fut.cancelled() and fut.exception() is None
             self._settle(boot, seq, fut.result() if ok else None, drawn)
 

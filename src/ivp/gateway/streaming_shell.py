@@ -191,6 +191,13 @@ class ServedStream:
             return self.boot.chained.get(self.tag.seq)
 
     # --- the end ------------------------------------------------------------------------
+    def cut_now(self) -> asyncio.Future[Link | None]:
+        """The request was cancelled before its first bytes left: end the stream cut
+        (its tokens may already be durable); the future gives the pair's link (None: no
+        pair). The caller settles the tag with it; ``close`` is not called."""
+        self._end("cut")
+        return asyncio.ensure_future(self._where())
+
     def close(self) -> asyncio.Future[None]:
         """The client has what it will get (all, or it left): end the stream (cut if it
         was still coming), settle the tag once its pair is durable. The future ends
