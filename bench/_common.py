@@ -246,7 +246,7 @@ def tiny_whitelisted(out_dir: Path, model_id: str = "tiny",
     return whitelist_for(build_tiny_model(out_dir / "model"), model_id, out_dir)
 
 
-def _control_key() -> str:
+def control_key() -> str:
     """A recomputer key for gateways that no recomputer controls in a bench (a fresh
     key whose private half is dropped: no Shutdown can ever verify)."""
     from ivp.protocol.keys import SigningKey
@@ -259,7 +259,7 @@ def gateway_args(name: str, state: Path, port: int, trust: dict[str, Path], sync
     """``ivp gateway`` powering a bench/stub_server.py on a free loopback port."""
     stub_cmd = f"{PY} {BENCH / 'stub_server.py'} --port {{port}}"
     return [PY, "-m", "ivp.cli", "gateway", "--state", str(state), "--gateway-id", name,
-            "--port", str(port), "--recomputer-key", _control_key(),
+            "--port", str(port), "--recomputer-key", control_key(),
             "--policy", str(trust["policy"]), "--whitelist",
             str(trust["whitelist"]), "--epsilon", str(epsilon), "--sync", sync,
             "--server-port", str(free_port()), "--server-cmd", stub_cmd,

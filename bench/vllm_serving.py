@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     BENCH,
     PY,
+    control_key,
     emit,
     free_port,
     gemma_dir,
@@ -172,7 +173,8 @@ def main() -> None:
                       "--kv-cache-mb 1024 --max-model-len 2048")
         procs.append(spawn("gateway", [
             PY, "-m", "ivp.cli", "gateway", "--state", str(work / "gw"), "--gateway-id", "gw",
-            "--port", str(port), "--policy", str(trust["policy"]), "--whitelist",
+            "--port", str(port), "--recomputer-key", control_key(),
+            "--policy", str(trust["policy"]), "--whitelist",
             str(trust["whitelist"]), "--epsilon", "0.2", "--sync", "FULL", "--engine", "vllm",
             "--server-port", str(server_port), "--server-cmd", server_cmd,
             "--checkpoint-interval", "10"], work))
