@@ -75,8 +75,9 @@ def store_digest(path: Path) -> str:
     h = hashlib.sha256()
     for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
                                "ORDER BY name"):
-        for row in db.execute(f"SELECT * FROM {table} ORDER BY rowid"):
-            h.update(repr(row).encode())
+        # sorted in Python: some tables (the store's seals) are WITHOUT ROWID
+        for row in sorted(repr(r) for r in db.execute(f"SELECT * FROM {table}")):
+            h.update(row.encode())
     db.close()
     return h.hexdigest()
 
