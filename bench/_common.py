@@ -311,3 +311,28 @@ def gemma_dir(arg: str | None) -> Path:
         note(f"converting Gemma-3-270M into {path} (once)")
         path = prepare_gemma(path)
     return path
+
+
+def vllm_model_and_bound(args: Any, work: Path) -> tuple[Path, str, Any, str]:
+    """The vLLM benches' model (``--model tiny`` built in ``work``, else the converted
+    Gemma) and its noise bound and dtype: from ``--delta-from`` (a manifest of ``ivp
+    calibrate --engine vllm``), else the demo's cached calibration against vLLM."""
+    from ivp.protocol.encoding import decode
+    from ivp.protocol.messages import Manifest
+    from ivp.verify.calibrate_vllm import cached_noise_bound
+
+    if args.model == "tiny":
+        from ivp.engine.tiny import VLLM_HEAD_DIM, build_tiny_model
+
+        model_dir, model_id = build_tiny_model(work / "model", head_dim=VLLM_HEAD_DIM), \
+            "tiny-llama"
+    else:
+        model_dir, model_id = gemma_dir(args.gemma_dir), "gemma-3-270m"
+    if args.delta_from:
+        manifest = decode(args.delta_from.read_bytes(), Manifest)
+        bound, dtype = manifest.noise_bound, args.dtype or manifest.dtype
+    else:
+        dtype = args.dtype or "float32"
+        bound = cached_noise_bound(model_dir, model_id, dtype, say=note)
+    assert bound is not None
+    return model_dir, model_id, bound, dtype

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, gemma_dir, machine, note, work_dir
+from _common import emit, machine, note, vllm_model_and_bound, work_dir
 
 ATTACKS = "rogue-model-persists,expert-iteration,int8,seed-ignored"
 UNEXPLAINED = 1e299  # position_delta holds 1e300 where no noise bound explains a token
@@ -99,26 +99,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep logs and results here")
     args = ap.parse_args()
 
-    from ivp.protocol.encoding import decode
-    from ivp.protocol.messages import Manifest
-    from ivp.verify.calibrate_vllm import cached_noise_bound
 
     work = args.work or work_dir("vllm-cheats")
     work.mkdir(parents=True, exist_ok=True)
-    if args.model == "tiny":
-        from ivp.engine.tiny import VLLM_HEAD_DIM, build_tiny_model
-
-        model_dir, model_id = build_tiny_model(work / "model", head_dim=VLLM_HEAD_DIM), \
-            "tiny-llama"
-    else:
-        model_dir, model_id = gemma_dir(args.gemma_dir), "gemma-3-270m"
-    if args.delta_from:
-        manifest = decode(args.delta_from.read_bytes(), Manifest)
-        bound, dtype = manifest.noise_bound, args.dtype or manifest.dtype
-    else:
-        dtype = args.dtype or "float32"
-        bound = cached_noise_bound(model_dir, model_id, dtype, say=note)
-    assert bound is not None
+    model_dir, model_id, bound, dtype = vllm_model_and_bound(args, work)
     note(f"δ = {bound.delta:.4g}")
     record = work / "cheats.json"
     done: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, gemma_dir, machine, note, work_dir
+from _common import emit, machine, note, vllm_model_and_bound, work_dir
 
 UNEXPLAINED = 1e299  # position_delta holds 1e300 where no noise bound explains a token
 
@@ -59,26 +59,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from ivp.datacenter import LoopbackDatacenter
-    from ivp.protocol.encoding import decode
-    from ivp.protocol.messages import Manifest
-    from ivp.verify.calibrate_vllm import cached_noise_bound
 
     work = args.work or work_dir("vllm-load")
     work.mkdir(parents=True, exist_ok=True)
-    if args.model == "tiny":
-        from ivp.engine.tiny import VLLM_HEAD_DIM, build_tiny_model
-
-        model_dir, model_id = build_tiny_model(work / "model", head_dim=VLLM_HEAD_DIM), \
-            "tiny-llama"
-    else:
-        model_dir, model_id = gemma_dir(args.gemma_dir), "gemma-3-270m"
-    if args.delta_from:
-        manifest = decode(args.delta_from.read_bytes(), Manifest)
-        bound, dtype = manifest.noise_bound, args.dtype or manifest.dtype
-    else:
-        dtype = args.dtype or "float32"
-        bound = cached_noise_bound(model_dir, model_id, dtype, say=note)
-    assert bound is not None
+    model_dir, model_id, bound, dtype = vllm_model_and_bound(args, work)
     note(f"δ = {bound.delta:.4g} ({bound.method[:120]}...)")
     levels = [int(x) for x in args.levels.split(",")]
     counts = [int(x) for x in args.counts.split(",")]
