@@ -13,8 +13,9 @@ from typing import Any
 
 from test_gateway_rig import MODEL_ID, Rig, flush, make_rig, run, started
 
-from ivp.gateway.log import _STREAM
+from ivp.gateway.log import _CHUNK, _STREAM
 from ivp.gateway.release import ReleasePolicy
+from ivp.gateway.streaming import StreamChunk, cut_pair
 from ivp.protocol.encoding import decode
 from ivp.protocol.messages import PairRecord
 
@@ -46,13 +47,19 @@ def tokens_of(raw: bytes) -> list[int]:
 
 def logged(rig: Rig, seq: int) -> tuple[list[int], str] | None:
     """What another reader of the log file sees for tag ``seq`` (committed data only):
-    its open stream row, or its chained pair (ids, finish reason)."""
+    its open stream's rows (the first, then its chunks), or its chained pair (ids,
+    finish reason)."""
     db = sqlite3.connect(rig.log.path)
     try:
         for boot_id, s, sealed in db.execute("SELECT boot_id, seq, sealed FROM streams"):
             if s == seq:
-                pair = decode(rig.device.unseal(_STREAM, sealed, f"{boot_id}/{s}".encode()),
+                head = decode(rig.device.unseal(_STREAM, sealed, f"{boot_id}/{s}".encode()),
                               PairRecord)
+                chunks = [decode(rig.device.unseal(_CHUNK, c, f"{boot_id}/{s}/{i}".encode()),
+                                 StreamChunk)
+                          for i, c in db.execute("SELECT idx, sealed FROM stream_chunks WHERE "
+                                                 "boot_id=? AND seq=? ORDER BY idx", (boot_id, s))]
+                pair = cut_pair(head, chunks)
                 return pair.output_token_ids, pair.finish_reason
         for boot_id, pos, sealed in db.execute("SELECT boot_id, pos, sealed FROM pairs"):
             pair = decode(rig.device.unseal("gateway/log/pair", sealed,

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ivp.errors import IvpError
 from ivp.gateway.log import PairLog
 from ivp.gateway.metrics import GatewayMetrics
+from ivp.gateway.streaming import ChunkWrite
 from ivp.protocol.messages import AuditRecord, PairRecord
 
 if TYPE_CHECKING:
@@ -42,13 +43,14 @@ T = TypeVar("T")
 @dataclass
 class Write:
     """One queued write of the group commit: an ``append`` (a pair, before release), a
-    ``progress`` (an open stream's pair so far, before its chunk is released), a
-    ``decide`` (a sampling draw, after release) or a ``barrier`` (flush up to here).
-    ``stream``: an append that ends a stream (its partial row goes with it)."""
+    ``progress`` (an open stream's next chunk, before it is released), a ``decide`` (a
+    sampling draw, after release) or a ``barrier`` (flush up to here). ``stream``: an
+    append that ends a stream (its chunk rows go with it)."""
 
     kind: str
     boot_id: str
     pair: PairRecord | None = None
+    chunk: ChunkWrite | None = None
     stream: bool = False
     pos: int = 0
     keep: bool = False
@@ -95,11 +97,11 @@ class GroupCommit:
         self._append_waiting.set()
         return future
 
-    def progress(self, boot_id: str, pair: PairRecord) -> asyncio.Future[None]:
-        """Queue an open stream's pair so far (``log.PairLog.progress``): the future ends
+    def progress(self, boot_id: str, chunk: ChunkWrite) -> asyncio.Future[None]:
+        """Queue an open stream's next chunk (``log.PairLog.progress``): the future ends
         once it is durable, in the same group commit as every other open stream's and
         every plain pair's."""
-        future = self.enqueue(Write("progress", boot_id, pair=pair))
+        future = self.enqueue(Write("progress", boot_id, chunk=chunk))
         self._append_waiting.set()
         return future
 
@@ -178,8 +180,9 @@ class GroupCommit:
 
     def _write_batch(self, batch: list[Write]) -> list[object]:
         """Runs on the log thread: the whole batch in ONE durable commit. Consecutive
-        appends of one boot are one step; each step is a savepoint, so a refused step (a
-        closed boot, a row that does not open) leaves no trace and undoes no other.
+        appends (or chunks) of one boot are one step; each step is a savepoint, so a
+        refused step (a closed boot, a row that does not open) leaves no trace and
+        undoes no other.
         Consecutive draws share one savepoint; if one is refused, the others are redone
         one savepoint each (draws are deterministic once drawn: only the disk changes)."""
         out: list[object] = [None] * len(batch)
@@ -191,10 +194,11 @@ class GroupCommit:
                     while j < len(batch) and batch[j].kind == op.kind and \
                             batch[j].boot_id == op.boot_id:
                         j += 1
-                    pairs = [w.pair for w in batch[i:j] if w.pair is not None]
                     if op.kind == "progress":
-                        self._step(out, range(i, j), self.log.progress, op.boot_id, pairs)
+                        chunks = [w.chunk for w in batch[i:j] if w.chunk is not None]
+                        self._step(out, range(i, j), self.log.progress, op.boot_id, chunks)
                     else:
+                        pairs = [w.pair for w in batch[i:j] if w.pair is not None]
                         ended = tuple(w.pair.tag.seq for w in batch[i:j]
                                       if w.stream and w.pair is not None)
                         self._step(out, range(i, j), self.log.append, op.boot_id, pairs,

@@ -18,10 +18,14 @@ holds that disk, so:
   only after the pairs are on disk, and the gateway releases a response only after
   that (several concurrent pairs may share one commit: group commit);
 * a **streamed** pair is durable chunk by chunk: :meth:`PairLog.progress` keeps each
-  open stream's pair so far (sealed, finish reason "cut") before its tokens are
-  released; the pair is chained once, whole, when the stream ends (:meth:`append`
-  drops the row in the same commit), and a stream the end of a boot or a crash cut is
-  chained as it stood (:meth:`cut_streams`), so no released token is ever missing;
+  open stream's first row (the pair without output: prompt, parameters, seed, tag)
+  and then one sealed row per chunk holding only what it adds, before its tokens are
+  released (so a stream costs the log bytes in proportion to its length); the pair is
+  chained once, whole, when the stream ends (:meth:`append` drops the rows in the same
+  commit), and a stream the end of a boot or a crash cut is chained as it stood
+  (:meth:`cut_streams`: the first row plus every chunk, in order), so no released
+  token is ever missing; a stream whose rows do not open or miss a chunk is refused
+  (alarmed), never chained short;
 * the sampling decision (:meth:`PairLog.decide`) turns a pair into a signed, numbered
   audit record in the spool *in the same transaction* that deletes the pair, so a
   crash can never lose a kept pair, skip an audit number or number one twice;
@@ -57,6 +61,7 @@ from ivp.device import Device
 from ivp.errors import PeerDataError, StateError, ValidationError
 from ivp.gateway import serving
 from ivp.gateway.serving import Link
+from ivp.gateway.streaming import ChunkWrite, StreamChunk, cut_pair
 from ivp.protocol.encoding import canonical, decode
 from ivp.protocol.messages import AuditRecord, BootClose, Checkpoint, PairRecord
 
@@ -72,6 +77,9 @@ CREATE TABLE IF NOT EXISTS pairs (
 CREATE TABLE IF NOT EXISTS streams (
     boot_id TEXT NOT NULL, seq INTEGER NOT NULL, sealed BLOB NOT NULL,
     PRIMARY KEY (boot_id, seq));
+CREATE TABLE IF NOT EXISTS stream_chunks (
+    boot_id TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, sealed BLOB NOT NULL,
+    PRIMARY KEY (boot_id, seq, idx));
 CREATE TABLE IF NOT EXISTS spool (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, boot_id TEXT NOT NULL,
     n INTEGER NOT NULL, created REAL NOT NULL, sealed BLOB NOT NULL);
@@ -82,6 +90,7 @@ CREATE TABLE IF NOT EXISTS alarms (
 
 _PAIR = "gateway/log/pair"
 _STREAM = "gateway/log/stream"
+_CHUNK = "gateway/log/stream-chunk"
 _SPOOL = "gateway/log/spool"
 _META = "gateway/log/meta"
 _ALARM_SEQ = "alarm_seq"  # meta key: the last GatewayAlarm number used
@@ -272,7 +281,7 @@ class PairLog:
     def append(self, boot_id: str, pairs: list[PairRecord],
                streams: tuple[int, ...] = ()) -> list[Link]:
         """Chain and store ``pairs`` (in order) durably, in one commit; ``streams``: the
-        tag seqs of streamed pairs among them, whose partial rows go in the same commit.
+        tag seqs of streamed pairs among them, whose stream rows go in the same commit.
 
         Raises:
             StateError: the boot is unknown or closed (a pair of a dead boot is dropped).
@@ -291,9 +300,12 @@ class PairLog:
                 self._db.execute("UPDATE boots SET head=?, pairs=? WHERE boot_id=?",
                                  (links[-1].head, links[-1].pos, boot_id))
             for seq in streams:
-                self._db.execute("DELETE FROM streams WHERE boot_id=? AND seq=?",
-                                 (boot_id, seq))
+                self._drop_stream(boot_id, seq)
         return links
+
+    def _drop_stream(self, boot_id: str, seq: int) -> None:
+        for table in ("streams", "stream_chunks"):
+            self._db.execute(f"DELETE FROM {table} WHERE boot_id=? AND seq=?", (boot_id, seq))
 
     def _open_boot(self, boot_id: str) -> tuple[str, int]:
         row = self._db.execute("SELECT head, pairs, closed FROM boots WHERE boot_id=?",
@@ -302,44 +314,91 @@ class PairLog:
             raise StateError(f"boot {boot_id!r} is not open: pair dropped")
         return row[0], row[1]
 
-    def progress(self, boot_id: str, pairs: list[PairRecord]) -> list[None]:
-        """Keep each open stream's pair so far (finish reason "cut": what the pair is
-        should the stream end here) durably, in one commit, replacing the last one.
+    def progress(self, boot_id: str, chunks: list[ChunkWrite]) -> list[None]:
+        """Keep each open stream's next chunk durably, in one commit: a row of its own
+        (sealed, bound to its place boot/seq/index), the stream's first row with its
+        first chunk. Nothing is rewritten, so the commit's bytes and work are those of
+        the chunk alone, however long the stream already is.
 
         Raises:
-            StateError: the boot is unknown or closed (the chunk is not released).
+            StateError: the boot is unknown or closed, or the chunk does not follow the
+                stream's last one (a stream already ended: its rows went with its pair);
+                the chunk is not released.
         """
         with self._txn():
             self._open_boot(boot_id)
-            for pair in pairs:
-                where = f"{boot_id}/{pair.tag.seq}".encode()
+            for w in chunks:
+                where = f"{boot_id}/{w.seq}"
+                if w.index == 0 and w.head is not None:
+                    try:
+                        self._db.execute(
+                            "INSERT INTO streams(boot_id, seq, sealed) VALUES (?,?,?)",
+                            (boot_id, w.seq,
+                             self.device.seal(_STREAM, canonical(w.head), where.encode())))
+                    except sqlite3.IntegrityError:
+                        raise StateError(f"stream {where} is logged already") from None
+                elif self._db.execute(
+                        "SELECT 1 FROM stream_chunks WHERE boot_id=? AND seq=? AND idx=?",
+                        (boot_id, w.seq, w.index - 1)).fetchone() is None:
+                    raise StateError(f"stream {where} has no chunk {w.index - 1}: "
+                                     f"chunk {w.index} dropped")
                 self._db.execute(
-                    "INSERT OR REPLACE INTO streams(boot_id, seq, sealed) VALUES (?,?,?)",
-                    (boot_id, pair.tag.seq, self.device.seal(_STREAM, canonical(pair), where)))
-        return [None] * len(pairs)
+                    "INSERT INTO stream_chunks(boot_id, seq, idx, sealed) VALUES (?,?,?,?)",
+                    (boot_id, w.seq, w.index, self.device.seal(
+                        _CHUNK, canonical(w.chunk), f"{where}/{w.index}".encode())))
+        return [None] * len(chunks)
 
     def cut_streams(self, boot_id: str | None = None) -> dict[str, dict[int, Link]]:
         """Chain every stream left open (of ``boot_id``, else of every open boot) as it
-        stood at its last durable chunk, in tag order: {boot_id: {seq: link}}. A row that
-        does not open (an edited log) is dropped and alarmed."""
+        stood at its last durable chunk, in tag order: {boot_id: {seq: link}}. A stream
+        whose rows do not open, lack the first row or miss a chunk (an edited log) is
+        dropped and alarmed, never chained short; every other stream is chained."""
         out: dict[str, dict[int, Link]] = {}
         with self._txn():
+            # chunk rows without a first row are a stream too: refused below, not left
             rows = self._db.execute(
-                "SELECT s.boot_id, s.seq, s.sealed FROM streams s JOIN boots b ON "
+                "SELECT s.boot_id, s.seq FROM (SELECT boot_id, seq FROM streams UNION "
+                "SELECT boot_id, seq FROM stream_chunks) s JOIN boots b ON "
                 "b.boot_id = s.boot_id WHERE b.closed = 0 AND (? IS NULL OR s.boot_id = ?) "
                 "ORDER BY b.started, s.seq", (boot_id, boot_id)).fetchall()
-            for bid, seq, sealed in rows:
+            for bid, seq in rows:
                 try:
-                    pair = decode(self.device.unseal(_STREAM, sealed, f"{bid}/{seq}".encode()),
-                                  PairRecord)
+                    pair = self._stream_pair(bid, seq)
                 except (PeerDataError, ValidationError) as exc:
-                    self._db.execute("DELETE FROM streams WHERE boot_id=? AND seq=?",
-                                     (bid, seq))
+                    self._drop_stream(bid, seq)
                     self._alarm("log_corrupt", f"stream {bid}/{seq}: {exc}", time.time())
                     continue
                 (link,) = self.append(bid, [pair], (seq,))
                 out.setdefault(bid, {})[seq] = link
         return out
+
+    def _stream_pair(self, boot_id: str, seq: int) -> PairRecord:
+        """An open stream's pair as it stood: its first row plus its chunks, in order.
+
+        Raises:
+            PeerDataError: the first row is missing, a chunk is missing (a gap), or a row
+                does not open (altered, or moved from another place).
+            ValidationError: a row opens but does not decode, or the pair is not valid.
+        """
+        where = f"{boot_id}/{seq}"
+        row = self._db.execute("SELECT sealed FROM streams WHERE boot_id=? AND seq=?",
+                               (boot_id, seq)).fetchone()
+        if row is None:
+            raise PeerDataError("its first row is missing")
+        head = decode(self.device.unseal(_STREAM, row[0], where.encode()), PairRecord)
+        chunks = []
+        for expect, (idx, sealed) in enumerate(self._db.execute(
+                "SELECT idx, sealed FROM stream_chunks WHERE boot_id=? AND seq=? ORDER BY idx",
+                (boot_id, seq)).fetchall()):
+            if idx != expect:
+                raise PeerDataError(f"chunk {expect} is missing")
+            try:
+                chunks.append(decode(self.device.unseal(_CHUNK, sealed,
+                                                        f"{where}/{idx}".encode()),
+                                     StreamChunk))
+            except (PeerDataError, ValidationError) as exc:
+                raise PeerDataError(f"chunk {idx} does not open: {exc}") from None
+        return cut_pair(head, chunks)
 
     def end_boot(self, boot_id: str, gateway_id: str, sign: Callable[[Checkpoint], bytes]
                  ) -> dict[int, Link]:

@@ -11,6 +11,11 @@ token ids. No asyncio, no sockets, no clock.
   character releases no text until a later one completes it, and text that could still
   begin a stop string is held back — so the server's own text, spacing and chunk
   boundaries never reach the client; a stop string ends the output there.
+* :class:`StreamChunk` is what one chunk adds to the pair so far, as the log keeps it
+  (``log.PairLog.progress``): only what is new, so a stream's durable progress costs
+  the log bytes in proportion to its length, not to its length squared;
+  :func:`cut_pair` makes the pair that a stream cut after its last durable chunk is
+  (the first row's pair plus every chunk, in order).
 
 The shell (``streaming_shell``) commits each chunk's tokens before it releases the
 bytes :class:`ClientStream` made of them.
@@ -19,16 +24,19 @@ bytes :class:`ClientStream` made of them.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from msgspec import Struct
 
+from ivp.errors import ValidationError
 from ivp.gateway.errors import ServerProtocolError
 from ivp.gateway.inputs import Endpoint
 from ivp.gateway.proxy import ModelLimits, ServerOutput, check_output
 from ivp.protocol.encoding import to_builtins
-from ivp.protocol.messages import FinishReason, SamplingParams, Tag, TokenId
+from ivp.protocol.messages import FinishReason, PairRecord, SamplingParams, Tag, TokenId
 from ivp.protocol.stops import Decode, TextStream
 
 MAX_LINE = 1 << 20  # bytes of one server SSE line at most (one chunk of token ids)
@@ -183,6 +191,7 @@ class ClientStream:
         self.text = TextStream(decode, stops)
         self._decode = decode
         self._rest: str | None = None  # the text the output's end settles (once ended)
+        self._logged = 0  # characters of the settled text the log's chunks hold
         created = int(time.time()) if created is None else created
         rid = ("chatcmpl-" if self.chat else "cmpl-") + \
             f"{tag.gateway_id}-{tag.boot_id[:12]}-{tag.seq}"
@@ -236,6 +245,14 @@ class ClientStream:
                 break
         return b"".join(events), kept
 
+    def logged_text(self) -> tuple[str, str]:
+        """The text a chunk's log row carries (:class:`StreamChunk`): the text settled
+        since the last call, and the decoding of the tokens after it. Cheap: neither
+        grows with the stream's length."""
+        settled = self.text.settled
+        piece, self._logged = settled[self._logged:], len(settled)
+        return piece, self.text.pending
+
     def output_text(self, finish: str) -> str:
         """The text the log keeps: for an ended output, cut before the stop string, else
         the decoding of every id (what the recomputer checks); for "cut" (a stream that
@@ -267,6 +284,57 @@ class ClientStream:
         return b"".join(events)
 
 
+class StreamChunk(Struct, frozen=True, array_like=True):
+    """What one durable chunk adds to an open stream's pair (a log row of its own).
+
+    The pair's text is the settled text of every chunk, then the last chunk's ``tail``:
+    the decoding of the tokens not settled yet (a token that ends inside a multi-byte
+    character decodes to U+FFFD until a later one completes it), which the next chunk
+    replaces. So the text of a stream cut after any chunk is the decoding of its ids —
+    the text the recomputer checks a cut pair against — whenever the tokenizer decodes
+    a window of ids as the whole decoding has it (``protocol.stops``' own premise).
+    """
+
+    token_ids: list[TokenId]
+    text: str  # settled text added by this chunk
+    tail: str  # the decoding of the tokens after the settled text
+    t_response: float  # when it was made durable: the cut pair's response time
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    """One chunk of stream ``seq`` to make durable: chunk ``index`` (0, 1, 2, ...);
+    the first also carries ``head``, the pair without output (prompt, parameters, seed,
+    tag, request time), kept once for the whole stream."""
+
+    seq: int
+    index: int
+    chunk: StreamChunk
+    head: PairRecord | None = None
+
+
+def cut_pair(head: PairRecord, chunks: Sequence[StreamChunk]) -> PairRecord:
+    """The pair a stream is if it ends after ``chunks`` (all of its chunks, in order):
+    finish reason "cut", every chunk's tokens, the text they decode to.
+
+    Raises:
+        ValidationError: no token at all, or more than the request's ``max_tokens``.
+    """
+    ids = list(head.output_token_ids)
+    for c in chunks:
+        ids += c.token_ids
+    if not ids:
+        raise ValidationError("the stream holds no token")
+    text = head.output_text + "".join(c.text for c in chunks) + \
+        (chunks[-1].tail if chunks else "")
+    try:
+        return msgspec.structs.replace(
+            head, output_token_ids=ids, output_text=text, finish_reason="cut",
+            t_response=chunks[-1].t_response if chunks else head.t_response)
+    except ValueError as exc:  # PairRecord's own checks
+        raise ValidationError(f"bad PairRecord: {exc}") from None
+
+
 def client_stream(endpoint: Endpoint, *, model_id: str, tag: Tag, prompt_len: int,
                   token_ids: list[int], decode: Decode, finish_reason: str,
                   stops: tuple[str, ...] = (), created: int | None = None,
@@ -281,4 +349,5 @@ def client_stream(endpoint: Endpoint, *, model_id: str, tag: Tag, prompt_len: in
     return stream.begin() + body + stream.end(finish_reason)
 
 
-__all__ = ["ClientStream", "ServerStream", "client_stream", "parse_server_stream"]
+__all__ = ["ChunkWrite", "ClientStream", "ServerStream", "StreamChunk", "client_stream",
+           "cut_pair", "parse_server_stream"]

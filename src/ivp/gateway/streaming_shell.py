@@ -5,8 +5,9 @@ parts in ``streaming``.
 With no release policy, a streamed request's server answer is read as it arrives
 (``upstream.StreamAnswer``). Whatever arrived while the previous commit ran is the
 next chunk: parsed (``streaming.ServerStream``), re-serialised from its token ids
-(``streaming.ClientStream``), the pair so far committed to the log in the group
-commit every open stream and plain pair share (``commit.GroupCommit.progress``), and
+(``streaming.ClientStream``), its tokens and text committed to the log in the group
+commit every open stream and plain pair share (``commit.GroupCommit.progress``: a row
+of its own, so a chunk's commit costs the same at the stream's start and its end), and
 only then released. The end commits the whole pair into the hash chain (an ordinary
 ``append``, so the chain, the audit record and the recomputer's check are those of a
 plain pair) before the finish event leaves; the tag is then settled and drawn like a
@@ -31,7 +32,7 @@ from ivp.errors import IvpError, StateError, TransportError
 from ivp.gateway import proxy
 from ivp.gateway.errors import ServerProtocolError
 from ivp.gateway.serving import Link
-from ivp.gateway.streaming import ClientStream, ServerStream
+from ivp.gateway.streaming import ChunkWrite, ClientStream, ServerStream, StreamChunk
 from ivp.gateway.upstream import StreamAnswer
 from ivp.protocol.messages import PairRecord, Tag
 
@@ -59,6 +60,7 @@ class ServedStream:
                                    prompt_len=len(prompt_ids), decode=boot.tokenizer.decode,
                                    stops=request.stop, include_usage=request.include_usage)
         self._ready: list[bytes] = []  # durable, not released yet
+        self._chunks = 0  # chunks durable in the log
         self._final: asyncio.Future[Link] | None = None  # the whole pair's append
         self._ended = False  # the end is queued: no more reads
         self._tail = b""  # the last events, released once the whole pair is durable
@@ -135,13 +137,26 @@ class ServedStream:
         elif events:
             try:
                 await asyncio.shield(self.gw.writer.progress(self.boot.boot_id,
-                                                             self._pair("cut")))
+                                                             self._chunk(ids)))
             except IvpError as exc:  # the boot ended (power loss, shutdown) or the disk
                 self._end("cut", StateError(f"the stream could not be logged ({exc}): it "
                                             "ends here") if not isinstance(exc, StateError)
                           else exc, durable=len(self.client.ids) - len(ids))
                 return
+            self._chunks += 1
             self._ready.append(events)
+
+    def _chunk(self, ids: list[int]) -> ChunkWrite:
+        """The log row of this chunk: only its tokens and text (the bytes and the work
+        of a chunk's commit do not grow with the stream); the first also carries the
+        pair without output, which the stream's cut pair is built on."""
+        text, tail = self.client.logged_text()
+        now = time.time()
+        head = None if self._chunks else self.boot.pair(
+            self.tag, self.request, self.prompt_ids, proxy.ServerOutput([], "cut"), "",
+            self.seed, self.t_request, now)
+        return ChunkWrite(self.tag.seq, self._chunks, StreamChunk(list(ids), text, tail, now),
+                          head)
 
     def _pair(self, finish: str, count: int | None = None) -> PairRecord:
         ids = self.client.ids if count is None else self.client.ids[:count]

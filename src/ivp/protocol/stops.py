@@ -60,6 +60,9 @@ class TextStream:
         self._read = 0  # tokens up to here are settled
         self._base = ""  # decode(ids[prefix:read])
         self.settled = ""
+        # the decoding of the tokens after the settled text (what a stream cut here
+        # adds to it: e.g. a U+FFFD for a character still incomplete); "" when all settled
+        self.pending = ""
         self._released = 0  # characters of the text released so far
         self.stopped_at: int | None = None  # tokens in the output, once a stop fired
         self._cut: int | None = None  # where the text ends, once a stop fired
@@ -84,6 +87,9 @@ class TextStream:
             self._settle(window[len(self._base):])
             self._prefix, self._read = self._read, len(self.ids)
             self._base = self._decode(self.ids[self._prefix:self._read])
+            self.pending = ""
+        else:
+            self.pending = window[len(self._base):]
         return self._release()
 
     def push_all(self, tokens: Iterable[int]) -> str:
