@@ -151,3 +151,23 @@ def test_gateway_killed_mid_stream_recovers_a_cut_pair_that_passes(
     verdict = _verdict(tiny_model_dir, record)
     assert verdict.passed, verdict.reason
     assert receiver.refused == []
+
+
+def test_gateway_killed_after_many_chunks_recovers_every_released_token(
+        gateway: GatewayProc, receiver: Receiver, tiny_model_dir: Path) -> None:
+    """kill -9 of the gateway after 150 released tokens (as many chunk rows, each only
+    what it adds): the pair rebuilt at restart from the first row and the chunks holds
+    every token the client got, in order, and passes verification."""
+    client = _client(gateway.url)
+    got = _tokens(client, 150)
+    gateway.kill9()
+    rest = [int(line) for line in client.stdout or []]
+    client.wait(60)
+    gateway.start()
+    record = _audit_of(receiver, {"cut"})
+    released = got + rest
+    assert len(record.pair.output_token_ids) >= len(released) >= 150
+    assert record.pair.output_token_ids[:len(released)] == released
+    verdict = _verdict(tiny_model_dir, record)
+    assert verdict.passed, verdict.reason
+    assert receiver.refused == []
