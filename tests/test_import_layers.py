@@ -56,13 +56,13 @@ def test_the_datacenter_stands_on_the_protocol_not_on_the_demo_or_the_suite() ->
 IO_MODULES = {"asyncio", "threading", "concurrent.futures", "subprocess", "socket",
               "selectors", "ssl", "http.client", "urllib.request", "aiohttp", "sqlite3"}
 PURE_CORES = ["ivp.gateway.boot", "ivp.gateway.serving", "ivp.gateway.control",
-              "ivp.gateway.proxy"]
+              "ivp.gateway.proxy", "ivp.gateway.streaming"]
 SHELLS = {"ivp.gateway.boot_shell", "ivp.gateway.datapath", "ivp.gateway.control_shell",
           "ivp.gateway.commit", "ivp.gateway.log", "ivp.gateway.core", "ivp.gateway.app"}
 
 
 def test_the_gateway_pure_cores_load_no_io() -> None:
-    """Boot (property 2), serving (property 3), control and request checks decide on
+    """Boot (property 2), serving (property 3), control, request checks and streams decide on
     bytes alone: importing them, with all they import, loads no I/O module and no
     shell — so their tests run without a loop, a disk or a socket."""
     for core in PURE_CORES:
