@@ -8,13 +8,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_recomputer_support import Inspectors, ScriptedGateway, body, enrol, results, run
+from test_recomputer_support import (
+    Inspectors,
+    ScriptedGateway,
+    body,
+    enrol,
+    enrol_then_write_rogue,
+    results,
+    run,
+)
 
 from ivp.device.swtpm import Swtpm
 from ivp.errors import BrickedError
@@ -68,16 +74,9 @@ def test_written_row_refused_and_a_copied_store_trusts_nothing(
     stranger there (the keys, the seal's among them, never left the first TPM)."""
     config = dataclasses.replace(config, device="tpm", tpm=swtpm.tcti)
     rogue = ScriptedGateway("rogue-gw", tiny_engine, tiny_manifest)
-    path = config.state_dir / "recomputer.sqlite"
 
     async def main() -> None:
-        first = Recomputer(config)
-        await enrol(first, inspectors, gateway)
-        await first.close()
-        with sqlite3.connect(path) as db:
-            db.execute("INSERT INTO enrolments VALUES (?,?,?,?,?,?,?)",
-                       ("rogue-gw", "gateway", rogue.key.verify_key.hex,
-                        rogue.key.verify_key.keyid, rogue.url, time.time(), 99))
+        await enrol_then_write_rogue(config, inspectors, gateway, rogue)
         copy = tmp_path / "copied-state"
         shutil.copytree(config.state_dir, copy)
         second = Recomputer(config)

@@ -217,8 +217,9 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
             return
         detail = rollback_detail(check, self.store.rollback_error)
         log.error("store rolled back: %s", detail)
+        # folded into the open one at each restart until the inspectors accept the store
         self.store.add_alarms([Alarm("store_rolled_back", None, None, detail[:2000],
-                                     time.time(), dedupe=False)],
+                                     time.time())],
                               above=self.notices.cursor("alarm"))
 
     @property
