@@ -76,8 +76,9 @@ def kinds(alarms: list[dict[str, Any]], kind: str = "store_rolled_back") -> list
 
 async def set_back(config: Any, inspectors: Inspectors, gateway: ScriptedGateway,
                    tmp_path: Path, device: bool = False) -> None:
-    """Enrol (commit 1), copy, then a BOOT (commit 2) and an ε (commit 3) the copy
-    lacks; put the copy back (with the device dir if ``device``)."""
+    """Enrol (counter 2: an admin commit and its confirmation), copy, then a BOOT
+    (3) and an ε (4, 5) the copy lacks; put the copy back (with the device dir if
+    ``device``)."""
     first = Recomputer(config)
     await enrol(first, inspectors, gateway)
     await first.close()
@@ -93,7 +94,7 @@ async def set_back(config: Any, inspectors: Inspectors, gateway: ScriptedGateway
 def test_an_older_copy_of_the_store_is_refused(
         config: Any, inspectors: Inspectors, gateway: ScriptedGateway,
         tmp_path: Path) -> None:
-    """The copy passes every seal; the counter says 2 commits are missing: alarmed on
+    """The copy passes every seal; the counter says 3 commits are missing: alarmed on
     the signed feed, and uplink, cursors, INPUT and admin are refused, state unchanged."""
     path = config.state_dir / STORE
 
@@ -104,13 +105,13 @@ def test_an_older_copy_of_the_store_is_refused(
         assert rec.locked and rec.store.tampered == []  # genuine rows: the seals pass
         check = rec.store.rollback
         assert check is not None and (check.verdict, check.log, check.device) == (
-            "rolled_back", 1, 3)
+            "rolled_back", 2, 5)
         [alarm] = kinds(await rec.alarms())
         assert alarm["detail"].startswith(
             "the recomputer's store was set back: it was last committed under device "
-            "counter 1, the device is at 3 (2 commits missing: an older copy of the store "
+            "counter 2, the device is at 5 (3 commits missing: an older copy of the store "
             "was put back); the inspectors re-accept the store as it stands with a quorum "
-            "`ivp admin accept-store --device-counter 3`"), alarm
+            "`ivp admin accept-store --device-counter 5`"), alarm
         feed = await rec.notice_feed(0, 0)
         watcher = Watcher(rec.device.public_key)
         notices = [watcher.notice(json.dumps(n).encode()) for n in feed["notices"]]
@@ -145,15 +146,15 @@ def test_inspectors_accept_the_set_back_store_by_quorum(
         await set_back(config, inspectors, gateway, tmp_path)
         rec = Recomputer(config)
         assert rec.locked
-        with pytest.raises(AdminRefusedError, match="the device is at 3") as refused:
-            await rec.handle_admin(inspectors.request("accept_store", {"device_counter": 2}))
+        with pytest.raises(AdminRefusedError, match="the device is at 5") as refused:
+            await rec.handle_admin(inspectors.request("accept_store", {"device_counter": 4}))
         assert refused.value.log_seq is None and rec.locked  # an earlier rollback's value
         one = inspectors.quorum[:1]
         with pytest.raises(AdminRefusedError):  # one inspector alone cannot
-            await rec.handle_admin(inspectors.request("accept_store", {"device_counter": 3},
+            await rec.handle_admin(inspectors.request("accept_store", {"device_counter": 5},
                                                       signers=one))
         assert rec.locked
-        request = inspectors.request("accept_store", {"device_counter": 3, "note": "ok"})
+        request = inspectors.request("accept_store", {"device_counter": 5, "note": "ok"})
         answer = await rec.handle_admin(request)
         assert answer["accepted"] and not rec.locked
         assert [a["acknowledged"] for a in kinds(await rec.alarms())] == [True]
@@ -161,12 +162,33 @@ def test_inspectors_accept_the_set_back_store_by_quorum(
         with pytest.raises(AdminRefusedError, match="already used"):
             await rec.handle_admin(request)  # replayed: its nonce is burnt
         with pytest.raises(AdminRefusedError, match="not locked"):  # nothing to accept
-            await rec.handle_admin(inspectors.request("accept_store", {"device_counter": 3}))
+            await rec.handle_admin(inspectors.request("accept_store", {"device_counter": 5}))
         await rec.close()
         again = Recomputer(config)
         assert again.store.rollback is not None and again.store.rollback.verdict == "ok"
         assert not again.locked and [a["count"] for a in kinds(await again.alarms())] == [1]
         await again.close()
+    run(main())
+
+
+def test_one_admin_request_undone_is_caught(
+        config: Any, inspectors: Inspectors, gateway: ScriptedGateway,
+        tmp_path: Path) -> None:
+    """The last commit alone is the crash's slack; an admin request is two counted
+    commits (``Store.confirm``) before its answer leaves, so undoing it is refused."""
+    async def main() -> None:
+        first = Recomputer(config)
+        await enrol(first, inspectors, gateway)
+        await first.close()
+        save(config.state_dir, tmp_path / "copy")
+        second = Recomputer(config)
+        await second.handle_admin(inspectors.request("set_epsilon", {"epsilon": 0.5}))
+        await second.close()
+        put_back(tmp_path / "copy", config.state_dir)
+        rec = Recomputer(config)
+        check = rec.store.rollback
+        assert rec.locked and check is not None and (check.log, check.device) == (2, 4)
+        await rec.close()
     run(main())
 
 
@@ -179,7 +201,7 @@ def test_store_and_soft_device_restored_together_go_unseen(
         await set_back(config, inspectors, gateway, tmp_path, device=True)
         rec = Recomputer(config)
         check = rec.store.rollback
-        assert check is not None and (check.verdict, check.log, check.device) == ("ok", 1, 1)
+        assert check is not None and (check.verdict, check.log, check.device) == ("ok", 2, 2)
         assert not rec.locked and kinds(await rec.alarms()) == []
         assert rec.ingest.epsilon is None  # the ε commit is gone, unseen
         await rec.close()
@@ -199,7 +221,7 @@ def test_a_deleted_store_is_refused(config: Any, inspectors: Inspectors,
         assert rec.locked and rec.store.rollback is not None
         assert rec.store.rollback.verdict == "deleted"
         [alarm] = kinds(await rec.alarms())
-        assert "holds no bound counter while the device is at 1" in alarm["detail"]
+        assert "holds no bound counter while the device is at 2" in alarm["detail"]
         await rec.close()
     run(main())
 
@@ -211,7 +233,7 @@ def test_an_edited_counter_row_is_quarantined_and_refused(
     async def main() -> None:
         await set_back(config, inspectors, gateway, tmp_path)
         with sqlite3.connect(config.state_dir / STORE) as db:
-            db.execute("UPDATE bound SET counter = 3")
+            db.execute("UPDATE bound SET counter = 5")
         rec = Recomputer(config)
         assert [f.table for f in rec.store.tampered] == ["bound"]
         assert rec.locked and rec.store.rollback is not None

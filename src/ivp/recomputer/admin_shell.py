@@ -113,6 +113,8 @@ class AdminShell:
             await self._db(self.store.append_admin, seq, entry, digest, kept,
                            d.request.nonce if d.accepted and d.request else None, effects,
                            (), accept)
+            # the answer leaves now: undoing this entry must cost two counted commits
+            await self._db(self.store.confirm)
             self.admin.advance(seq, digest, d)
             if accept:
                 self._store_accepted()

@@ -436,6 +436,7 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         data = canonical(env.sign_message(env.SHUTDOWN, order, self.device.signer()))
         await self._db(self.store.set_gateway, gateway_id, "shutdown", reason[:1000], now,
                        True, data)
+        await self._db(self.store.confirm)  # the SHUTDOWN leaves: see Store.confirm
         self.ingest.shut_down(gateway_id, reason[:1000], now)
         log.warning("gateway %s shut down: %s", gateway_id, reason)
         self._spawn(self._deliver(gateway_id, data))

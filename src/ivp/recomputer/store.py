@@ -23,11 +23,16 @@ advance and the COMMIT, is a store that lost nothing anyone was told of). Furthe
 behind, missing while the device has counted, or ahead of the device, the store is
 ``locked``: no commit that changes sealed rows goes through (StoreRolledBackError)
 until one made with ``accept=True`` (the inspectors' quorum ``accept_store``) binds it
-again. Commits that change no sealed row (alarms, sensor readings, relays, the served
-times) cost no counter advance: the counter moves once per trust-granting commit —
-an uplink batch, a batch of verdicts, an admin request — not per row, which keeps it
-to one extra sync (a TPM NV increment, ~2 ms; a sealed slot and an fdatasync with
-``--device soft``) per group commit, as on the gateway.
+again. One commit of slack means the last commit alone could be undone unseen, so a
+commit whose effect leaves the recomputer at once — an admin request's answer, a
+SHUTDOWN — is followed by a bare one (:meth:`confirm`) before it leaves; an uplink
+batch or a verdict undone alone is seen anyway (the gateways' signed counts claim
+the records, the audit queue verifies again). Commits that change no sealed row
+(alarms, sensor readings, relays, the served times) cost no counter advance: the
+counter moves once per trust-granting commit — an uplink batch, a batch of verdicts,
+an admin request — not per row, which keeps it to one extra sync (a TPM NV
+increment, ~2 ms; a sealed slot and an fdatasync with ``--device soft``) per group
+commit, as on the gateway (an admin request or a SHUTDOWN pays two).
 
 Durability: WAL journal with ``synchronous=FULL``, so a transaction that returned is
 on disk (an Ack is sent only after its transaction returned). Triggers make the
@@ -207,6 +212,25 @@ class Store:
                 "trust-granting state until the inspectors accept it (accept_store)")
         value = self._device.advance_counter()
         self._db.execute("INSERT OR REPLACE INTO bound VALUES (1, ?)", (value,))
+
+    def confirm(self) -> None:
+        """A bare commit that only advances the counter and binds it: made after a
+        commit whose effect leaves the recomputer (an admin answer, a SHUTDOWN), so
+        that undoing that commit means undoing two counted commits — which the one
+        commit of slack a crash is allowed never covers (``rollback.judge``).
+
+        Raises:
+            StoreRolledBackError: the store is locked.
+        """
+        if self._device is None:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._bind(False)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def bound_counter(self) -> int | None:
         row = self._db.execute("SELECT counter FROM bound WHERE id = 1").fetchone()
