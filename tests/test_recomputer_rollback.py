@@ -226,6 +226,30 @@ def test_a_deleted_store_is_refused(config: Any, inspectors: Inspectors,
     run(main())
 
 
+def test_a_restored_soft_device_dir_alone_is_refused(
+        config: Any, inspectors: Inspectors, gateway: ScriptedGateway,
+        tmp_path: Path) -> None:
+    """The device's counter behind its own store: the device state was put back."""
+    async def main() -> None:
+        first = Recomputer(config)
+        await enrol(first, inspectors, gateway)
+        await first.close()
+        shutil.copytree(config.state_dir / "device", tmp_path / "device")
+        second = Recomputer(config)
+        await second.handle_admin(inspectors.request("set_epsilon", {"epsilon": 0.5}))
+        await second.close()
+        shutil.rmtree(config.state_dir / "device")
+        shutil.copytree(tmp_path / "device", config.state_dir / "device")
+        rec = Recomputer(config)
+        check = rec.store.rollback
+        assert rec.locked and check is not None
+        assert (check.verdict, check.log, check.device) == ("device_behind", 4, 2)
+        [alarm] = kinds(await rec.alarms())
+        assert "device counter (2) is behind its own store (4)" in alarm["detail"]
+        await rec.close()
+    run(main())
+
+
 def test_an_edited_counter_row_is_quarantined_and_refused(
         config: Any, inspectors: Inspectors, gateway: ScriptedGateway,
         tmp_path: Path) -> None:
