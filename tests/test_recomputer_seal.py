@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_recomputer_support import Inspectors, ScriptedGateway, body, enrol, results, run
+from test_recomputer_support import (
+    Inspectors,
+    ScriptedGateway,
+    body,
+    enrol_then_write_rogue,
+    results,
+    run,
+)
 
 from ivp.attacks.knockouts import knocked_out
 from ivp.protocol.keys import SigningKey
@@ -166,14 +173,9 @@ def test_enrolment_written_into_the_store_is_refused_with_an_alarm(
         config: Any, inspectors: Inspectors, gateway: ScriptedGateway,
         tiny_engine: Any, tiny_manifest: Any) -> None:
     rogue = ScriptedGateway("rogue-gw", tiny_engine, tiny_manifest)
-    path = config.state_dir / "recomputer.sqlite"
 
     async def main() -> None:
-        first = Recomputer(config)
-        await enrol(first, inspectors, gateway)
-        await first.close()
-        outside(path, ENROL, ("rogue-gw", "gateway", rogue.key.verify_key.hex,
-                              rogue.key.verify_key.keyid, rogue.url, time.time(), 99))
+        path = await enrol_then_write_rogue(config, inspectors, gateway, rogue)
         second = Recomputer(config)
         assert set(second.ingest.devices) == {"gw-a"}  # trusted state did not change
         alarms = [a for a in await second.alarms() if a["kind"] == "store_tampered"]
@@ -194,12 +196,9 @@ def test_seal_knockout_trusts_the_written_enrolment(
         config: Any, inspectors: Inspectors, tiny_engine: Any, tiny_manifest: Any) -> None:
     """With the seal check off the same row is trusted: the check is what refuses it."""
     rogue = ScriptedGateway("rogue-gw", tiny_engine, tiny_manifest)
-    path = config.state_dir / "recomputer.sqlite"
 
     async def main() -> None:
-        await Recomputer(config).close()
-        outside(path, ENROL, ("rogue-gw", "gateway", rogue.key.verify_key.hex,
-                              rogue.key.verify_key.keyid, rogue.url, time.time(), 99))
+        await enrol_then_write_rogue(config, inspectors, None, rogue)
         with knocked_out("seal"):
             second = Recomputer(config)
         assert "rogue-gw" in second.ingest.devices

@@ -11,6 +11,7 @@ import asyncio
 import json
 import secrets
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -223,6 +224,26 @@ async def enrol(rec: Any, inspectors: Inspectors, gw: ScriptedGateway) -> dict:
     return await rec.handle_admin(inspectors.request("enrol_device", {
         "device_id": gw.gateway_id, "public_key": gw.key.verify_key.hex, "kind": "gateway",
         "url": gw.url}))
+
+
+async def enrol_then_write_rogue(config: Any, inspectors: Inspectors,
+                                 gateway: ScriptedGateway | None,
+                                 rogue: ScriptedGateway) -> Path:
+    """A recomputer enrols ``gateway`` (None: nothing) and stops; then the operator
+    writes an enrolment of ``rogue`` straight into its store with the sqlite3 shell (its
+    own connection, no key, no quorum). Returns the store's path."""
+    from ivp.recomputer.service import Recomputer
+
+    first = Recomputer(config)
+    if gateway is not None:
+        await enrol(first, inspectors, gateway)
+    await first.close()
+    path = Path(config.state_dir) / "recomputer.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO enrolments VALUES (?,?,?,?,?,?,?)",
+                   (rogue.gateway_id, "gateway", rogue.key.verify_key.hex,
+                    rogue.key.verify_key.keyid, rogue.url, time.time(), 99))
+    return path
 
 
 @pytest.fixture

@@ -8,13 +8,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_recomputer_support import Inspectors, ScriptedGateway, body, enrol, results, run
+from test_recomputer_support import (
+    Inspectors,
+    ScriptedGateway,
+    body,
+    enrol,
+    enrol_then_write_rogue,
+    results,
+    run,
+)
 
 from ivp.device.swtpm import Swtpm
 from ivp.errors import BrickedError
@@ -68,16 +74,9 @@ def test_written_row_refused_and_a_copied_store_trusts_nothing(
     stranger there (the keys, the seal's among them, never left the first TPM)."""
     config = dataclasses.replace(config, device="tpm", tpm=swtpm.tcti)
     rogue = ScriptedGateway("rogue-gw", tiny_engine, tiny_manifest)
-    path = config.state_dir / "recomputer.sqlite"
 
     async def main() -> None:
-        first = Recomputer(config)
-        await enrol(first, inspectors, gateway)
-        await first.close()
-        with sqlite3.connect(path) as db:
-            db.execute("INSERT INTO enrolments VALUES (?,?,?,?,?,?,?)",
-                       ("rogue-gw", "gateway", rogue.key.verify_key.hex,
-                        rogue.key.verify_key.keyid, rogue.url, time.time(), 99))
+        await enrol_then_write_rogue(config, inspectors, gateway, rogue)
         copy = tmp_path / "copied-state"
         shutil.copytree(config.state_dir, copy)
         second = Recomputer(config)
@@ -110,3 +109,36 @@ def test_print_identity_reads_the_tpm(tmp_path: Path, swtpm: Swtpm) -> None:
                                     "--print-identity"])
     assert soft.exit_code != 0 or json.loads(
         soft.output.strip().splitlines()[-1])["public_key"] != ident["public_key"]
+
+
+def test_restored_state_dir_is_caught_by_the_tpm_counter(
+        config: Any, inspectors: Inspectors, gateway: ScriptedGateway, swtpm: Swtpm,
+        tmp_path: Path) -> None:
+    """With ``--device tpm`` the counter is the TPM's NV counter: putting back an older
+    copy of the WHOLE state directory (store, notices, device dir) sets nothing back
+    there, so the store is refused (with soft it goes unseen:
+    test_recomputer_rollback.py)."""
+    config = dataclasses.replace(config, device="tpm", tpm=swtpm.tcti)
+
+    async def main() -> None:
+        first = Recomputer(config)
+        await enrol(first, inspectors, gateway)
+        await first.close()
+        copy = tmp_path / "state-copy"
+        shutil.copytree(config.state_dir, copy)
+        second = Recomputer(config)
+        assert not second.locked  # an honest restart
+        await second.handle_admin(inspectors.request("set_epsilon", {"epsilon": 0.5}))
+        await second.close()
+        shutil.rmtree(config.state_dir)
+        shutil.copytree(copy, config.state_dir)
+        third = Recomputer(config)
+        check = third.store.rollback
+        assert third.locked and check is not None and check.verdict == "rolled_back"
+        # the ε commit and its confirmation (the admin answer left after both)
+        assert check.device - (check.log or 0) == 2
+        alarms = [a for a in await third.alarms() if a["kind"] == "store_rolled_back"]
+        assert len(alarms) == 1 and f"the device is at {check.device}" in alarms[0]["detail"]
+        assert third.ingest.epsilon is None  # the stale state, not served
+        await third.close()
+    run(main())

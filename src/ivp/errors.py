@@ -81,6 +81,14 @@ class ShutdownError(StateError):
     code = "gateway_shut_down"
 
 
+class StoreRolledBackError(StateError):
+    """The recomputer's store is older than its device counter says (an older copy was
+    put back): it takes no trust decision until the inspectors accept the store by
+    quorum (admin ``accept_store``; recomputer HTTP 409)."""
+
+    code = "store_rolled_back"
+
+
 class NoRouteError(StateError):
     """No healthy gateway serves the requested, whitelisted model (recomputer HTTP 503,
     with ``Retry-After``: it may be served again soon)."""

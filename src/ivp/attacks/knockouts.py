@@ -25,6 +25,8 @@ Knockouts (each disables exactly the named check, nothing else):
 * ``uplink-caps`` — no cap on the items of an uplink batch (6).
 * ``release`` — the gateway releases every response at once, whatever its policy (7).
 * ``seal`` — the recomputer's store trusts every row it finds, sealed or not (issue 15).
+* ``store-counter`` — the recomputer trusts its store whatever the device counter says
+  (issue 15: a restored older copy of the store is not locked).
 * ``isolate`` — a scenario's victim that asks for ``--isolate`` runs without it (the
   runner reads this one; nothing is patched in the recomputer) (issue 15).
 
@@ -224,6 +226,14 @@ def _seal_off() -> None:
     _patch(Sealer, "check", lambda self, db: [])
 
 
+def _store_counter_off() -> None:
+    from ivp.gateway.rollback import CounterCheck
+    from ivp.recomputer.store import Store
+
+    _patch(Store, "_judge", lambda self, device: CounterCheck(
+        "ok", self.bound_counter(), device.counter()))
+
+
 def _isolate_off() -> None:
     """Nothing to patch here: ``ivp.attacks.runner`` starts the victim without
     ``--isolate`` when this name is among the session's knockouts."""
@@ -235,6 +245,7 @@ _APPLY: dict[str, Callable[[], None]] = {
     "all-boots": _all_boots_off, "gap-store": _gap_store_off, "counter": _counter_off,
     "receipts": _receipts_off, "relay-order": _relay_order_off,
     "uplink-caps": _uplink_caps_off, "release": _release_off, "seal": _seal_off,
+    "store-counter": _store_counter_off,
     "isolate": _isolate_off,
 }
 KNOCKOUTS = tuple(_APPLY)

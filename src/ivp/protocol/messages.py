@@ -521,6 +521,7 @@ AdminInstruction = Literal[
     "ack_alarm",  # args: {"alarm_id"}
     "readmit_gateway",  # args: {"gateway_id"}
     "rotate_key",  # args: {"device_id", "public_key"}
+    "accept_store",  # args: {"device_counter", "note"?}: re-accept a set-back store
 ]
 
 
@@ -574,6 +575,17 @@ class RotateKeyArgs(AdminArgs, frozen=True):
     public_key: PublicKeyText
 
 
+class AcceptStoreArgs(AdminArgs, frozen=True):
+    """Re-accept the recomputer's store as it now stands after ``store_rolled_back``.
+
+    ``device_counter`` is the device counter the alarm names: the counter only goes up
+    and every acceptance advances it, so a request signed for an earlier rollback can
+    never accept a later one."""
+
+    device_counter: Annotated[int, Meta(ge=0)]
+    note: Annotated[str, Meta(max_length=2000)] = ""
+
+
 ADMIN_ARGS: dict[str, type[AdminArgs]] = {
     "enrol_device": EnrolArgs,
     "whitelist_update": WhitelistArgs,
@@ -582,10 +594,12 @@ ADMIN_ARGS: dict[str, type[AdminArgs]] = {
     "ack_alarm": AckAlarmArgs,
     "readmit_gateway": ReadmitArgs,
     "rotate_key": RotateKeyArgs,
+    "accept_store": AcceptStoreArgs,
 }
 
 __all__ += [
-    "ADMIN_ARGS", "ADMIN_MAX_VALIDITY", "RELAYED_INSTRUCTIONS", "AckAlarmArgs", "AdminArgs",
+    "ADMIN_ARGS", "ADMIN_MAX_VALIDITY", "RELAYED_INSTRUCTIONS", "AcceptStoreArgs",
+    "AckAlarmArgs", "AdminArgs",
     "AdminInstruction", "EnrolArgs", "EpsilonArgs", "ReadmitArgs", "RebootArgs", "RotateKeyArgs",
     "WhitelistArgs",
 ]

@@ -42,6 +42,7 @@ from ivp.protocol.keys import SigningKey
 from ivp.protocol.messages import (
     ADMIN_ARGS,
     ADMIN_MAX_VALIDITY,
+    AcceptStoreArgs,
     AckAlarmArgs,
     AdminArgs,
     AdminInstruction,
@@ -262,7 +263,8 @@ def countersign(envelope: env.Envelope, keys: Iterable[SigningKey]) -> env.Envel
 
 
 __all__ = [
-    "ARGS", "INSTRUCTIONS", "AckAlarmArgs", "AdminCore", "AdminLogEntry", "Decision",
+    "ARGS", "INSTRUCTIONS", "AcceptStoreArgs", "AckAlarmArgs", "AdminCore", "AdminLogEntry",
+    "Decision",
     "EnrolArgs", "EpsilonArgs", "ReadmitArgs", "RebootArgs", "RotateKeyArgs", "WhitelistArgs",
     "build_request", "countersign", "read_request", "sign_request", "verify_log",
 ]

@@ -28,6 +28,7 @@ from ivp.protocol.encoding import canonical, to_builtins
 from ivp.protocol.keys import VerifyKey
 from ivp.protocol.messages import ADMIN_ARGS, RELAYED_INSTRUCTIONS
 from ivp.recomputer.admin import (
+    AcceptStoreArgs,
     AckAlarmArgs,
     EnrolArgs,
     EpsilonArgs,
@@ -64,7 +65,8 @@ def check(t: AdminTargets, args: Any) -> None:
     Raises:
         StateError: the instruction makes no sense now (device or key already
             enrolled, unknown device, gateway not shut down, unknown or already
-            acknowledged alarm).
+            acknowledged alarm, a store not set back or set back at another device
+            counter than ``accept_store`` names).
         QuorumError, ExpiredError, ValidationError: a whitelist that would not install
             (under-signed, expired, not a higher version).
     """
@@ -90,6 +92,15 @@ def check(t: AdminTargets, args: Any) -> None:
         if alarm.acked_admin_seq is not None:
             raise StateError(f"alarm {args.alarm_id} was already acknowledged "
                              f"(admin log {alarm.acked_admin_seq})")
+    elif isinstance(args, AcceptStoreArgs):
+        check = t.store.rollback
+        if check is None or not t.store.locked:
+            raise StateError("the store is not locked (no store_rolled_back to accept)")
+        if args.device_counter != check.device:
+            # the counter only goes up and every acceptance advances it: a request made
+            # for an earlier rollback names a lower value and cannot accept this one
+            raise StateError(f"the request accepts the store at device counter "
+                             f"{args.device_counter}; the device is at {check.device}")
     elif isinstance(args, WhitelistArgs):
         trial = TrustedWhitelist(t.whitelist.policy)
         trial.current, trial.envelope = t.whitelist.current, t.whitelist.envelope
@@ -147,6 +158,12 @@ def _effects(t: AdminTargets, args: Any, seq: int, now: float,
     if isinstance(args, AckAlarmArgs):
         return ([("UPDATE alarms SET acked_admin_seq = ? WHERE id = ?", (seq, args.alarm_id))],
                 {"alarm_id": args.alarm_id})
+    if isinstance(args, AcceptStoreArgs):
+        # the effect is the commit itself: it binds the store to the device counter
+        # again (Store.transaction(accept=True)); the acceptance acknowledges the alarm
+        return ([("UPDATE alarms SET acked_admin_seq = ? WHERE kind = 'store_rolled_back'"
+                  " AND acked_admin_seq IS NULL", (seq,))],
+                {"device_counter": args.device_counter})
     if isinstance(args, ReadmitArgs):
         # the Readmit replaces the pending control message (delivered and retried like
         # a Shutdown); without one the gateway is only re-admitted on this side

@@ -15,10 +15,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ivp.errors import IvpError, PeerDataError
+from ivp.errors import IvpError, PeerDataError, StoreRolledBackError
 from ivp.protocol import envelope as env
 from ivp.protocol.encoding import canonical, to_builtins
-from ivp.protocol.messages import ReadmitArgs
+from ivp.protocol.messages import AcceptStoreArgs, ReadmitArgs
 from ivp.recomputer import admin as adm
 from ivp.recomputer import admin_ops
 
@@ -62,6 +62,8 @@ class AdminShell:
 
     def check_alive(self) -> None: ...
 
+    def _store_accepted(self) -> None: ...
+
     # --- admin ------------------------------------------------------------------------------------
     async def handle_admin(self, body: bytes) -> dict[str, Any]:
         """Decide, log and apply one admin request.
@@ -71,6 +73,13 @@ class AdminShell:
         """
         self.check_alive()
         first = self.admin.decide(body, time.time())  # pure: no lock, no store
+        if self.store.locked and first.instruction != "accept_store":
+            # a set-back store decides nothing (its burnt nonces are stale: an old
+            # request would be taken again) and logs nothing (a log entry is a
+            # trust-granting commit): only the inspectors' acceptance is decided
+            raise AdminRefusedError(StoreRolledBackError(
+                "the recomputer's store was set back (store_rolled_back): only a quorum "
+                "accept_store is decided until then"), None)
         if not first.accepted and not first.signers:
             # no valid inspector signature at all: junk anyone can send, refused without
             # a permanent log entry (else each such POST would grow the append-only log)
@@ -96,9 +105,19 @@ class AdminShell:
             # A refused request is kept whole only if small: a large one must not fill
             # the disk (its BLAKE3 digest is in the entry either way).
             kept = body if d.accepted or len(body) <= MAX_REFUSED_KEPT else b""
+            accept = isinstance(d.args, AcceptStoreArgs) and d.accepted
+            if self.store.locked and not accept:  # refused: not logged (see above)
+                assert d.error is not None
+                self.metrics.admin(d, logged=False)
+                raise AdminRefusedError(d.error, None)
             await self._db(self.store.append_admin, seq, entry, digest, kept,
-                           d.request.nonce if d.accepted and d.request else None, effects)
+                           d.request.nonce if d.accepted and d.request else None, effects,
+                           (), accept)
+            # the answer leaves now: undoing this entry must cost two counted commits
+            await self._db(self.store.confirm)
             self.admin.advance(seq, digest, d)
+            if accept:
+                self._store_accepted()
             if d.accepted:
                 admin_ops.apply(targets, d.args, now)
                 if readmit is not None:

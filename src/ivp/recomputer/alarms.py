@@ -51,6 +51,9 @@ KINDS: dict[str, tuple[bool, str]] = {
     "store_tampered": (False, "rows of the recomputer's store were written, edited or "
                               "deleted outside the recomputer (no valid seal): refused and "
                               "quarantined at start"),
+    "store_rolled_back": (False, "the recomputer's store is behind its device counter (an "
+                                 "older copy was put back, or it was deleted): no trust "
+                                 "decision until the inspectors' accept_store"),
     "forged": (False, "a record with a bad signature by an enrolled key id"),
     "unenrolled": (False, "a record signed by no enrolled device key"),
     "replay": (False, "an audit record or gateway alarm already stored was sent again"),

@@ -317,7 +317,8 @@ def admin_request(
     instruction: Annotated[str, typer.Argument(help="One of the closed list: enrol_device, "
                                                     "whitelist_update, set_epsilon, "
                                                     "reboot_schedule, ack_alarm, "
-                                                    "readmit_gateway, rotate_key.")],
+                                                    "readmit_gateway, rotate_key, "
+                                                    "accept_store.")],
     args: Annotated[str, typer.Option("--args", help="Arguments as a JSON object.")] = "{}",
     out: Annotated[Path, typer.Option(help="Where to write the request envelope.")
                    ] = Path("admin-request.json"),
@@ -430,6 +431,24 @@ def admin_ack_alarm(
     """ack_alarm: acknowledge an alarm (it stays stored, marked with this request)."""
     _issue(url, "ack_alarm", {"alarm_id": alarm_id, "note": note}, key, expires_in, out,
            no_send)
+
+
+@admin_app.command("accept-store")
+def admin_accept_store(
+    url: Annotated[str | None, typer.Argument(help="Recomputer URL.")] = None,
+    device_counter: Annotated[int, typer.Option(
+        help="The device counter the store_rolled_back alarm names (GET /alarms).")] = -1,
+    note: Annotated[str, typer.Option(help="Why the store is accepted as it stands.")] = "",
+    key: KeyOpt = None, expires_in: ExpiresOpt = 3600.0, out: OutOpt = None,
+    no_send: NoSendOpt = False,
+) -> None:
+    """accept_store: trust a set-back store again as it stands (after store_rolled_back;
+    what the missing commits held is lost: enrol, rotate keys or shut down again as
+    needed)."""
+    if device_counter < 0:
+        _fail("--device-counter is required: the value the store_rolled_back alarm names")
+    _issue(url, "accept_store", {"device_counter": device_counter, "note": note}, key,
+           expires_in, out, no_send)
 
 
 @admin_app.command("readmit")

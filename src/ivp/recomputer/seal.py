@@ -17,8 +17,10 @@ and the recomputer raises one ``store_tampered`` alarm per table. The cores only
 see sealed rows.
 
 What it does not stop: an operator who reads the device secret (``--device soft``
-keeps it in a file) can make seals; restoring an older copy of the whole file (rows and
-seals together) is not detected here (docs/TRUST.md says so).
+keeps it in a file) can make seals. An older copy of the whole file (rows and seals
+together) is genuine, only old: the seal cannot tell; the device counter bound into
+every commit of sealed rows can (``Sealer.writes`` tells the store a transaction
+changed sealed rows; ``ivp.recomputer.store`` binds it, docs/TRUST.md).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from dataclasses import dataclass, field
 #: the tables whose rows grant trust: who is enrolled (and with which key), a gateway's
 #: state (a re-admission), its boots (whitelisted or not), the whitelist, ε and the
 #: reboot schedule (settings), the admin log and its burnt nonces, the audit queue (a
-#: record marked verified leaves the queue) and the verdicts
+#: record marked verified leaves the queue), the verdicts, and the device counter value
+#: the store last committed them under (``bound``: the rollback defence)
 SEALED = ("enrolments", "gateways", "boots", "settings", "admin_log", "nonces", "audits",
-          "verdicts")
+          "verdicts", "bound")
 SEAL_PURPOSE = "recomputer/store-seal/v1"
 SEAL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS seals(tbl TEXT NOT NULL, mac TEXT NOT NULL,
@@ -99,7 +102,7 @@ def _name(table: str, row: dict[str, object]) -> str:
     keys = {"enrolments": ("device_id", "kind"), "gateways": ("gateway_id", "state"),
             "boots": ("gateway_id", "boot_id"), "settings": ("key",),
             "admin_log": ("seq",), "nonces": ("nonce",), "audits": ("gateway_id", "audit_seq"),
-            "verdicts": ("audit_id", "passed")}.get(table, ())
+            "verdicts": ("audit_id", "passed"), "bound": ("counter",)}.get(table, ())
     return "(" + ", ".join(f"{k}={row.get(k)!s:.40}" for k in keys) + ")"
 
 
@@ -112,11 +115,19 @@ class Sealer:
         self._key = key
         self.tables = tuple(tables)
         self._columns: dict[str, list[str]] = {}
+        #: sealed rows inserted, updated or deleted on the installed connection (by its
+        #: triggers); the store reads it to know whether a commit grants trust
+        self.writes = 0
 
     def mac(self, table: str, *values: object) -> str:
         """The seal of one row: HMAC-SHA256 over the table name and each column."""
         data = _field(table) + b"".join(_field(v) for v in values)
         return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+
+    def _row_mac(self, table: str, *values: object) -> str:
+        """:meth:`mac` as the triggers call it: also counts the sealed write."""
+        self.writes += 1
+        return self.mac(table, *values)
 
     def install(self, db: sqlite3.Connection) -> None:
         """Create the seal tables, the key's SQL function and the TEMP triggers that
@@ -127,6 +138,8 @@ class Sealer:
         # delete drop the old seal
         db.execute("PRAGMA recursive_triggers = ON")
         db.create_function("ivp_seal", -1, self.mac, deterministic=True)
+        # not deterministic: SQLite must call it for every row it seals (it counts them)
+        db.create_function("ivp_seal_row", -1, self._row_mac)
         for table in self.tables:
             cols = [r[1] for r in db.execute(f"PRAGMA main.table_info({table})")]
             if not cols:
@@ -134,8 +147,10 @@ class Sealer:
             self._columns[table] = cols
             new = ", ".join(f"NEW.{c}" for c in cols)
             old = ", ".join(f"OLD.{c}" for c in cols)
-            add = f"INSERT OR IGNORE INTO seals VALUES ('{table}', ivp_seal('{table}', {new}));"
-            drop = f"DELETE FROM seals WHERE tbl = '{table}' AND mac = ivp_seal('{table}', {old});"
+            add = (f"INSERT OR IGNORE INTO seals VALUES ('{table}', "
+                   f"ivp_seal_row('{table}', {new}));")
+            drop = (f"DELETE FROM seals WHERE tbl = '{table}' AND "
+                    f"mac = ivp_seal_row('{table}', {old});")
             for event, body in (("INSERT", add), ("UPDATE", drop + add), ("DELETE", drop)):
                 db.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS seal_{table}_{event.lower()} "
                            f"AFTER {event} ON main.{table} BEGIN {body} END")

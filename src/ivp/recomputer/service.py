@@ -36,9 +36,11 @@ from ivp.errors import (
     ExpiredError,
     IvpError,
     ModelNotFoundError,
+    StoreRolledBackError,
     TransportError,
     ValidationError,
 )
+from ivp.gateway.rollback import CounterCheck
 from ivp.protocol import envelope as env
 from ivp.protocol.encoding import canonical, decode
 from ivp.protocol.hpke import device_kem_key, kem_public_hex
@@ -120,11 +122,13 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         if self.device.bricked:
             raise BrickedError("recomputer device is bricked (tamper detected): it does nothing")
         self.store = Store(Path(config.state_dir) / "recomputer.sqlite",
-                           Sealer(self.device.derive_key(SEAL_PURPOSE)))
+                           Sealer(self.device.derive_key(SEAL_PURPOSE)),
+                           device=self.device)
         self._report_tampering()
         self._kem = device_kem_key(self.device)  # audit records arrive sealed to it
         self.notices = NoticeLog(Path(config.state_dir) / "notices.sqlite",
                                  self.device.signer())
+        self._report_rollback()
         self._notice_wake = asyncio.Event()
         self.whitelist = TrustedWhitelist(config.policy)
         self._install_whitelists()
@@ -141,7 +145,9 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         self.sensors = self._restore_sensors()
         self.pool = pool or make_pool(config.workers, self.sources, config.mode,
                                       config.ray_actors)
-        self._queue: collections.deque[QueuedAudit] = collections.deque(self.store.queued())
+        # a locked store's queue is stale: nothing is verified from it until accepted
+        self._queue: collections.deque[QueuedAudit] = collections.deque(
+            [] if self.store.locked else self.store.queued())
         self._parked: dict[int, QueuedAudit] = {}  # unverifiable here (no model, crash)
         self._singles: collections.deque[QueuedAudit] = collections.deque()
         self._retried: set[int] = set()
@@ -196,6 +202,52 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         if alarms:
             self.store.add_alarms(alarms)
 
+    def _report_rollback(self) -> None:
+        """A store set back (``Store.rollback``): one ``store_rolled_back`` alarm naming
+        both counter values, numbered above every alarm the notice feed already
+        published (so the feed carries it even when only the store was restored); an
+        honest crash between the advance and the commit only logs."""
+        check = self.store.rollback
+        if check is None:
+            return
+        if check.verdict == "interrupted":
+            log.warning("recomputer store: the last commit (device counter %d) did not "
+                        "complete; nothing it held was acknowledged", check.device)
+        if not self.store.locked:
+            return
+        detail = rollback_detail(check, self.store.rollback_error)
+        log.error("store rolled back: %s", detail)
+        # folded into the open one at each restart until the inspectors accept the store
+        self.store.add_alarms([Alarm("store_rolled_back", None, None, detail[:2000],
+                                     time.time())],
+                              above=self.notices.cursor("alarm"))
+
+    @property
+    def locked(self) -> bool:
+        """The store was set back and the inspectors have not accepted it yet."""
+        return self.store.locked
+
+    def check_trusted(self) -> None:
+        """Raises:
+        BrickedError: the device was tampered with.
+        StoreRolledBackError: the store was set back: no trust decision is taken from
+            it (uplink, cursors, INPUT, sensor readings) until ``accept_store``.
+        """
+        self.check_alive()
+        if self.store.locked:
+            assert self.store.rollback is not None
+            raise StoreRolledBackError(
+                "the recomputer's store was set back and takes no trust decision until "
+                "the inspectors accept it: " + rollback_detail(self.store.rollback,
+                                                               self.store.rollback_error))
+
+    def _store_accepted(self) -> None:
+        """``accept_store`` is durable: the store is trusted as it stands; verify its
+        queue, and measure silence from now (nobody was heard while it was locked)."""
+        self._queue.extend(self.store.queued())
+        self.ingest.resume(time.time())
+        self._wake.set()
+
     def _load_models(self) -> list[ModelSource]:
         """The recomputer's own copies of whitelisted models, checked file by file.
 
@@ -242,9 +294,10 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         self._tasks = [asyncio.create_task(self._dispatch(), name="ivp-dispatch"),
                        asyncio.create_task(self._ticker(), name="ivp-tick")]
         self._wake.set()
-        for gw, data in await self._db(self.store.pending_shutdowns):
-            self._spawn(self._deliver(gw, data))
-        self._spawn(self._relay_pending())
+        if not self.store.locked:  # a locked store's pending messages are stale
+            for gw, data in await self._db(self.store.pending_shutdowns):
+                self._spawn(self._deliver(gw, data))
+            self._spawn(self._relay_pending())
         self.ingest.resume(time.time())  # listening from now: silence counts from here
 
     async def close(self) -> None:
@@ -316,7 +369,7 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
             ValidationError: the body is not ``{"envelopes": [...]}``.
             TransportError: the store could not write.
         """
-        self.check_alive()
+        self.check_trusted()
         items = sensor_items(body)
         async with self._locked():
             now = time.time()
@@ -383,6 +436,7 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         data = canonical(env.sign_message(env.SHUTDOWN, order, self.device.signer()))
         await self._db(self.store.set_gateway, gateway_id, "shutdown", reason[:1000], now,
                        True, data)
+        await self._db(self.store.confirm)  # the SHUTDOWN leaves: see Store.confirm
         self.ingest.shut_down(gateway_id, reason[:1000], now)
         log.warning("gateway %s shut down: %s", gateway_id, reason)
         self._spawn(self._deliver(gateway_id, data))
@@ -397,6 +451,11 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
                 log.warning("recomputer loop was blocked %.1f s: silence is measured from "
                             "now", late)
                 self.ingest.resume(time.time())
+            now = time.time()
+            if self.store.locked:  # a set-back store judges nothing; the feed still runs
+                with contextlib.suppress(Exception):
+                    await self.publish_notices()
+                continue
             try:
                 async with self._locked():
                     now = time.time()
@@ -462,7 +521,7 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         RateLimitedError: the client is over its rate (checked on the first try only).
         NoRouteError: no healthy gateway serves ``model_id``.
         """
-        self.check_alive()
+        self.check_trusted()
         if not exclude:
             self.limiter.take(client, time.monotonic())
         if self.whitelist.manifest(model_id) is None:
@@ -472,6 +531,8 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
     def served_models(self) -> list[str]:
         """Whitelisted models that a healthy gateway serves now (``GET /v1/models``)."""
         current = self.whitelist.current
+        if self.store.locked:  # which gateway serves is stale state
+            return []
         return self.router.served([m.model_id for m in current.manifests] if current else [],
                                   self.ingest.serving)
 
@@ -526,6 +587,25 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
     async def alarms(self, open_only: bool = False) -> list[dict[str, Any]]:
         self.check_alive()
         return [a.to_json() for a in await self._db(self.store.alarms, open_only)]
+
+
+def rollback_detail(check: CounterCheck, error: str = "") -> str:
+    """What a locked store's check means, with both counter values and what to do."""
+    accept = (f"; the inspectors re-accept the store as it stands with a quorum "
+              f"`ivp admin accept-store --device-counter {check.device}`")
+    if error:
+        return f"the recomputer's device counter does not open ({error})" + accept
+    if check.verdict == "rolled_back":
+        missing = check.device - (check.log or 0)
+        return (f"the recomputer's store was set back: it was last committed under device "
+                f"counter {check.log}, the device is at {check.device} ({missing} commits "
+                "missing: an older copy of the store was put back)" + accept)
+    if check.verdict == "deleted":
+        return (f"the recomputer's store holds no bound counter while the device is at "
+                f"{check.device}: the store was deleted or replaced, or its counter row "
+                "was edited (quarantined)" + accept)
+    return (f"the recomputer's device counter ({check.device}) is behind its own store "
+            f"({check.log}): the device state was restored" + accept)
 
 
 __all__ = ["DEFAULT_SHUTDOWN_ON", "AdminRefusedError", "Config", "Recomputer", "Scope"]

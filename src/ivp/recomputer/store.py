@@ -13,6 +13,27 @@ Sealing (``ivp.recomputer.seal``): every row that grants trust carries an HMAC m
 the recomputer's device key on this connection only; rows written, edited or deleted
 by anyone else are found at open, moved to ``quarantine`` and reported (``tampered``).
 
+Rollback (with a ``device``): a genuine older copy of the whole file passes the seals,
+so every commit that changes sealed rows is also **bound to the device's monotonic
+counter**, as the gateway binds its log (``ivp.gateway.rollback``): just before COMMIT
+it advances the counter and records the new value in the sealed ``bound`` row of that
+same commit. At open the store's value is judged against the device's by the
+gateway's own rule (``rollback.judge``: equal, or one behind after a crash between the
+advance and the COMMIT, is a store that lost nothing anyone was told of). Further
+behind, missing while the device has counted, or ahead of the device, the store is
+``locked``: no commit that changes sealed rows goes through (StoreRolledBackError)
+until one made with ``accept=True`` (the inspectors' quorum ``accept_store``) binds it
+again. One commit of slack means the last commit alone could be undone unseen, so a
+commit whose effect leaves the recomputer at once — an admin request's answer, a
+SHUTDOWN — is followed by a bare one (:meth:`confirm`) before it leaves; an uplink
+batch or a verdict undone alone is seen anyway (the gateways' signed counts claim
+the records, the audit queue verifies again). Commits that change no sealed row
+(alarms, sensor readings, relays, the served times) cost no counter advance: the
+counter moves once per trust-granting commit — an uplink batch, a batch of verdicts,
+an admin request — not per row, which keeps it to one extra sync (a TPM NV
+increment, ~2 ms; a sealed slot and an fdatasync with ``--device soft``) per group
+commit, as on the gateway (an admin request or a SHUTDOWN pays two).
+
 Durability: WAL journal with ``synchronous=FULL``, so a transaction that returned is
 on disk (an Ack is sent only after its transaction returned). Triggers make the
 admin log, the verdicts and the audit envelopes append-only: a bug (or a careless
@@ -34,9 +55,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ivp.device import Device
+from ivp.errors import PeerDataError, StoreRolledBackError
+from ivp.gateway.rollback import CounterCheck, judge
 from ivp.protocol.encoding import to_builtins
 from ivp.protocol.envelope import Envelope
-from ivp.recomputer.seal import Finding, Sealer, quarantine
+from ivp.recomputer.seal import SEALED, Finding, Sealer, quarantine
 from ivp.recomputer.store_schema import SCHEMA, TRIGGERS
 
 
@@ -116,10 +140,12 @@ class Store:
     """SQLite at ``path``; see the module docstring for the durability contract."""
 
     def __init__(self, path: Path, sealer: Sealer | None = None,
-                 now: float | None = None) -> None:
+                 now: float | None = None, device: Device | None = None) -> None:
         """Open (or create) the store; with ``sealer``, check every trust-granting row
         against its seal first and quarantine the rows that fail (``self.tampered``
-        lists them by table; the caller raises the alarms)."""
+        lists them by table; the caller raises the alarms); with ``device`` too, judge
+        the store's bound counter against the device's (``self.rollback``; the caller
+        raises the alarm of a locked store)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -142,20 +168,95 @@ class Store:
                 quarantine(self._db, sealer, self.tampered,
                            time.time() if now is None else now)
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._sealer = sealer
+        self._device = device
+        self._accepted = False
+        self.rollback: CounterCheck | None = None
+        self.rollback_error = ""  # why the counter could not be read, if it could not
+        if device is not None:
+            if sealer is None:
+                raise ValueError("a store bound to a device counter must be sealed")
+            self.rollback = self._judge(device)
+
+    def _judge(self, device: Device) -> CounterCheck:
+        """The store's bound counter (only a sealed row counts: an edited one was just
+        quarantined) against the device's; a device counter that does not open counts
+        as a set-back store, as on the gateway."""
+        row = self._db.execute("SELECT counter FROM bound WHERE id = 1").fetchone()
+        bound = None if row is None else int(row[0])
+        history = any(self._db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()
+                      for t in SEALED if t != "bound")
+        try:
+            return judge(bound, device.counter(), history)
+        except PeerDataError as exc:
+            self.rollback_error = str(exc)
+            return CounterCheck("rolled_back", bound, 0)
+
+    @property
+    def locked(self) -> bool:
+        """The store was set back and not yet accepted: no trust-granting commit."""
+        return self.rollback is not None and self.rollback.locked and not self._accepted
+
+    def _bind(self, accept: bool) -> None:
+        """Just before COMMIT of a transaction that changed sealed rows: advance the
+        device counter, then record its new value in this very commit (a crash after
+        the advance leaves the store one behind: ``interrupted``, not a rollback).
+
+        Raises:
+            StoreRolledBackError: the store is locked and this is not the acceptance.
+        """
+        assert self._device is not None
+        if self.locked and not accept:
+            raise StoreRolledBackError(
+                "the recomputer's store was set back (store_rolled_back): it commits no "
+                "trust-granting state until the inspectors accept it (accept_store)")
+        value = self._device.advance_counter()
+        self._db.execute("INSERT OR REPLACE INTO bound VALUES (1, ?)", (value,))
+
+    def confirm(self) -> None:
+        """A bare commit that only advances the counter and binds it: made after a
+        commit whose effect leaves the recomputer (an admin answer, a SHUTDOWN), so
+        that undoing that commit means undoing two counted commits — which the one
+        commit of slack a crash is allowed never covers (``rollback.judge``).
+
+        Raises:
+            StoreRolledBackError: the store is locked.
+        """
+        if self._device is None:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._bind(False)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def bound_counter(self) -> int | None:
+        row = self._db.execute("SELECT counter FROM bound WHERE id = 1").fetchone()
+        return None if row is None else int(row[0])
 
     def close(self) -> None:
         self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One durable transaction (BEGIN IMMEDIATE … COMMIT, or ROLLBACK on error)."""
+    def transaction(self, accept: bool = False) -> Iterator[sqlite3.Connection]:
+        """One durable transaction (BEGIN IMMEDIATE … COMMIT, or ROLLBACK on error);
+        bound to the device counter if it changed sealed rows (``accept``: the one
+        commit allowed in a locked store, which accepts it)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            before = self._sealer.writes if self._sealer is not None else 0
             yield self._db
+            if self._device is not None and self._sealer is not None and (
+                    accept or self._sealer.writes != before):
+                self._bind(accept)
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+        if accept:
+            self._accepted = True
 
     # --- snapshot -------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -282,12 +383,19 @@ class Store:
         return None  # duplicates: nothing to write
 
     # --- alarms -----------------------------------------------------------------------------
-    def add_alarms(self, alarms: Iterable[Any]) -> list[int]:
+    def add_alarms(self, alarms: Iterable[Any], above: int = 0) -> list[int]:
+        """Store alarms; ``above``: number them above this id (the notice feed's
+        cursor: after a restored store the row ids start again below what the feed
+        already published, and an alarm under a published id would never be sent)."""
         with self.transaction() as db:
-            return [self._add_alarm(db, a) for a in alarms]
+            ids = []
+            for a in alarms:
+                top = db.execute("SELECT COALESCE(MAX(id), 0) FROM alarms").fetchone()[0]
+                ids.append(self._add_alarm(db, a, max(int(top), above) + 1 if above else None))
+            return ids
 
     @staticmethod
-    def _add_alarm(db: sqlite3.Connection, a: Any) -> int:
+    def _add_alarm(db: sqlite3.Connection, a: Any, alarm_id: int | None = None) -> int:
         row = db.execute(
             "SELECT id FROM alarms WHERE kind = ? AND gateway_id IS ? AND boot_id IS ?"
             " AND acked_admin_seq IS NULL ORDER BY id DESC LIMIT 1",
@@ -299,9 +407,9 @@ class Store:
                        " WHERE id = ?", (repeats, a.time, a.detail, row[0]))
             return int(row[0])
         cur = db.execute(
-            "INSERT INTO alarms(kind, gateway_id, boot_id, detail, time, last_time, count)"
-            " VALUES (?,?,?,?,?,?,?)",
-            (a.kind, a.gateway_id, a.boot_id, a.detail, a.time, a.time, repeats),
+            "INSERT INTO alarms(id, kind, gateway_id, boot_id, detail, time, last_time,"
+            " count) VALUES (?,?,?,?,?,?,?,?)",
+            (alarm_id, a.kind, a.gateway_id, a.boot_id, a.detail, a.time, a.time, repeats),
         )
         return int(cur.lastrowid or 0)
 
@@ -428,10 +536,11 @@ class Store:
     # --- admin ------------------------------------------------------------------------------
     def append_admin(self, seq: int, entry: bytes, digest: str, envelope: bytes,
                      nonce: str | None, effects: Sequence[tuple[str, tuple[Any, ...]]],
-                     alarms: Sequence[Any] = ()) -> None:
+                     alarms: Sequence[Any] = (), accept: bool = False) -> None:
         """Append one admin log entry, burn its nonce (if accepted) and apply its
-        effects (SQL statements built by ``service``), all in one transaction."""
-        with self.transaction() as db:
+        effects (SQL statements built by ``service``), all in one transaction
+        (``accept``: the inspectors' ``accept_store``, which unlocks a set-back store)."""
+        with self.transaction(accept=accept) as db:
             db.execute("INSERT INTO admin_log VALUES (?,?,?,?)", (seq, entry, digest, envelope))
             if nonce is not None:
                 db.execute("INSERT INTO nonces VALUES (?,?)", (nonce, seq))

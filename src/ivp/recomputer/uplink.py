@@ -96,6 +96,8 @@ class UplinkShell:
 
     def check_alive(self) -> None: ...
 
+    def check_trusted(self) -> None: ...
+
     def open_sealed(self, body: bytes) -> bytes:
         """An uplink body sealed to this recomputer's KEM key, opened.
 
@@ -154,8 +156,10 @@ class UplinkShell:
                 sealed ones are taken, a body over the caps, or
                 not ``{"envelopes": [...]}``.
             TransportError: the store could not write (nothing was acknowledged).
+            StoreRolledBackError: the store was set back and is not yet accepted
+                (nothing is acknowledged: the gateway keeps its records and retries).
         """
-        self.check_alive()
+        self.check_trusted()
         if sealed:
             body = self.open_sealed(body)
         elif self.config.require_sealed_uplink:
@@ -253,8 +257,10 @@ class UplinkShell:
 
         Raises:
             ValidationError: an id that is not a valid name.
+            StoreRolledBackError: the store was set back (its cursor is stale: a
+                gateway must not drop records on it).
         """
-        self.check_alive()
+        self.check_trusted()
         convert({"gateway_id": gateway_id, "boot_id": boot_id}, UplinkCursor)  # validates
         async with self._locked():
             return self.ingest.cursor(gateway_id, boot_id, time.time())
