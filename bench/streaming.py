@@ -20,8 +20,9 @@ end of the run).
 Throughput: the gateway in front of a stub that streams as fast as it can (no pacing,
 ``--chunk-tokens`` tokens per server event, which the gateway re-chunks one token per
 event, each chunk logged before release), ``--throughput-streams`` concurrent streams of
-``--throughput-tokens`` tokens for ``--seconds``: streamed tokens/s at the clients and
-the gateway's CPU per token. Goal: ≥ 50,000 streamed tokens/s.
+``--throughput-tokens`` tokens for ``--seconds``: streamed tokens/s at the clients, the
+gateway's CPU per token and the bytes it wrote to disk per token (the log's WAL and its
+checkpoints: ``write_bytes`` of /proc/PID/io). Goal: ≥ 50,000 streamed tokens/s.
 
     .venv/bin/python bench/streaming.py [--quick] [--rounds 3] [--seconds 5]
 
@@ -204,24 +205,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              for c, by in latency.items()}
         fast, gw = start_gateway(procs, work, trust, "gw-fast", 0.0, args.chunk_tokens)
         fast += "/v1/completions"
-        rates, cpu = [], []
+        rates, cpu, disk = [], [], []
         for r in range(args.rounds):
             note(f"throughput round {r + 1}: {args.throughput_streams} streams")
-            before = cpu_seconds(gw.popen.pid)
+            before, written = cpu_seconds(gw.popen.pid), disk_written(gw.popen.pid)
             total, elapsed = asyncio.run(throughput_phase(
                 fast, args.throughput_streams, args.seconds, args.throughput_tokens))
             used = cpu_seconds(gw.popen.pid) - before
             rates.append(total / elapsed)
             cpu.append(used / max(total, 1) * 1e6)
+            disk.append((disk_written(gw.popen.pid) - written) / max(total, 1))
         status = http_json(fast.replace("/v1/completions", "/status"))[1]
         result["throughput"] = {"tokens_per_s": round(median(rates)),
                                 "per_round": [round(x) for x in rates],
                                 "gateway_cpu_us_per_token": round(median(cpu), 2),
+                                "gateway_disk_bytes_per_token": round(median(disk), 1),
                                 "pairs_served": status.get("pairs_served")}
     result["machine"]["loadavg_end"] = machine()["loadavg"]
     # the disk's flush time drifts with other I/O on the machine: measured at both ends
     result["durable_commit_floor_end"] = durable_commit_ms(work)
     return result | _goals(result, args.concurrency)
+
+
+def disk_written(pid: int) -> int:
+    """Bytes the process has written towards the disk so far (counted as it dirties the
+    page cache, so a write the kernel has not flushed yet counts too)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
