@@ -13,12 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_gateway_rig import Rig, flush, make_rig, run, started
 from test_gateway_streaming import serving_rig, stream_body, tokens_of
 
 from ivp.device.soft import SoftDevice
+from ivp.errors import StateError
 from ivp.gateway.log import PairLog
 from ivp.gateway.streaming import ChunkWrite, ClientStream, StreamChunk, cut_pair
 from ivp.gateway.upstream import StreamAnswer
@@ -293,3 +295,25 @@ def _tokenizer(model_dir: Path) -> Any:
     if model_dir not in _TOKENIZERS:
         _TOKENIZERS[model_dir] = AutoTokenizer.from_pretrained(model_dir)
     return _TOKENIZERS[model_dir]
+
+
+def test_a_chunk_out_of_place_is_refused_at_write_and_writes_nothing(tmp_path: Path) -> None:
+    """A chunk is logged only right after its stream's last one: a repeat, a chunk past
+    a gap or one of a stream already chained is a StateError (the group commit's step
+    is undone alone), and the log is as it was."""
+    c = StreamChunk([5], "a", "", 1.5)
+    log = _open_log(tmp_path, [[c, c]])
+    rows = log._db.execute("SELECT * FROM stream_chunks ORDER BY idx").fetchall()
+    for write, why in [
+            (ChunkWrite(0, 0, c, _head(0)), f"stream {BOOT}/0: chunk 0 is logged already"),
+            (ChunkWrite(0, 1, c), f"stream {BOOT}/0: chunk 1 is logged already"),
+            (ChunkWrite(0, 3, c), f"stream {BOOT}/0 has no chunk 2: chunk 3 dropped")]:
+        with pytest.raises(StateError) as err:
+            log.progress(BOOT, [write])
+        assert str(err.value) == why
+        assert log._db.execute("SELECT * FROM stream_chunks ORDER BY idx").fetchall() == rows
+    log.append(BOOT, [cut_pair(_head(0), [c, c])], (0,))  # the stream ends
+    with pytest.raises(StateError, match="has no chunk 1: chunk 2 dropped"):
+        log.progress(BOOT, [ChunkWrite(0, 2, c)])
+    assert log._db.execute("SELECT COUNT(*) FROM stream_chunks").fetchone()[0] == 0
+    log.close()

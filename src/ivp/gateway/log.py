@@ -330,23 +330,28 @@ class PairLog:
             for w in chunks:
                 where = f"{boot_id}/{w.seq}"
                 if w.index == 0 and w.head is not None:
-                    try:
-                        self._db.execute(
-                            "INSERT INTO streams(boot_id, seq, sealed) VALUES (?,?,?)",
-                            (boot_id, w.seq,
-                             self.device.seal(_STREAM, canonical(w.head), where.encode())))
-                    except sqlite3.IntegrityError:
-                        raise StateError(f"stream {where} is logged already") from None
+                    head = self.device.seal(_STREAM, canonical(w.head), where.encode())
+                    self._insert("streams(boot_id, seq, sealed)", (boot_id, w.seq, head),
+                                 where, 0)
                 elif self._db.execute(
                         "SELECT 1 FROM stream_chunks WHERE boot_id=? AND seq=? AND idx=?",
                         (boot_id, w.seq, w.index - 1)).fetchone() is None:
                     raise StateError(f"stream {where} has no chunk {w.index - 1}: "
                                      f"chunk {w.index} dropped")
-                self._db.execute(
-                    "INSERT INTO stream_chunks(boot_id, seq, idx, sealed) VALUES (?,?,?,?)",
-                    (boot_id, w.seq, w.index, self.device.seal(
-                        _CHUNK, canonical(w.chunk), f"{where}/{w.index}".encode())))
+                sealed = self.device.seal(_CHUNK, canonical(w.chunk),
+                                          f"{where}/{w.index}".encode())
+                self._insert("stream_chunks(boot_id, seq, idx, sealed)",
+                             (boot_id, w.seq, w.index, sealed), where, w.index)
         return [None] * len(chunks)
+
+    def _insert(self, into: str, values: tuple[object, ...], where: str, index: int) -> None:
+        """A stream row that must be new: one already there is a refused step (a
+        StateError, which the group commit undoes alone), never a failed batch."""
+        marks = ",".join("?" * len(values))
+        try:
+            self._db.execute(f"INSERT INTO {into} VALUES ({marks})", values)
+        except sqlite3.IntegrityError:
+            raise StateError(f"stream {where}: chunk {index} is logged already") from None
 
     def cut_streams(self, boot_id: str | None = None) -> dict[str, dict[int, Link]]:
         """Chain every stream left open (of ``boot_id``, else of every open boot) as it

@@ -60,7 +60,7 @@ class ServedStream:
                                    prompt_len=len(prompt_ids), decode=boot.tokenizer.decode,
                                    stops=request.stop, include_usage=request.include_usage)
         self._ready: list[bytes] = []  # durable, not released yet
-        self._chunks = 0  # chunks durable in the log
+        self._chunks = 0  # chunks sent to the log
         self._final: asyncio.Future[Link] | None = None  # the whole pair's append
         self._ended = False  # the end is queued: no more reads
         self._tail = b""  # the last events, released once the whole pair is durable
@@ -143,7 +143,6 @@ class ServedStream:
                                             "ends here") if not isinstance(exc, StateError)
                           else exc, durable=len(self.client.ids) - len(ids))
                 return
-            self._chunks += 1
             self._ready.append(events)
 
     def _chunk(self, ids: list[int]) -> ChunkWrite:
@@ -155,8 +154,9 @@ class ServedStream:
         head = None if self._chunks else self.boot.pair(
             self.tag, self.request, self.prompt_ids, proxy.ServerOutput([], "cut"), "",
             self.seed, self.t_request, now)
-        return ChunkWrite(self.tag.seq, self._chunks, StreamChunk(list(ids), text, tail, now),
-                          head)
+        self._chunks += 1  # taken now: an index is never offered twice, even if cancelled
+        return ChunkWrite(self.tag.seq, self._chunks - 1,
+                          StreamChunk(list(ids), text, tail, now), head)
 
     def _pair(self, finish: str, count: int | None = None) -> PairRecord:
         ids = self.client.ids if count is None else self.client.ids[:count]
