@@ -17,12 +17,13 @@ TTFT. The first token cannot leave before one durable commit, so the added TTFT 
 least the disk's flush time (``durable_commit_floor``, measured at the start and at the
 end of the run).
 
-Throughput: the gateway in front of a stub that streams as fast as it can (no pacing,
-``--chunk-tokens`` tokens per server event, which the gateway re-chunks one token per
-event, each chunk logged before release), ``--throughput-streams`` concurrent streams of
-``--throughput-tokens`` tokens for ``--seconds``: streamed tokens/s at the clients, the
-gateway's CPU per token and the bytes it wrote to disk per token (the log's WAL and its
-checkpoints: ``write_bytes`` of /proc/PID/io). Goal: ≥ 50,000 streamed tokens/s.
+Throughput: the gateway in front of a stub that streams as fast as it can (no pacing
+unless ``--throughput-interval-ms``; ``--chunk-tokens`` tokens per server event, which
+the gateway re-chunks one token per event, each chunk logged before release),
+``--throughput-streams`` concurrent streams of ``--throughput-tokens`` tokens for
+``--seconds``: streamed tokens/s at the clients, the gateway's CPU per token and the
+bytes it wrote to disk per token (the log's WAL and its checkpoints: ``write_bytes``
+of /proc/PID/io). Goal: ≥ 50,000 streamed tokens/s.
 
     .venv/bin/python bench/streaming.py [--quick] [--rounds 3] [--seconds 5]
 
@@ -188,7 +189,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                            "seconds": args.seconds,
                                            "throughput_streams": args.throughput_streams,
                                            "throughput_tokens": args.throughput_tokens,
-                                           "chunk_tokens": args.chunk_tokens}}
+                                           "chunk_tokens": args.chunk_tokens,
+                                           "throughput_interval_ms":
+                                               args.throughput_interval_ms}}
     with processes() as procs:
         direct = start_stub(procs, work / "logs", args.interval_ms, 1) + "/v1/completions"
         paced, _ = start_gateway(procs, work, trust, "gw-paced", args.interval_ms, 1)
@@ -203,7 +206,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         url, c, args.seconds, args.tokens)))
         result["latency"] = {c: {name: _medians(rounds) for name, rounds in by.items()}
                              for c, by in latency.items()}
-        fast, gw = start_gateway(procs, work, trust, "gw-fast", 0.0, args.chunk_tokens)
+        fast, gw = start_gateway(procs, work, trust, "gw-fast", args.throughput_interval_ms,
+                                 args.chunk_tokens)
         fast += "/v1/completions"
         rates, cpu, disk = [], [], []
         for r in range(args.rounds):
@@ -270,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--throughput-tokens", type=int, default=1024)
     parser.add_argument("--chunk-tokens", type=int, default=32,
                         help="token ids per event of the fast stub")
+    parser.add_argument("--throughput-interval-ms", type=float, default=0.0,
+                        help="the fast stub's time between events (0: as fast as it can; "
+                        "a generating server's pace makes every chunk one token)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds, args.tokens = 1, 1.0, 8
