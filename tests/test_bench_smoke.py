@@ -25,6 +25,7 @@ EXPECTED = {
     "replay_vs_generate.py": {"models"},
     "streaming.py": {"latency", "throughput", "added_ttft_p50_ms", "streamed_tokens_per_s",
                      "durable_commit_floor"},
+    "stream_log.py": {"wal_bytes_per_token", "wal_bytes_at_chunk", "cpu_us_per_chunk"},
 }
 
 
