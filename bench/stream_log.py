@@ -85,7 +85,8 @@ def run(tokens: int, quick: bool = False) -> dict[str, Any]:
 
     at = [i for i in (10, 1000, 4000) if i < tokens]
     return {"bench": "stream_log", "quick": quick,
-            "code": "chunk rows" if chunk_rows else "whole pair", "tokens": tokens, "machine": machine(),
+            "code": "chunk rows" if chunk_rows else "whole pair", "tokens": tokens,
+            "machine": machine(),
             "wal_bytes_total": sum(wal_bytes),
             "wal_bytes_per_token": round(sum(wal_bytes) / tokens, 1),
             "wal_bytes_at_chunk": {str(i): wal_bytes[i] for i in at},
