@@ -270,10 +270,13 @@ def test_scenario_goes_unnoticed_without_its_defence(runs: dict[str, Report],
         assert r.details["rogue_boot_answer"]["ok"] is True, explain(r)
     if name == "direct-connection":  # not isolated: the server reached them straight
         assert any("recomputer" in x for x in r.details["reached"]), explain(r)
-    if name == "store-rollback":  # the restored copy is trusted: it routes INPUT again
-        assert r.details["before_restore"]["victim_at_recomputer"] == "shutdown", explain(r)
-        assert r.details["input_after_restore"] == 200, explain(r)
-        assert r.details["after_restore"]["victim_at_recomputer"] == "serving", explain(r)
+    if name == "store-rollback":  # the copy is trusted: the caught gateway serves again
+        before, after = r.details["before_restore"], r.details["after_restore"]
+        assert before["victim_at_recomputer"] == "shutdown", explain(r)
+        assert before["victim_failed_verdicts"] >= 1, explain(r)
+        assert after["victim_at_recomputer"] == "serving", explain(r)
+        assert after["victim_failed_verdicts"] == 0, explain(r)
+        assert r.details["input_after_restore"] != 409, explain(r)
 
 
 # --- ivp demo --attack NAME (the same scenario code) -------------------------------------------

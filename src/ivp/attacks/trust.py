@@ -166,6 +166,24 @@ def store_rollback(ctx: Context, result: Result) -> None:
     if not proc.alive():
         result.error = f"the recomputer did not start again (exit {proc.popen.returncode})"
         return
+    # at once, before anything else can happen: the restored state must not be used —
+    # the INPUT of a client, and the recomputer's books on the caught gateway
+    status, answer = ctx.post(ctx.dc.recomputer_url + "/v1/completions", json.dumps(
+        {"model": ctx.dc.model_id, "prompt": "hello", "max_tokens": 4}).encode())
+    result.requests_sent += 1
+    refused = refusal("recomputer POST /v1/completions", status, answer, 409,
+                      "StoreRolledBackError")
+    rc_view = ctx.dc.recomputer_status()["gateways"].get(victim, {})
+    result.details["input_after_restore"] = status
+    result.details["input_answer"] = short(answer)
+    with contextlib.suppress(OSError, ValueError):
+        result.details["models_after_restore"] = [
+            m["id"] for m in ctx.dc.get(ctx.dc.recomputer_url + "/v1/models")["data"]]
+    result.details["after_restore"] = {
+        "victim_at_recomputer": rc_view.get("state"),
+        "victim_failed_verdicts": len(ctx.failed_verdicts(victim, t_cheat)),
+        "verify_fail_in_alarms": ctx.alarm(["verify_fail"], t_cheat, victim) is not None}
+
     found = require(result, "a store_rolled_back alarm at the recomputer (/alarms)",
                     ctx.wait_for(lambda: ctx.alarm(["store_rolled_back"], t0, None), 10.0))
     if found is not None:
@@ -174,25 +192,11 @@ def store_rollback(ctx: Context, result: Result) -> None:
     result.details["notice_feed"] = {k: v for k, v in notices.items() if k != "found"}
     require(result, "the store_rolled_back alarm on the signed notice feed (GET /notices, "
             "signatures and chain verified by the inspectors' key)", notices["found"])
-
-    # the undone catch is not silently used: the locked store takes no trust decision
-    status, answer = ctx.post(ctx.dc.recomputer_url + "/v1/completions", json.dumps(
-        {"model": ctx.dc.model_id, "prompt": "hello", "max_tokens": 4}).encode())
-    result.requests_sent += 1
-    result.details["input_after_restore"] = status
-    result.details["input_answer"] = short(answer)
     require(result, "INPUT refused (409 StoreRolledBackError): the restored state routes "
-            "no request", refusal("recomputer POST /v1/completions", status, answer, 409,
-                                  "StoreRolledBackError"))
-    with contextlib.suppress(OSError, ValueError):
-        result.details["models_after_restore"] = [
-            m["id"] for m in ctx.dc.get(ctx.dc.recomputer_url + "/v1/models")["data"]]
-    rc_view = ctx.dc.recomputer_status()["gateways"].get(victim, {})
-    result.details["after_restore"] = {
-        "victim_at_recomputer": rc_view.get("state"),
-        "victim_failed_verdicts": len(ctx.failed_verdicts(victim, t_cheat)),
-        "verify_fail_in_alarms": ctx.alarm(["verify_fail"], t_cheat, victim) is not None,
-        "verify_fail_on_the_feed": notices["verify_fail"].get(victim, 0)}
+            "no request", refused)
+    honest = ctx.dc.handles[ctx.honest].gateway_id  # a locked store judges no silence
+    result.details["honest_at_recomputer_after_restore"] = ctx.dc.recomputer_status()[
+        "gateways"].get(honest, {}).get("state")
     if not notices["verify_fail"].get(victim):
         result.notes.append(
             f"the catch itself is gone: {victim}'s verify_fail never reached the signed "
