@@ -189,7 +189,8 @@ def store_rollback(ctx: Context, result: Result) -> None:
     if found is not None:
         result.detected_at = found.time
     notices = _signed_notices(ctx)
-    result.details["notice_feed"] = {k: v for k, v in notices.items() if k != "found"}
+    result.details["notice_feed"] = {k: v for k, v in notices.items()
+                                     if k not in ("found", "verify_fail_notice")}
     require(result, "the store_rolled_back alarm on the signed notice feed (GET /notices, "
             "signatures and chain verified by the inspectors' key)", notices["found"])
     require(result, "INPUT refused (409 StoreRolledBackError): the restored state routes "
@@ -197,12 +198,10 @@ def store_rollback(ctx: Context, result: Result) -> None:
     honest = ctx.dc.handles[ctx.honest].gateway_id  # a locked store judges no silence
     result.details["honest_at_recomputer_after_restore"] = ctx.dc.recomputer_status()[
         "gateways"].get(honest, {}).get("state")
-    if not notices["verify_fail"].get(victim):
-        result.notes.append(
-            f"the catch itself is gone: {victim}'s verify_fail never reached the signed "
-            "notice feed (the recomputer was stopped before its next tick published it) "
-            "and the restored store no longer holds it; the inspectors learn that "
-            "commits are missing, not which")
+    # the catch itself survives on the feed: signed before the SHUTDOWN left, in
+    # notices.sqlite, which the operator did not put back
+    require(result, f"{victim}'s verify_fail still on the signed notice feed (the catch "
+            "the restore erased from the store)", notices["verify_fail_notice"].get(victim))
 
 
 def _bound(db: sqlite3.Connection) -> int | None:
@@ -218,7 +217,8 @@ def _signed_notices(ctx: Context) -> dict[str, Any]:
     from ivp.protocol.notices import Watcher
 
     watcher = Watcher(VerifyKey.from_hex(ctx.dc.recomputer_key))
-    out: dict[str, Any] = {"verified": 0, "error": "", "verify_fail": {}, "found": None}
+    out: dict[str, Any] = {"verified": 0, "error": "", "verify_fail": {}, "found": None,
+                           "verify_fail_notice": {}}
     try:
         while True:
             page = ctx.dc.get(f"{ctx.dc.recomputer_url}/notices?after={watcher.seq}")
@@ -228,6 +228,10 @@ def _signed_notices(ctx: Context) -> dict[str, Any]:
                 if notice.kind == "alarm" and body.get("kind") == "verify_fail":
                     gid = str(body.get("gateway_id"))
                     out["verify_fail"][gid] = out["verify_fail"].get(gid, 0) + 1
+                    out["verify_fail_notice"].setdefault(gid, Evidence(
+                        notice.time, "recomputer GET /notices (signed)",
+                        f"notice {notice.seq}: verify_fail ({gid}): "
+                        f"{str(body.get('detail'))[:200]}"))
                 if (notice.kind == "alarm" and body.get("kind") == "store_rolled_back"
                         and out["found"] is None):
                     out["found"] = Evidence(notice.time, "recomputer GET /notices (signed)",
