@@ -18,6 +18,7 @@ scenario code). Last, the command line's JSON and exit status with a stubbed run
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -42,7 +43,7 @@ ISSUE_NAMES = {
     "forged-ack", "abandoned-boot", "gap-then-cheat", "log-rollback", "fake-control",
     "junk-uplink", "timing-channel", "small-holes",
     # issue 15: the trust boundary made real
-    "enrolment-bypass", "direct-connection",
+    "enrolment-bypass", "direct-connection", "store-rollback",
 }
 #: `ivp demo --attack NAME` run here (issue 3's acceptance; every other scenario takes
 #: the same path through the demo, and test_datacenter.py runs the default one)
@@ -56,7 +57,15 @@ KNOCKED = {
     "admin-no-quorum": "quorum",
     "enrolment-bypass": "seal",
     "direct-connection": "isolate",
+    "store-rollback": "store-counter",
 }
+#: scenarios whose play needs a defence another knockout removes, each run against a
+#: recomputer with its own knockout alone: store-rollback undoes an audit catch, and
+#: with ``audit`` off there is no catch to undo
+ALONE = ("store-rollback",)
+#: ``IVP_ATTACK_ONLY=a,b``: the two runs play only these scenarios (a targeted run
+#: with ``-k``); the tests of the others are skipped
+ONLY = tuple(n for n in os.environ.get("IVP_ATTACK_ONLY", "").split(",") if n)
 
 #: scenarios whose victim runs under ``ivp gateway --isolate`` (root, ip, nft, bwrap)
 NEEDS_ISOLATION = ("direct-connection",)
@@ -65,8 +74,6 @@ NEEDS_ISOLATION = ("direct-connection",)
 def _skip_without_isolation() -> None:
     """Skipped on a developer's machine that cannot isolate (not root); in CI, which
     runs as root with scripts/system-deps.sh, a machine that cannot fails instead."""
-    import os
-
     from ivp.errors import MisuseError
     from ivp.gateway.isolation import check_can_isolate
 
@@ -89,7 +96,8 @@ def demo_procs(tmp_path_factory: pytest.TempPathFactory
         [sys.executable, "-m", "ivp.cli", "demo", "--json", "--attack", name,
          "--honest", "24", "--epsilon", "0.5",
          "--run-dir", str(tmp_path_factory.mktemp(f"demo-{name}"))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in DEMOS}
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in DEMOS
+        if not ONLY or name in ONLY}
     yield procs
     for proc in procs.values():  # a demo nobody waited for (e.g. under -k): let it end
         if proc.poll() is None:  # (it stops its own datacenter; a kill would orphan it)
@@ -108,10 +116,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
     errors: list[BaseException] = []
     live = Settings(epsilon=0.5, checkpoint_interval=1.0, cap=80, patience=20.0,
                     model_dir=tiny_model_dir)
-    off = Settings(epsilon=0.5, checkpoint_interval=1.0, cap=40, patience=14.0,
-                   knockouts=tuple(sorted(set(KNOCKED.values()))), model_dir=tiny_model_dir)
+    together = [n for n in KNOCKED if n not in ALONE]
+
+    def off(names: list[str]) -> Settings:
+        return Settings(epsilon=0.5, checkpoint_interval=1.0, cap=40, patience=14.0,
+                        knockouts=tuple(sorted({KNOCKED[n] for n in names})),
+                        model_dir=tiny_model_dir)
+
     plans = {"live": (resolve(["all"]), live),
-             "defenceless": (resolve(list(KNOCKED)), off)}
+             "defenceless": (resolve(together), off(together)),
+             **{f"defenceless-{n}": (resolve([n]), off([n])) for n in ALONE}}
+    if ONLY:
+        plans = {run: ([s for s in scenarios if s.name in ONLY], settings)
+                 for run, (scenarios, settings) in plans.items()}
+        plans = {run: plan for run, plan in plans.items() if plan[0]}
 
     def go(name: str) -> None:
         scenarios, settings = plans[name]
@@ -131,7 +149,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
 
 
 def result_of(report: Report, name: str) -> Result:
-    return next(r for r in report.results if r.name == name)
+    found = [r for r in report.results if r.name == name]
+    if not found and ONLY:
+        pytest.skip(f"{name} not played (IVP_ATTACK_ONLY={','.join(ONLY)})")
+    return found[0]
+
+
+def defenceless(runs: dict[str, Report], name: str) -> Result:
+    """``name``'s result with its defence knocked out (alone, for those in ALONE)."""
+    run = f"defenceless-{name}" if name in ALONE else "defenceless"
+    if run not in runs and ONLY:
+        pytest.skip(f"{name} not played (IVP_ATTACK_ONLY={','.join(ONLY)})")
+    return result_of(runs[run], name)
 
 
 def explain(r: Result) -> str:
@@ -151,6 +180,8 @@ def test_scenario_is_detected_by_the_live_system(runs: dict[str, Report], name: 
 
 
 def test_no_honest_audit_failed(runs: dict[str, Report]) -> None:
+    if ONLY:
+        pytest.skip("the honest audits are counted over the whole run")
     honest = runs["live"].honest
     assert honest["audited"] >= 10, honest
     assert honest["failed"] == 0, honest
@@ -226,7 +257,7 @@ def test_tampered_devices_stay_bricked(runs: dict[str, Report]) -> None:
 @pytest.mark.parametrize("name", list(KNOCKED))
 def test_scenario_goes_unnoticed_without_its_defence(runs: dict[str, Report],
                                                      name: str) -> None:
-    r = result_of(runs["defenceless"], name)
+    r = defenceless(runs, name)
     assert not r.error, explain(r)
     assert not r.detected, f"{name} still detected with {KNOCKED[name]} off:\n{explain(r)}"
     if name == "rogue-model-persists":  # the cheat was audited, and passed
@@ -239,6 +270,13 @@ def test_scenario_goes_unnoticed_without_its_defence(runs: dict[str, Report],
         assert r.details["rogue_boot_answer"]["ok"] is True, explain(r)
     if name == "direct-connection":  # not isolated: the server reached them straight
         assert any("recomputer" in x for x in r.details["reached"]), explain(r)
+    if name == "store-rollback":  # the copy is trusted: the caught gateway serves again
+        before, after = r.details["before_restore"], r.details["after_restore"]
+        assert before["victim_at_recomputer"] == "shutdown", explain(r)
+        assert before["victim_failed_verdicts"] >= 1, explain(r)
+        assert after["victim_at_recomputer"] == "serving", explain(r)
+        assert after["victim_failed_verdicts"] == 0, explain(r)
+        assert r.details["input_after_restore"] != 409, explain(r)
 
 
 # --- ivp demo --attack NAME (the same scenario code) -------------------------------------------
@@ -257,6 +295,8 @@ def demos(demo_procs: dict[str, subprocess.Popen[str]]
 @pytest.mark.parametrize("name", DEMOS)
 def test_demo_runs_the_scenario(demos: dict[str, tuple[int, dict[str, Any]]],
                                 name: str) -> None:
+    if name not in demos and ONLY:
+        pytest.skip(f"{name} not played (IVP_ATTACK_ONLY={','.join(ONLY)})")
     code, summary = demos[name]
     assert code == 0, summary
     assert summary["honest"]["failed"] == 0 and summary["honest"]["audited"] >= 1

@@ -171,6 +171,39 @@ def test_failed_verdict_alarms_and_sends_signed_shutdown(config, inspectors, gat
     run(main())
 
 
+def test_a_shutdowns_reason_is_on_the_signed_feed_before_it_leaves(
+        config, inspectors, gateway, tiny_engine) -> None:
+    """The failed verdict and its verify_fail are notices by the time the SHUTDOWN
+    reaches the gateway, with no tick in between (tick_interval 1 h): an older store
+    put back at once cannot erase the catch from the feed (red team store-rollback)."""
+    from ivp.protocol.notices import Watcher
+
+    async def main() -> None:
+        fake = FakeGateway("gw-a")
+        async with serving(config, tick_interval=3600.0) as (rec, client):
+            await online(rec, client, inspectors, gateway, fake)
+            pair = gateway.pair(max_tokens=6, temperature=0.0)
+            out = list(pair.output_token_ids)
+            out[0] = (out[0] + 7) % 500 + 3
+            bad = replace(pair, output_token_ids=out, output_text=tiny_engine.tokenizer.decode(
+                out, skip_special_tokens=True))
+            r = await client.post("/uplink", data=body(gateway.audit(bad)))
+            assert (await r.json())["results"][0]["ok"]
+            await rec.drain()
+            for _ in range(100):
+                if fake.controls:
+                    break
+                await _sleep(0.02)
+            assert fake.controls, "no SHUTDOWN delivered"
+            watcher = Watcher(rec.device.public_key)
+            feed = [watcher.notice(b) for b in rec.notices.after(0)]  # no GET: as stored
+            got = sorted(f"{n.kind}:{n.body['kind'] if n.kind == 'alarm' else n.body['passed']}"
+                         for n in feed)
+            assert got == ["alarm:verify_fail", "verdict:False"], feed
+        await fake.close()
+    run(main())
+
+
 def test_restart_with_queued_records_verifies_each_exactly_once(config, inspectors,
                                                                 gateway) -> None:
     async def main() -> None:

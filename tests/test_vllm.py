@@ -137,6 +137,35 @@ def test_vllm_emits_the_spec_v1_choice_of_its_own_rows(vllm_dc: Any) -> None:
     assert checked >= 24
 
 
+def test_calibration_against_vllm_measures_delta_and_the_false_alarm_cost(vllm_dc: Any
+                                                                          ) -> None:
+    """``ivp calibrate --engine vllm``'s measurement on the live recording server: every
+    served row is compared with the replay, and the records it keeps price the honest
+    false alarms at the verdict's τ(T) (never fewer than at the looser flat δ)."""
+    from ivp.engine.loading import load_from_dir
+    from ivp.engine.reference import ReferenceEngine
+    from ivp.verify import calibrate as cal
+    from ivp.verify.calibrate_vllm import measure_server
+    from ivp.verify.views import false_alarm_table
+
+    engine = ReferenceEngine(*load_from_dir(vllm_dc.model_dir))
+    params = tuple(SamplingParams(max_tokens=6, temperature=p.temperature, top_k=p.top_k,
+                                  top_p=p.top_p) for p in cal.CALIBRATION_PARAMS)
+    requests = cal.calibration_requests([tuple(p) for p in prompts(3, seed=7)], params)
+    result = measure_server(server_url(vllm_dc), vllm_dc.record, engine, requests, (1, 4),
+                            replay_groups=(1,))
+    assert result.records is not None
+    assert result.records.positions == result.samples
+    assert 0 < result.samples <= 2 * len(requests) * 6  # two levels; EOS may end a request
+    assert result.observed <= result.delta and result.delta > 0
+    assert result.max_tokens == 6
+    table = false_alarm_table(result.records, result.delta, result.max_tokens)
+    assert table[0]["temperature"] == 0.0 and len(table) > 1
+    for row in table:
+        assert row["tolerance"] <= result.delta
+        assert row["flat_per_message"] <= row["per_message"] <= 1.0
+
+
 def test_same_tokens_alone_and_in_a_batch_of_32_mixed_requests(vllm_dc: Any) -> None:
     """Batch composition does not change a request's tokens: alone, then among 31
     others (other lengths, parameters, seeds, streaming and not)."""

@@ -17,7 +17,7 @@ ORDER = (
     "forged-ack", "abandoned-boot", "gap-then-cheat", "log-rollback", "fake-control",
     "junk-uplink", "timing-channel", "small-holes",
     # the trust boundary made real: root on the recomputer's disk, the server's network
-    "enrolment-bypass", "direct-connection",
+    "enrolment-bypass", "store-rollback", "direct-connection",
 )
 
 _ALL = {s.name: s for m in (serving, boot, uplink, admin, physical, evasions, trust)

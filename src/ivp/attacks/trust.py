@@ -7,6 +7,11 @@
   --isolate``), tries to reach the recomputer, another gateway, a host service through
   its gateway's address and an outside address straight. Every attempt fails in the
   kernel, and the gateway notices from the kernel's counters.
+* ``store-rollback``: the operator copies the recomputer's store while a gateway
+  serves, lets the audit catch that gateway cheating (failed verdict, SHUTDOWN), then
+  puts the older copy back and restarts the recomputer, to undo the catch. The store
+  is bound to the device's monotonic counter: the copy is locked at start
+  (``store_rolled_back``, signed on the notice feed) and takes no trust decision.
 
 docs/TRUST.md says what each defence enforces and what it does not.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import sqlite3
 import tempfile
@@ -26,7 +32,16 @@ from typing import Any
 
 import msgspec
 
-from ivp.attacks.base import Context, Evidence, Result, Scenario, Victim, require
+from ivp.attacks.base import (
+    Context,
+    Evidence,
+    Result,
+    Scenario,
+    Victim,
+    refusal,
+    require,
+    short,
+)
 from ivp.attacks.tap import post_uplink
 from ivp.protocol.encoding import canonical
 from ivp.protocol.envelope import BOOT, sign
@@ -36,6 +51,11 @@ from ivp.protocol.messages import BootRecord, manifest_digest
 SEAL = ("sealed store: every row that grants trust carries an HMAC by the recomputer's "
         "device key, made on its own connection only; a row without one is quarantined "
         "at start and alarmed (store_tampered)")
+COUNTER = ("counter-bound store: every commit of trust-granting rows advances the "
+           "recomputer's device counter and records it in the sealed bound row; a store "
+           "behind its device at start is locked (store_rolled_back, signed on GET "
+           "/notices) and takes no trust decision (uplink, INPUT, verification, admin) "
+           "until the inspectors' quorum accept_store")
 ISOLATION = ("kernel isolation (--isolate): the server's own network namespace whose only "
              "link is a veth pair to its gateway, an nftables table that rejects what the "
              "gateway did not open, and the kernel's counters read by the gateway "
@@ -88,6 +108,141 @@ def _tampered(ctx: Context, since: float) -> Evidence | None:
             return Evidence(a["time"], "recomputer /alarms",
                             f"store_tampered: {a['detail'][:240]}")
     return None
+
+
+# --- store-rollback ---------------------------------------------------------------------------
+STORE_FILES = ("recomputer.sqlite", "recomputer.sqlite-wal", "recomputer.sqlite-shm")
+
+
+def store_rollback(ctx: Context, result: Result) -> None:
+    """Copy the recomputer's store while the victim serves, let the audit catch the
+    victim's cheat (failed verdict, SHUTDOWN), then stop the recomputer, put the copy
+    back (the store file only: ``device/`` stays) and start it again."""
+    from ivp.attacks.serving import shut_down
+
+    assert ctx.victim is not None
+    victim = ctx.victim_id
+    state = ctx.dc.root / "recomputer"
+    copy = ctx.scratch / "store-rollback" / STORE_FILES[0]
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.unlink(missing_ok=True)
+    # the sqlite3 shell's .backup, as root, while the recomputer runs: a consistent copy
+    # of every committed row and seal (copying the file and its WAL by hand could tear)
+    with contextlib.closing(sqlite3.connect(state / STORE_FILES[0], timeout=30)) as live, \
+            contextlib.closing(sqlite3.connect(copy)) as out:
+        live.backup(out)
+        result.details["copied_bound_counter"] = _bound(out)
+    result.details["victim_in_copy"] = ctx.dc.recomputer_status()["gateways"].get(
+        victim, {}).get("state")
+
+    # what the operator wants undone: the audit catches the victim's server cheating
+    t_cheat = time.time()
+    ctx.dc.trigger_attack(ctx.victim)
+    caught = Result("caught", "audit")  # counts the requests of this step alone
+    verify_fail = ctx.drive(lambda: ctx.alarm(["verify_fail"], t_cheat, victim),
+                            result=caught)
+    result.requests_sent += caught.requests_sent
+    result.details["requests_until_caught"] = caught.requests_sent
+    down = shut_down(ctx, result) if verify_fail is not None else None
+    rc_view = ctx.dc.recomputer_status()["gateways"].get(victim, {})
+    result.details["before_restore"] = {
+        "verify_fail": str(verify_fail) if verify_fail else None,
+        "victim_failed_verdicts": len(ctx.failed_verdicts(victim, t_cheat)),
+        "victim_at_recomputer": rc_view.get("state"),
+        "victim_gateway_state": result.details.get("gateway_state")}
+    if verify_fail is None or down is None or rc_view.get("state") != "shutdown":
+        result.error = ("nothing to undo: the audit did not catch and shut down the "
+                        f"victim ({result.details['before_restore']})")
+        return
+
+    # the rollback: stop the recomputer, put the older store back, start it again
+    t0 = time.time()
+    result.started = t0
+    ctx.dc.recomputer.stop()
+    for name in STORE_FILES:
+        (state / name).unlink(missing_ok=True)
+    shutil.copy2(copy, state / STORE_FILES[0])
+    proc = ctx.dc.restart_recomputer(wait=True, timeout=60.0)
+    if not proc.alive():
+        result.error = f"the recomputer did not start again (exit {proc.popen.returncode})"
+        return
+    # at once, before anything else can happen: the restored state must not be used —
+    # the INPUT of a client, and the recomputer's books on the caught gateway
+    status, answer = ctx.post(ctx.dc.recomputer_url + "/v1/completions", json.dumps(
+        {"model": ctx.dc.model_id, "prompt": "hello", "max_tokens": 4}).encode())
+    result.requests_sent += 1
+    refused = refusal("recomputer POST /v1/completions", status, answer, 409,
+                      "StoreRolledBackError")
+    rc_view = ctx.dc.recomputer_status()["gateways"].get(victim, {})
+    result.details["input_after_restore"] = status
+    result.details["input_answer"] = short(answer)
+    with contextlib.suppress(OSError, ValueError):
+        result.details["models_after_restore"] = [
+            m["id"] for m in ctx.dc.get(ctx.dc.recomputer_url + "/v1/models")["data"]]
+    result.details["after_restore"] = {
+        "victim_at_recomputer": rc_view.get("state"),
+        "victim_failed_verdicts": len(ctx.failed_verdicts(victim, t_cheat)),
+        "verify_fail_in_alarms": ctx.alarm(["verify_fail"], t_cheat, victim) is not None}
+
+    found = require(result, "a store_rolled_back alarm at the recomputer (/alarms)",
+                    ctx.wait_for(lambda: ctx.alarm(["store_rolled_back"], t0, None), 10.0))
+    if found is not None:
+        result.detected_at = found.time
+    notices = _signed_notices(ctx)
+    result.details["notice_feed"] = {k: v for k, v in notices.items()
+                                     if k not in ("found", "verify_fail_notice")}
+    require(result, "the store_rolled_back alarm on the signed notice feed (GET /notices, "
+            "signatures and chain verified by the inspectors' key)", notices["found"])
+    require(result, "INPUT refused (409 StoreRolledBackError): the restored state routes "
+            "no request", refused)
+    honest = ctx.dc.handles[ctx.honest].gateway_id  # a locked store judges no silence
+    result.details["honest_at_recomputer_after_restore"] = ctx.dc.recomputer_status()[
+        "gateways"].get(honest, {}).get("state")
+    # the catch itself survives on the feed: signed before the SHUTDOWN left, in
+    # notices.sqlite, which the operator did not put back
+    require(result, f"{victim}'s verify_fail still on the signed notice feed (the catch "
+            "the restore erased from the store)", notices["verify_fail_notice"].get(victim))
+
+
+def _bound(db: sqlite3.Connection) -> int | None:
+    row = db.execute("SELECT counter FROM bound WHERE id = 1").fetchone()
+    return None if row is None else int(row[0])
+
+
+def _signed_notices(ctx: Context) -> dict[str, Any]:
+    """Read the whole notice feed as an inspector does (``ivp watch``): every notice
+    checked against the recomputer's key the inspectors hold, in order and chained."""
+    from ivp.errors import IvpError
+    from ivp.protocol.keys import VerifyKey
+    from ivp.protocol.notices import Watcher
+
+    watcher = Watcher(VerifyKey.from_hex(ctx.dc.recomputer_key))
+    out: dict[str, Any] = {"verified": 0, "error": "", "verify_fail": {}, "found": None,
+                           "verify_fail_notice": {}}
+    try:
+        while True:
+            page = ctx.dc.get(f"{ctx.dc.recomputer_url}/notices?after={watcher.seq}")
+            for item in page["notices"]:
+                notice = watcher.notice(canonical(item))
+                body = notice.body
+                if notice.kind == "alarm" and body.get("kind") == "verify_fail":
+                    gid = str(body.get("gateway_id"))
+                    out["verify_fail"][gid] = out["verify_fail"].get(gid, 0) + 1
+                    out["verify_fail_notice"].setdefault(gid, Evidence(
+                        notice.time, "recomputer GET /notices (signed)",
+                        f"notice {notice.seq}: verify_fail ({gid}): "
+                        f"{str(body.get('detail'))[:200]}"))
+                if (notice.kind == "alarm" and body.get("kind") == "store_rolled_back"
+                        and out["found"] is None):
+                    out["found"] = Evidence(notice.time, "recomputer GET /notices (signed)",
+                                            f"notice {notice.seq}: store_rolled_back: "
+                                            f"{str(body.get('detail'))[:240]}")
+            if not page.get("more") or not page["notices"]:
+                break
+    except (OSError, ValueError, IvpError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["verified"] = watcher.seq
+    return out
 
 
 # --- direct-connection ------------------------------------------------------------------------
@@ -196,6 +351,13 @@ SCENARIOS = (
         "recomputer's SQLite store (no quorum), restarts the recomputer and boots a "
         "gateway of its own with that key.",
         SEAL, enrolment_bypass, needs="datacenter"),
+    Scenario(
+        "store-rollback", "protocol",
+        "The operator copies the recomputer's store while a gateway serves; once the "
+        "audit has caught that gateway cheating and shut it down, it stops the "
+        "recomputer, puts the older store back (the device dir as it is) and restarts it.",
+        COUNTER, store_rollback, needs="datacenter",
+        victim=Victim(server_attack="rogue-model-persists")),
     Scenario(
         "direct-connection", "protocol",
         "The server, isolated by the kernel, tries to reach the recomputer, another "

@@ -439,6 +439,14 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         await self._db(self.store.confirm)  # the SHUTDOWN leaves: see Store.confirm
         self.ingest.shut_down(gateway_id, reason[:1000], now)
         log.warning("gateway %s shut down: %s", gateway_id, reason)
+        # its reason (the failed verdict, the alarm) is signed onto the feed before the
+        # SHUTDOWN leaves, not at the next tick: an operator who stops the recomputer at
+        # once and puts an older store back must not erase the catch from the feed too
+        # (notices.sqlite is not the store; the restore is alarmed, the catch kept)
+        try:
+            await self.publish_notices()
+        except Exception:  # the SHUTDOWN leaves anyway; the ticker publishes again
+            log.exception("publishing notices before a SHUTDOWN failed")
         self._spawn(self._deliver(gateway_id, data))
 
     async def _ticker(self) -> None:

@@ -36,7 +36,7 @@ from ivp.verify.calibrate import (
     SourceMeasurement,
     tail_extrapolation,
 )
-from ivp.verify.noise import half_span
+from ivp.verify.noise import NoiseRecords, half_span
 from ivp.verify.serving import Request
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ def measure_server(url: str, record_dir: Path, engine: ReferenceEngine,
         raise ValueError("the safety factor must be at least 1")
     sources: list[SourceMeasurement] = []
     row_span: list[np.ndarray] = []
+    records: list[NoiseRecords] = []  # what the honest false-alarm cost is computed from
     for level in concurrency:
         served = serve(url, record_dir, requests, level)
         pairs = [(s.request.prompt_ids, s.token_ids) for s in served]
@@ -124,6 +125,7 @@ def measure_server(url: str, record_dir: Path, engine: ReferenceEngine,
                                   strict=True):
                     diff = s.logits.astype(np.float64) - ref
                     spans.append(half_span(diff))
+                    records.append(NoiseRecords.of(s.logits, ref))
                     absolute.append(float(np.abs(diff).max(initial=0.0)))
             rows = np.concatenate(spans) if spans else np.zeros(0)
             row_span.append(rows)
@@ -137,8 +139,10 @@ def measure_server(url: str, record_dir: Path, engine: ReferenceEngine,
     levels = "/".join(str(c) for c in concurrency)
     return Calibration(tuple(sources), pooled, observed, extrapolated, safety,
                        max(safety * observed, extrapolated), len(requests) * len(concurrency),
-                       device, serving=f"vLLM {dtype} server (continuous batching), "
-                                       f"concurrency {levels}")
+                       device, records=NoiseRecords.concat(records),
+                       max_tokens=max((r.params.max_tokens for r in requests), default=0),
+                       serving=f"vLLM {dtype} server (continuous batching), "
+                               f"concurrency {levels}")
 
 
 @contextlib.contextmanager

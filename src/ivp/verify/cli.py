@@ -88,6 +88,7 @@ def calibrate(
     from ivp.protocol.messages import SamplingParams
     from ivp.verify import calibrate as cal
     from ivp.verify.prompts import CALIBRATION, encode_prompts
+    from ivp.verify.views import false_alarm_table
 
     if not model_dir.is_dir():
         _err(f"error: {model_dir}: not a model directory")
@@ -129,6 +130,12 @@ def calibrate(
                "extrapolated": result.extrapolated, "safety": result.safety,
                "samples": result.samples, "method": result.method(),
                "seconds": round(time.perf_counter() - start, 1), "manifest": str(manifest_out)}
+    alarms = false_alarm_table(result.records, result.delta, result.max_tokens)
+    if alarms:
+        figures["false_alarms"] = [{k: a[k] for k in ("temperature", "tolerance",
+                                                      "per_message", "flip_rate")}
+                                   for a in alarms]
+        figures["worst_false_alarm_per_message"] = max(a["per_message"] for a in alarms)
     if as_json:
         print(json.dumps(figures))
         return
@@ -140,6 +147,15 @@ def calibrate(
         table.add_row(s.serving, str(s.replay_group), str(s.rows), f"{s.max_span:.3g}",
                       f"{s.max_abs:.3g}")
     con.print(table)
+    if alarms:
+        costs = Table(title=f"expected honest false alarms per {result.max_tokens}-token "
+                            "message at the verdict's tolerance τ(T)")
+        for col in ("T", "τ(T)", "per message", "token flips (τ = 0)"):
+            costs.add_column(col)
+        for a in alarms:
+            costs.add_row(f"{a['temperature']:g}", f"{a['tolerance']:.3g}",
+                          f"{a['per_message']:.3g}", f"{a['flip_rate']:.3g}")
+        con.print(costs)
     con.print(f"observed {result.observed:.3g}; tail extrapolation {result.extrapolated:.3g}; "
               f"δ = {result.delta:.3g} over {result.samples} positions "
               f"({figures['seconds']} s)\nmanifest written to {manifest_out}\n"

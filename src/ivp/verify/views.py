@@ -17,7 +17,12 @@ import numpy as np
 
 from ivp.protocol.messages import SamplingParams
 from ivp.verify.bounds import restricted
-from ivp.verify.noise import RECORD_TEMPERATURES, false_alarm_rate, greedy_false_alarms
+from ivp.verify.noise import (
+    RECORD_TEMPERATURES,
+    NoiseRecords,
+    false_alarm_rate,
+    greedy_false_alarms,
+)
 from ivp.verify.report import HONEST_TEMPERATURES, AttackFigures, MessageFigures, Report, param_name
 from ivp.verify.stats import (
     auc,
@@ -61,11 +66,16 @@ def honest_group(report: Report, ms: Sequence[MessageFigures]) -> dict[str, Any]
 
 def false_alarm_costs(report: Report, max_tokens: int) -> list[dict[str, Any]]:
     """Expected honest false alarms per temperature from the calibration's records."""
-    rec = report.records
+    return false_alarm_table(report.records, report.delta.delta, max_tokens)
+
+
+def false_alarm_table(rec: NoiseRecords | None, delta: float, max_tokens: int
+                      ) -> list[dict[str, Any]]:
+    """Per temperature (greedy and every recorded T): the expected probability that an
+    honest ``max_tokens``-token message fails at the verdict's τ(T), and at the flat δ."""
     if rec is None or not rec.positions:
         return []
     out = []
-    delta = report.delta.delta
     for t in (0.0, *RECORD_TEMPERATURES):
         tol = tolerance(delta, t, max_tokens, CHANNEL_GOAL)
         fa = greedy_false_alarms(rec, tol) if t == 0 else false_alarm_rate(rec, t, tol)
