@@ -185,3 +185,17 @@ def test_records_keep_the_server_rows_top_tokens() -> None:
     assert g.shape == (500,)
     both = NoiseRecords.concat([rec, rec])
     assert both.positions == 10
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 200), st.integers(1, 80), st.booleans(),
+       st.integers(0, 2**32 - 1))
+def test_top_ranks_is_the_stable_sorts_top_k(rows: int, vocab: int, k: int, ties: bool,
+                                            seed: int) -> None:
+    """The records' top tokens equal a full stable sort's, ties by lower id first."""
+    from ivp.verify.noise import top_ranks
+
+    rng = np.random.default_rng(seed)
+    z = rng.integers(-3, 4, size=(rows, vocab)).astype(np.float64) if ties \
+        else rng.normal(size=(rows, vocab))
+    assert np.array_equal(top_ranks(z, k), np.argsort(-z, axis=1, kind="stable")[:, :k])
