@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,6 +110,43 @@ def test_calibrate_cli_writes_the_manifest(tiny_model_dir: Path, tmp_path: Path)
     bad = CliRunner().invoke(app, ["calibrate", str(tiny_model_dir), "--model-id", "tiny",
                                    "--manifest-out", str(out), "--batch-sizes", "x"])
     assert bad.exit_code == 2
+
+
+def test_calibrate_prices_false_alarms_and_refuses_a_profile_above_the_bar(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figures carry the expected honest false alarms per temperature; a profile whose
+    honest messages would fail more often than --max-false-alarm gets no manifest (exit 3,
+    the reason named), and nothing already at --manifest-out is touched."""
+    from ivp.cli import app
+    from ivp.verify import views
+
+    args = ["calibrate", str(tiny_model_dir), "--model-id", "tiny", "--prompts", "2",
+            "--max-tokens", "4", "--batch-sizes", "1,3", "--threads", "1", "--json"]
+    out = tmp_path / "ok.json"
+    res = CliRunner().invoke(app, [*args, "--manifest-out", str(out)])
+    assert res.exit_code == 0, res.output
+    figures = json.loads(res.stdout.strip().splitlines()[-1])
+    temps = [a["temperature"] for a in figures["false_alarms"]]
+    assert temps[0] == 0.0 and 1.0 in temps
+    assert 0.0 <= figures["worst_false_alarm_per_message"] <= 1e-3 and out.is_file()
+
+    real = views.false_alarm_table
+
+    def noisy(rec: Any, delta: float, max_tokens: int) -> list[dict[str, Any]]:
+        rows = real(rec, delta, max_tokens)
+        rows[-1] = rows[-1] | {"per_message": 0.37}  # as bf16 vLLM against an fp32 replay
+        return rows
+
+    monkeypatch.setattr(views, "false_alarm_table", noisy)
+    kept = tmp_path / "kept.json"
+    kept.write_bytes(b"previous manifest")
+    res = CliRunner().invoke(app, [*args, "--manifest-out", str(kept)])
+    assert res.exit_code == 3
+    assert "no manifest written" in res.output and "0.37" in res.output
+    assert kept.read_bytes() == b"previous manifest"
+    assert json.loads(res.stdout.strip().splitlines()[0])["manifest"] is None
+    res = CliRunner().invoke(app, [*args, "--manifest-out", str(kept), "--max-false-alarm", "1"])
+    assert res.exit_code == 0 and kept.read_bytes() != b"previous manifest"
 
 
 def test_sweep_schedule_rotates_requests_in_whole_batches() -> None:

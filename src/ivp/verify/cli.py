@@ -61,6 +61,12 @@ def calibrate(
                               "bfloat16; default: the config's)."),
     concurrency: str = typer.Option("1,8,32", "--concurrency", help="vllm: requests in "
                                     "flight, one pass per level (comma-separated)."),
+    max_false_alarm: float = typer.Option(
+        1e-3, "--max-false-alarm", min=0.0, max=1.0, help="The largest expected chance, at "
+        "any temperature, that an honest --max-tokens message fails its audit at the "
+        "verdict's tolerance τ(T), priced from the measured noise. Above it no manifest "
+        "is written (exit 3): whitelisted, the profile would shut honest servers down. "
+        "1 writes it anyway."),
 ) -> None:
     """Measure the model's noise bound δ over the honest serving path and write a manifest.
 
@@ -114,7 +120,7 @@ def calibrate(
                                                  dtype, concurrency, safety)
         elif engine_name == "reference":
             result = cal.measure(engine, requests, configs, safety=safety,
-                                 per_config=per_config, checkpoint=checkpoint)
+                                 per_config=per_config, records=True, checkpoint=checkpoint)
             used_dtype = None
         else:
             raise ValueError(f"--engine must be reference or vllm, not {engine_name!r}")
@@ -123,21 +129,34 @@ def calibrate(
     except (IvpError, ValueError, RuntimeError) as exc:
         _err(f"error: {exc}")
         raise typer.Exit(2) from None
-    manifest_out.write_bytes(canonical(manifest) + b"\n")
+    alarms = false_alarm_table(result.records, result.delta, result.max_tokens)
+    worst = max(alarms, key=lambda a: a["per_message"], default=None)
+    refused = worst is not None and worst["per_message"] > max_false_alarm
+    if not refused:
+        manifest_out.write_bytes(canonical(manifest) + b"\n")
     figures = {"model_id": model_id, "engine": manifest.engine, "dtype": manifest.dtype,
                "delta": result.delta, "observed": result.observed,
                "observed_abs": result.observed_abs,
                "extrapolated": result.extrapolated, "safety": result.safety,
                "samples": result.samples, "method": result.method(),
-               "seconds": round(time.perf_counter() - start, 1), "manifest": str(manifest_out)}
-    alarms = false_alarm_table(result.records, result.delta, result.max_tokens)
-    if alarms:
+               "seconds": round(time.perf_counter() - start, 1),
+               "manifest": None if refused else str(manifest_out)}
+    if worst is not None:
         figures["false_alarms"] = [{k: a[k] for k in ("temperature", "tolerance",
                                                       "per_message", "flip_rate")}
                                    for a in alarms]
-        figures["worst_false_alarm_per_message"] = max(a["per_message"] for a in alarms)
+        figures["worst_false_alarm_per_message"] = worst["per_message"]
+    why = "" if not refused else (
+        f"error: no manifest written: an honest {result.max_tokens}-token message would "
+        f"fail its audit with probability {worst['per_message']:.3g} at T = "
+        f"{worst['temperature']:g} (τ(T) = {worst['tolerance']:.3g}, δ = {result.delta:.3g}), "
+        f"above --max-false-alarm {max_false_alarm:g}: this engine and dtype are too far "
+        "from the recomputer's replay to verify at the covert-channel goal")
     if as_json:
         print(json.dumps(figures))
+        if refused:
+            _err(why)
+            raise typer.Exit(3)
         return
     con = Console(highlight=False, soft_wrap=True)
     table = Table(title=f"{model_id}: noise of z_serve - z_replay per source")
@@ -147,7 +166,7 @@ def calibrate(
         table.add_row(s.serving, str(s.replay_group), str(s.rows), f"{s.max_span:.3g}",
                       f"{s.max_abs:.3g}")
     con.print(table)
-    if alarms:
+    if worst is not None:
         costs = Table(title=f"expected honest false alarms per {result.max_tokens}-token "
                             "message at the verdict's tolerance τ(T)")
         for col in ("T", "τ(T)", "per message", "token flips (τ = 0)"):
@@ -158,7 +177,11 @@ def calibrate(
         con.print(costs)
     con.print(f"observed {result.observed:.3g}; tail extrapolation {result.extrapolated:.3g}; "
               f"δ = {result.delta:.3g} over {result.samples} positions "
-              f"({figures['seconds']} s)\nmanifest written to {manifest_out}\n"
+              f"({figures['seconds']} s)")
+    if refused:
+        _err(why)
+        raise typer.Exit(3)
+    con.print(f"manifest written to {manifest_out}\n"
               f"next: ivp whitelist build --manifest {manifest_out} --version <N+1> "
               f"--expires-days 30 --key <inspector key> --out whitelist.json; "
               f"ivp whitelist sign whitelist.json --key <other party's key>")
