@@ -199,3 +199,16 @@ def test_top_ranks_is_the_stable_sorts_top_k(rows: int, vocab: int, k: int, ties
     z = rng.integers(-3, 4, size=(rows, vocab)).astype(np.float64) if ties \
         else rng.normal(size=(rows, vocab))
     assert np.array_equal(top_ranks(z, k), np.argsort(-z, axis=1, kind="stable")[:, :k])
+
+
+def test_false_alarm_rates_are_probabilities_even_for_noise_far_above_t() -> None:
+    """Noise of bf16 size (0.9) at T = 0.01: the bound saturates at 1 per position (the
+    tail term alone is e^{2ω/T}), it never reads as a rate above 1."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(30, 400)) * 3
+    rec = NoiseRecords.of(z + rng.uniform(-0.9, 0.9, size=z.shape), z)
+    for t in RECORD_TEMPERATURES:
+        fa = false_alarm_rate(rec, t, 1e-6)
+        assert 0.0 <= fa.alarm_rate <= 1.0 and 0.0 <= fa.flip_rate <= 1.0
+        assert fa.worst <= 1.0
+    assert false_alarm_rate(rec, 0.01, 1e-6).worst == 1.0

@@ -174,7 +174,9 @@ def false_alarm_rate(records: NoiseRecords, temperature: float, tolerance: float
             k = np.arange(p.shape[1])
             terms[:, k, k] = 0.0
             reach = np.expm1(np.clip(2 * (span - tol) / temperature, 0.0, None))
-            out[part] = terms.sum(axis=(1, 2)) + 2 * tail * reach
+            # a probability: past 1 the union bound says nothing more (a flat row at a
+            # tiny T sends the tail term to e^{2ω/T})
+            out[part] = np.minimum(1.0, terms.sum(axis=(1, 2)) + 2 * tail * reach)
     n = records.positions
     return FalseAlarms(temperature, tolerance, n, float(flips.mean()) if n else 0.0,
                        float(alarms.mean()) if n else 0.0, float(alarms.max(initial=0.0)))
