@@ -153,6 +153,10 @@ def gap_then_cheat(ctx: Context, result: Result) -> None:
     """The server cheats; the operator withholds the first audit record for good,
     hoping every record after the gap is refused unverified (it once was)."""
     assert ctx.victim is not None
+    # every record of an honest pair delivered first: the records around the gap are then
+    # the cheat's own (a loaded machine once left honest ones in flight, which passed,
+    # and the gap's grace shut the gateway before a cheating one came)
+    ctx.dc.drain(timeout=max(ctx.patience, 60.0))
     ctx.dc.trigger_attack(ctx.victim)
     t0 = time.time()
     result.started = t0

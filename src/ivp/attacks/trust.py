@@ -139,7 +139,11 @@ def store_rollback(ctx: Context, result: Result) -> None:
     t_cheat = time.time()
     ctx.dc.trigger_attack(ctx.victim)
     caught = Result("caught", "audit")  # counts the requests of this step alone
+    # the catch is this scenario's premise, not its detection: it gets the full defaults
+    # even in a run whose patience is short (a knock-out run on a loaded machine once
+    # gave up after 12 requests, before any of the victim's pairs was audited)
     verify_fail = ctx.drive(lambda: ctx.alarm(["verify_fail"], t_cheat, victim),
+                            cap=max(ctx.cap, 200), timeout=max(ctx.patience, 60.0),
                             result=caught)
     result.requests_sent += caught.requests_sent
     result.details["requests_until_caught"] = caught.requests_sent
