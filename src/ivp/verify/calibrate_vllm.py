@@ -36,7 +36,7 @@ from ivp.verify.calibrate import (
     SourceMeasurement,
     tail_extrapolation,
 )
-from ivp.verify.noise import NoiseRecords, half_span
+from ivp.verify.noise import NoiseRecords
 from ivp.verify.serving import Request
 
 if TYPE_CHECKING:
@@ -123,10 +123,11 @@ def measure_server(url: str, record_dir: Path, engine: ReferenceEngine,
             for i in range(0, len(pairs), group):
                 for s, ref in zip(served[i : i + group], engine.replay_batch(pairs[i : i + group]),
                                   strict=True):
-                    diff = s.logits.astype(np.float64) - ref
-                    spans.append(half_span(diff))
-                    records.append(NoiseRecords.of(s.logits, ref))
-                    absolute.append(float(np.abs(diff).max(initial=0.0)))
+                    record = NoiseRecords.of(s.logits, ref)  # its span: ω of each row
+                    records.append(record)
+                    spans.append(record.span)
+                    absolute.append(float(np.abs(s.logits.astype(np.float64) - ref)
+                                          .max(initial=0.0)))
             rows = np.concatenate(spans) if spans else np.zeros(0)
             row_span.append(rows)
             sources.append(SourceMeasurement(f"vllm {dtype}, concurrency {level}", group,
