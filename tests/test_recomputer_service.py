@@ -130,6 +130,24 @@ def test_honest_audits_are_stored_then_verified_and_pass(config, inspectors, gat
     run(main())
 
 
+async def _uplink_a_cheat(rec: Any, client: Any, gateway: Any, tiny_engine: Any,
+                          fake: FakeGateway) -> None:
+    """Uplink the audit of a pair whose first token the server changed, let the
+    recomputer verify it, and wait (up to 2 s) for the SHUTDOWN to reach ``fake``."""
+    pair = gateway.pair(max_tokens=6, temperature=0.0)
+    out = list(pair.output_token_ids)
+    out[0] = (out[0] + 7) % 500 + 3
+    bad = replace(pair, output_token_ids=out, output_text=tiny_engine.tokenizer.decode(
+        out, skip_special_tokens=True))
+    r = await client.post("/uplink", data=body(gateway.audit(bad)))
+    assert (await r.json())["results"][0]["ok"]
+    await rec.drain()
+    for _ in range(100):
+        if fake.controls:
+            break
+        await _sleep(0.02)
+
+
 def test_failed_verdict_alarms_and_sends_signed_shutdown(config, inspectors, gateway,
                                                          tiny_engine) -> None:
     """Attack: a server alters its weights after boot; one audited pair gives it away."""
@@ -137,18 +155,7 @@ def test_failed_verdict_alarms_and_sends_signed_shutdown(config, inspectors, gat
         fake = FakeGateway("gw-a")
         async with serving(config) as (rec, client):
             await online(rec, client, inspectors, gateway, fake)
-            pair = gateway.pair(max_tokens=6, temperature=0.0)
-            out = list(pair.output_token_ids)
-            out[0] = (out[0] + 7) % 500 + 3
-            bad = replace(pair, output_token_ids=out, output_text=tiny_engine.tokenizer.decode(
-                out, skip_special_tokens=True))
-            r = await client.post("/uplink", data=body(gateway.audit(bad)))
-            assert (await r.json())["results"][0]["ok"]
-            await rec.drain()
-            for _ in range(100):
-                if fake.controls:
-                    break
-                await _sleep(0.02)
+            await _uplink_a_cheat(rec, client, gateway, tiny_engine, fake)
             [v] = await (await client.get("/verdicts")).json()
             assert v["passed"] is False
             alarms = await (await client.get("/alarms")).json()
@@ -182,18 +189,7 @@ def test_a_shutdowns_reason_is_on_the_signed_feed_before_it_leaves(
         fake = FakeGateway("gw-a")
         async with serving(config, tick_interval=3600.0) as (rec, client):
             await online(rec, client, inspectors, gateway, fake)
-            pair = gateway.pair(max_tokens=6, temperature=0.0)
-            out = list(pair.output_token_ids)
-            out[0] = (out[0] + 7) % 500 + 3
-            bad = replace(pair, output_token_ids=out, output_text=tiny_engine.tokenizer.decode(
-                out, skip_special_tokens=True))
-            r = await client.post("/uplink", data=body(gateway.audit(bad)))
-            assert (await r.json())["results"][0]["ok"]
-            await rec.drain()
-            for _ in range(100):
-                if fake.controls:
-                    break
-                await _sleep(0.02)
+            await _uplink_a_cheat(rec, client, gateway, tiny_engine, fake)
             assert fake.controls, "no SHUTDOWN delivered"
             watcher = Watcher(rec.device.public_key)
             feed = [watcher.notice(b) for b in rec.notices.after(0)]  # no GET: as stored
