@@ -182,8 +182,7 @@ class Store:
         """The store's bound counter (only a sealed row counts: an edited one was just
         quarantined) against the device's; a device counter that does not open counts
         as a set-back store, as on the gateway."""
-        row = self._db.execute("SELECT counter FROM bound WHERE id = 1").fetchone()
-        bound = None if row is None else int(row[0])
+        bound = self.bound_counter()
         history = any(self._db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()
                       for t in SEALED if t != "bound")
         try:
