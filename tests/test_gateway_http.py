@@ -288,3 +288,38 @@ def test_upload_of_a_model_the_whitelist_lacks_fails_before_a_byte_is_sent(
                                         progress=sent.append)
             assert answer["state"] == "serving" and sum(sent) == rig.model.manifest.total_size
     run(body())
+
+
+def test_a_streams_head_leaves_while_the_server_generates_and_a_break_is_told_in_stream(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The response head of a stream goes out once the server said 200, before its first
+    token (which waits for its commit): the client sees a 200 event stream early. A
+    server that then breaks before any token ends that stream with an error event in the
+    OpenAI shape (no pair is logged, the break is alarmed)."""
+    async def body() -> None:
+        rig = make_rig(tmp_path, tiny_model_dir)
+        stream = json.dumps({"model": MODEL_ID, "prompt": "The quick brown fox",
+                             "max_tokens": 4, "stream": True}).encode()
+        async with client(rig) as c:
+            r = await c.post(f"/upload?model_id={MODEL_ID}", data=rig.model.blob)
+            assert (await _json(r))["state"] == "serving"
+            rig.server.event_delay = 0.5  # the server takes its time over each token
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            r = await c.post("/v1/completions", data=stream)
+            assert r.status == 200 and r.content_type == "text/event-stream"
+            assert loop.time() - t0 < 0.4  # the head came before the first token
+            assert b'"token_ids":[' in await r.content.readuntil(b"\n\n")
+            assert loop.time() - t0 >= 0.5
+            await r.read()
+            served = rig.log.totals()[0]
+            rig.server.event_delay, rig.server.cut_after = 0.0, 0  # dies before a token
+            r = await c.post("/v1/completions", data=stream)
+            assert r.status == 200
+            events = (await r.read()).decode().split("\n\n")
+            assert events[-2:] == ["data: [DONE]", ""]
+            [error] = [json.loads(e[6:]) for e in events[:-2]]
+            assert _err(error) and error["error"]["type"] == "TransportError"
+            assert rig.log.totals()[0] == served  # nothing logged for it
+            assert "stream_cut" in [a["kind"] for a in await rig.gw.alarms()]
+    run(body())

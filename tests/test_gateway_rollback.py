@@ -10,10 +10,13 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import pytest
 from test_gateway_rig import COMPLETION, Rig, flush, make_rig, run, started
 
+from ivp.device.soft import SoftDevice
 from ivp.gateway import rollback
 from ivp.gateway.core import State
+from ivp.gateway.log import PairLog
 
 
 def copy_log(rig: Rig, to: Path) -> None:
@@ -149,8 +152,8 @@ def test_an_interrupted_commit_keeps_every_undecided_pair(
         del pair
         replies = [await rig.gw.complete("completions", COMPLETION) for _ in range(2)]
         assert rig.log.pair_count() == 2
-        rig.device.advance_counter()  # the counter moved; the commit never came
         await rig.gw.close()
+        rig.device.advance_counter()  # the counter moved; the commit never came
         del replies
         again = await started(make_rig(tmp_path, tiny_model_dir, epsilon=0.0001,
                                        with_uplink=False))
@@ -159,6 +162,69 @@ def test_an_interrupted_commit_keeps_every_undecided_pair(
         assert "commit_interrupted" in [a["kind"] for a in again.log.alarms()]
         await again.gw.close()
     run(body())
+
+
+def test_a_counter_value_advanced_ahead_is_recorded_by_one_commit_and_never_two_ahead(
+        tmp_path: Path) -> None:
+    """``PairLog.reserve`` (a request went to its server) advances the device counter for
+    the coming commit, which then records that value without advancing again; a commit
+    that is undone gives it back; a clean close records it; never two values ahead."""
+    device = SoftDevice(tmp_path / "device")
+    log = PairLog(tmp_path / "log.sqlite", device)
+    log.set_meta("k", b"v")  # a bound commit: the log holds the device's value
+    at = device.counter()
+    assert log.bound_counter() == at
+    log.reserve()
+    log.reserve()  # one value ahead at most
+    assert device.counter() == at + 1 and log.spare == at + 1
+    log.set_meta("k", b"w")  # records the reserved value: no advance of its own
+    assert device.counter() == at + 1 and log.bound_counter() == at + 1 and log.spare is None
+    log.reserve()
+    with pytest.raises(RuntimeError), log.transaction():
+        raise RuntimeError("a refused batch")  # undone: the value is the next commit's
+    assert log.spare == at + 2 and log.bound_counter() == at + 1
+    log.reserve()  # still only one ahead
+    assert device.counter() == at + 2
+    log.close()  # records the value ahead: the next start finds log and device agreeing
+    again = PairLog(tmp_path / "log.sqlite", device)
+    assert rollback.judge(again.bound_counter(), device.counter(), True).verdict == "ok"
+    again.reserve()
+    del again  # a crash with a value ahead: one behind, read as a cut commit
+    third = PairLog(tmp_path / "log.sqlite", device)
+    assert rollback.judge(third.bound_counter(), device.counter(), True).verdict == \
+        "interrupted"
+    third.close()
+
+
+def test_a_commit_that_fails_to_commit_advances_nothing_ahead(tmp_path: Path) -> None:
+    """A COMMIT that fails may or may not be on disk: its value is not used again, and no
+    value is advanced ahead until a commit records a newer one (else a crash could leave
+    the log two behind: a false rollback)."""
+    device = SoftDevice(tmp_path / "device")
+    log = PairLog(tmp_path / "log.sqlite", device)
+    log.set_meta("k", b"v")
+    db = log._db
+
+    class FailingCommit:
+        def __getattr__(self, name: str) -> object:
+            return getattr(db, name)
+
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return db.execute(sql, *args)
+
+    log._db = FailingCommit()  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError):
+        log.set_meta("k", b"w")
+    log._db = db
+    at = device.counter()
+    log.reserve()
+    assert log.spare is None and device.counter() == at
+    log.set_meta("k", b"x")  # a newer value recorded: advancing ahead is safe again
+    log.reserve()
+    assert log.spare == device.counter() == at + 2
+    log.close()
 
 
 def test_boot_and_checkpoints_carry_the_counter_and_the_previous_boot(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -52,6 +53,7 @@ from ivp.gateway.errors import (
     UnknownModelError,
     UploadRefusedError,
 )
+from ivp.gateway.proxy import Endpoint
 from ivp.gateway.upload import HPKE_UPLOAD
 from ivp.gateway.upstream import read_capped
 from ivp.protocol.hpke import device_kem_key, open_stream, upload_info
@@ -135,18 +137,61 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         f"request body is over the {limit}-byte limit"))
 
 
-async def _send(gateway: Gateway, request: web.Request, reply: Reply) -> web.StreamResponse:
-    """Write the reply, then run its after-release step (the sampling draw) regardless."""
-    headers = {"Cache-Control": "no-cache"} if reply.content_type == "text/event-stream" else {}
+EVENT_STREAM = "text/event-stream"
+
+
+class _StreamHead:
+    """The head of a streamed answer, sent early (``Gateway.complete``'s ``head``: while
+    the server generates, so the client's first token waits for its commit only)."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    async def send(self) -> None:
+        self.response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+        self.response.content_type = EVENT_STREAM
+        with contextlib.suppress(ConnectionError, RuntimeError):  # client gone: see _send
+            await self.response.prepare(self.request)
+
+
+async def _complete(gateway: Gateway, request: web.Request, endpoint: Endpoint
+                    ) -> web.StreamResponse:
+    body = await read_body(request, gateway.config.max_body)
+    head = _StreamHead(request)
+    try:
+        reply = await gateway.complete(endpoint, body, head.send)
+    except IvpError as exc:
+        if head.response is None:
+            raise
+        # the head is out (the server broke before its first token): the error event
+        # ends the stream, in the OpenAI shape; no pair was logged
+        status, error = error_body(exc)
+        gateway.metrics.requests.labels(endpoint, str(status)).inc()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await head.response.write(b"data: " + json.dumps(error).encode()
+                                      + b"\n\ndata: [DONE]\n\n")
+            await head.response.write_eof()
+        return head.response
+    return await _send(gateway, request, reply, head.response)
+
+
+async def _send(gateway: Gateway, request: web.Request, reply: Reply,
+                started: web.StreamResponse | None = None) -> web.StreamResponse:
+    """Write the reply (``started``: a stream whose head is out), then run its
+    after-release step (the sampling draw) regardless."""
+    headers = {"Cache-Control": "no-cache"} if reply.content_type == EVENT_STREAM else {}
     resp: web.StreamResponse
     if reply.chunks is None:
         resp = web.Response(body=reply.body, status=reply.status, headers=headers,
                             content_type=reply.content_type)
+    elif started is not None:
+        resp = started
     else:  # a stream: each piece leaves as soon as the datapath hands it over (durable)
         resp = web.StreamResponse(status=reply.status, headers=headers)
         resp.content_type = reply.content_type
     try:
-        await resp.prepare(request)
+        await resp.prepare(request)  # a no-op for a started stream
         if reply.chunks is not None:
             await resp.write(reply.body)
             async for piece in reply.chunks:
@@ -232,12 +277,10 @@ def build_app(gateway: Gateway, *, tamper_endpoint: bool = False) -> web.Applica
         return web.json_response(result)
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        body = await read_body(request, gateway.config.max_body)
-        return await _send(gateway, request, await gateway.complete("completions", body))
+        return await _complete(gateway, request, "completions")
 
     async def chat(request: web.Request) -> web.StreamResponse:
-        body = await read_body(request, gateway.config.max_body)
-        return await _send(gateway, request, await gateway.complete("chat.completions", body))
+        return await _complete(gateway, request, "chat.completions")
 
     async def control(request: web.Request) -> web.StreamResponse:
         return web.json_response(await gateway.control(await read_body(request,

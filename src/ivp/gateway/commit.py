@@ -81,6 +81,7 @@ class GroupCommit:
         self._urgent = False  # someone waits for the queue: no lingering
         self._committing = False
         self._commit_task: asyncio.Task[None] | None = None
+        self._spare_wanted = False  # a commit is coming: advance the counter when idle
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ivp-gateway-log")
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -112,12 +113,28 @@ class GroupCommit:
         self.enqueue(op)
         return op
 
+    def expect(self, stream: bool = False) -> None:
+        """A commit is coming (a request went to its server): once the queue is empty,
+        advance the device counter for it on the log's thread (``log.PairLog.reserve``),
+        while the server works, so that commit waits for one disk flush instead of two.
+        ``stream``: it is a stream's first chunk, so draws lingering for a commit to
+        share are written now instead (a stream's many commits leave nothing to share,
+        and the first chunk's commit is what its first token waits for)."""
+        if self.log.spare is None:
+            self._spare_wanted = True
+            self._run()
+        if stream:
+            self.hurry()
+
     def enqueue(self, op: Write) -> asyncio.Future[Any]:
         self._writes.append(op)
+        self._run()
+        return op.future
+
+    def _run(self) -> None:
         if not self._committing:
             self._committing = True
             self._commit_task = asyncio.create_task(self._commit_loop())
-        return op.future
 
     def hurry(self) -> None:
         """Commit what is queued without lingering (a caller waits for it)."""
@@ -149,7 +166,12 @@ class GroupCommit:
     async def _commit_loop(self) -> None:
         batch: list[Write] = []
         try:
-            while self._writes:
+            while self._writes or self._spare_wanted:
+                if not self._writes:
+                    self._spare_wanted = False
+                    with contextlib.suppress(Exception):  # the commit meets it again
+                        await self.call(self.log.reserve)
+                    continue
                 await self._linger()
                 batch, self._writes = self._writes, []
                 self._urgent = False

@@ -346,8 +346,14 @@ class Gateway:
         """
         return await self.boot_shell.upload(model_id, chunks)
 
-    async def complete(self, endpoint: proxy.Endpoint, body: bytes) -> Reply:
+    async def complete(self, endpoint: proxy.Endpoint, body: bytes,
+                       head: Callable[[], Awaitable[None]] | None = None) -> Reply:
         """Serve one inference request (SNG property 3).
+
+        ``head``: for a streamed answer, awaited once the server answered 200, so that
+        the HTTP shell sends the response head while the server generates (the head
+        holds nothing the server chose; never with a release grid, whose ticks all
+        bytes keep). Once it has been awaited, an error is the shell's to tell in-stream.
 
         Raises:
             BrickedError, ShutdownError: the gateway refuses all traffic.
@@ -358,7 +364,7 @@ class Gateway:
                 alarmed; its content never reaches the client).
             TransportError: the server is unreachable.
         """
-        return await self.datapath.complete(endpoint, body)
+        return await self.datapath.complete(endpoint, body, head)
 
     # --- checkpoints, reboots -------------------------------------------------------------
     async def checkpoint(self) -> Checkpoint | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ivp.errors import BrickedError, IvpError, StateError, TransportError
@@ -47,7 +48,8 @@ class Datapath:
                     for e in ("completions", "chat.completions")}  # hot path: no label lookup
         self._late_count, self._late_alarmed = 0, -1e9
 
-    async def complete(self, endpoint: proxy.Endpoint, body: bytes) -> Reply:
+    async def complete(self, endpoint: proxy.Endpoint, body: bytes,
+                       head: Callable[[], Awaitable[None]] | None = None) -> Reply:
         """See :meth:`ivp.gateway.core.Gateway.complete`."""
         gw = self.gw
         t0 = time.monotonic()
@@ -71,7 +73,7 @@ class Datapath:
                 served: list[ServedStream] = []
                 try:
                     return await self._stream(boot, request, prompt_ids, tag, seed,
-                                              t_request, drawn, served)
+                                              t_request, drawn, served, head)
                 except BaseException:
                     boot.close_tag(seq)
                     if served and served[0].client.ids:
@@ -143,6 +145,7 @@ class Datapath:
         body = proxy.server_request(boot.manifest.model_id, prompt_ids, request.params, seed,
                                     tag, request.stream)
         t = time.monotonic()
+        gw.writer.expect()  # the counter advances for its commit while the server works
         status, raw = await gw.upstream.post("/v1/completions", body, timeout=timeout)
         elapsed = time.monotonic() - t
         gw.metrics.server_seconds.observe(elapsed)
@@ -164,14 +167,17 @@ class Datapath:
 
     async def _stream(self, boot: Boot, request: proxy.ClientRequest, prompt_ids: list[int],
                       tag: Tag, seed: int, t_request: float, drawn: asyncio.Future[None],
-                      served: list[ServedStream]) -> Reply:
+                      served: list[ServedStream],
+                      head: Callable[[], Awaitable[None]] | None) -> Reply:
         """A streamed request with no release policy (``streaming_shell``): the reply
-        starts once the first tokens are durable; the rest follows chunk by chunk."""
+        starts once the first tokens are durable (its head may leave before: ``head``);
+        the rest follows chunk by chunk."""
         gw = self.gw
         body = proxy.server_request(boot.manifest.model_id, prompt_ids, request.params, seed,
                                     tag, True)
         answer = await gw.upstream.stream("/v1/completions", body,
                                           timeout=gw.config.server_timeout)
+        gw.writer.expect(stream=True)  # the log readies the first chunk's commit meanwhile
         try:
             status = await answer.status()
         except BaseException:
@@ -184,6 +190,10 @@ class Datapath:
                            "unread")
             raise ServerProtocolError("the server's output was outside the protocol and was "
                                       "dropped; an alarm was raised")
+        if head is not None and gw.config.release_grid <= 0:
+            # the server said 200: the response head leaves while it generates (a break
+            # before the first token is then told in-stream, not as an HTTP status)
+            await head()
         stream = ServedStream(self, boot, request, prompt_ids, tag, seed, t_request, answer,
                               drawn)
         served.append(stream)

@@ -38,10 +38,14 @@ holds that disk, so:
   newest whitelist, the inspectors' settings, the alarm counter;
 * every commit is **bound to the device's monotonic counter**: it advances the counter
   first, then writes the new value into ``meta`` in the same transaction, so the log
-  always holds the counter value of its last commit. A restored copy of the log, or a
-  fresh one in place of a deleted log, holds a value behind the device's, which the
-  gateway sees at its next start (``rollback.judge``). The value also goes into every
-  BOOT record and checkpoint, so the recomputer sees it too.
+  always holds the counter value of its last commit. The advance may be made a moment
+  ahead, while the log's thread is idle and a commit is coming (:meth:`PairLog.reserve`:
+  a request went to its server), so that commit waits for one disk flush, not two; at
+  most one value is ever advanced and not yet recorded, as when a commit is cut short.
+  A restored copy of the log, or a fresh one in place of a deleted log, holds a value
+  behind the device's, which the gateway sees at its next start (``rollback.judge``).
+  The value also goes into every BOOT record and checkpoint, so the recomputer sees it
+  too.
 
 :class:`PairLog` is synchronous and not thread-safe: the gateway drives it from one
 worker thread. It signs nothing itself: callers pass a ``sign`` function (the device
@@ -143,8 +147,17 @@ class PairLog:
             if column.split()[0] not in columns:  # logs made before the column existed
                 self._db.execute(f"ALTER TABLE boots ADD COLUMN {column}")
         self.bound = 0  # the device counter of the commit in progress (or the last one)
+        self.spare: int | None = None  # advanced ahead, for the next commit to record
+        self._recorded = 0  # the value the log holds (bound is that of a commit in progress)
+        self._unsure = False  # a COMMIT failed: its value may be recorded or not
 
     def close(self) -> None:
+        """Close the log; a counter value advanced ahead is recorded first (a log left
+        one behind would read as a cut commit at the next start)."""
+        if self.spare is not None:
+            # a failed disk: the next start says interrupted
+            with contextlib.suppress(Exception), self._txn():
+                pass
         self._db.close()
 
     # --- transactions -------------------------------------------------------------------
@@ -152,16 +165,47 @@ class PairLog:
         """A transaction; ``bind=False`` for a commit whose loss helps nobody (dropping
         records the recomputer already holds: undone, they are only sent again), so it
         costs no counter write on the serving path's thread."""
-        return _Txn(self._db, self._bind if bind else lambda: None)
+        return _Txn(self._db, self if bind else None)
+
+    def reserve(self) -> None:
+        """Advance the device counter now for the next commit, which then records the
+        value without waiting for the device (called while the log's thread is idle and
+        a commit is coming). One value ahead at most: with the commit in progress that
+        would consume it, never two unrecorded (a crash leaves the log one behind at
+        most, ``rollback``'s ``interrupted``)."""
+        if self.spare is None and not self._unsure:
+            self.spare = self.device.advance_counter()
 
     def _bind(self) -> None:
-        """At the start of every commit: advance the device counter, and record the new
-        value in this very commit (the counter moves first: a commit the device never
-        counted cannot exist, and a restored log is behind the device)."""
-        self.bound = self.device.advance_counter()
-        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                         (_COUNTER, self.device.seal(_META, str(self.bound).encode(),
-                                                     _COUNTER.encode())))
+        """At the start of every commit: advance the device counter (or take the value
+        :meth:`reserve` advanced), and record it in this very commit (the counter moves
+        first: a commit the device never counted cannot exist, and a restored log is
+        behind the device)."""
+        value, self.spare = self.spare, None
+        self._recorded = self.bound
+        try:
+            self.bound = value if value is not None else self.device.advance_counter()
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                             (_COUNTER, self.device.seal(_META, str(self.bound).encode(),
+                                                         _COUNTER.encode())))
+        except BaseException:
+            self._unbind(sure=True)
+            raise
+
+    def _bound_committed(self) -> None:
+        self._recorded, self._unsure = self.bound, False
+
+    def _unbind(self, sure: bool) -> None:
+        """The commit was undone: its counter value, advanced and not recorded, is the
+        next commit's (advancing again would leave the log two behind). ``sure=False``:
+        the COMMIT itself failed, so the value may be on disk: it is not used again, and
+        nothing is advanced ahead until a commit records a newer one."""
+        if self.bound != self._recorded:
+            if sure:
+                self.spare = self.bound
+            else:
+                self._unsure = True
+            self.bound = self._recorded
 
     def bound_counter(self) -> int | None:
         """The device counter value of the log's last commit (None: never bound: a new
@@ -596,30 +640,43 @@ class PairLog:
 
 class _Txn:
     """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on error); nests as a no-op.
-    ``bind`` runs first in every outer transaction (the device counter)."""
+    With ``log``, every outer transaction is bound to the device counter (``_bind``
+    first; ``_unbind`` if it is undone)."""
 
-    def __init__(self, db: sqlite3.Connection, bind: Callable[[], None]) -> None:
+    def __init__(self, db: sqlite3.Connection, log: PairLog | None) -> None:
         self._db = db
-        self._bind = bind
+        self._log = log
         self._outer = False
 
     def __enter__(self) -> None:
         if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")
             self._outer = True
-            try:
-                self._bind()
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            if self._log is not None:
+                try:
+                    self._log._bind()
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if not self._outer:
             return
-        if exc_type is None:
-            self._db.execute("COMMIT")
-        else:
+        if exc_type is not None:
             self._db.execute("ROLLBACK")
+            if self._log is not None:
+                self._log._unbind(sure=True)
+            return
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if self._log is not None:
+                self._log._unbind(sure=False)
+            raise
+        if self._log is not None:
+            self._log._bound_committed()
 
 
 __all__ = ["BootCounters", "Link", "PairLog", "SpoolItem"]

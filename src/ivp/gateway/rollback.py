@@ -7,15 +7,17 @@ serve again). Sealing cannot stop any of that: the copy is genuine, only old.
 
 What stops it is the device's monotonic counter (``Device.counter``; a TPM NV counter
 in hardware). Every commit of the log advances the counter *first* and then records
-the new value in that same commit (``log.PairLog``), so at the next start:
+the new value in that same commit (``log.PairLog``; the advance may be made just
+ahead, while a request is at its server, ``PairLog.reserve``, but never more than one
+value is advanced and unrecorded), so at the next start:
 
 =================  ==============================================  =======================
 log's value L       meaning                                          the gateway
 =================  ==============================================  =======================
 L = device D        the log is the last one written                  starts normally
 L = D − 1           the last commit was cut short (a crash between   starts; every pair
-                    advancing the counter and committing)            awaiting its draw is
-                                                                     KEPT for audit (its
+                    advancing the counter and committing, or before  awaiting its draw is
+                    a value advanced ahead was recorded)             KEPT for audit (its
                                                                      draw's fate is unknown)
 L < D − 1           commits the log does not hold happened: an       refuses to serve
                     older copy was put back                          (``rolled_back``)
