@@ -13,7 +13,10 @@ Latency, in the same run, per concurrency C in (1, 8, 32):
 C clients stream ``--tokens``-token completions in a closed loop; each records the time
 to its first token (TTFT, from sending the request) and the gaps between tokens (ITL).
 Added = gateway − direct, medians over the rounds. Goal (issue 14): ≤ 2 ms added p50
-TTFT. The first token cannot leave before one durable commit, so the added TTFT is at
+TTFT. Each phase also records how busy the machine's CPUs were (``machine_cpu_busy``,
+0–1: client, stub and gateway share them) and, through the gateway, the cores the
+gateway process used (``gateway_cores``: its event loop is one thread, so near 1 it is
+the bottleneck). The first token cannot leave before one durable commit, so the added TTFT is at
 least the disk's flush time (``durable_commit_floor``, measured at the start and at the
 end of the run).
 
@@ -103,8 +106,16 @@ async def one_stream(session: aiohttp.ClientSession, url: str, payload: dict[str
     return first, gaps, count
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 async def latency_phase(url: str, clients: int, seconds: float, tokens: int
                         ) -> dict[str, Any]:
+    busy0, total0 = cpu_ticks()
     ttft: list[float] = []
     itl: list[float] = []
     deadline = time.monotonic() + seconds
@@ -123,7 +134,12 @@ async def latency_phase(url: str, clients: int, seconds: float, tokens: int
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(client(session, c) for c in range(clients)))
     q = statistics.quantiles
-    return {"streams": len(ttft), "ttft_p50_ms": round(statistics.median(ttft) * 1e3, 3),
+    busy1, total1 = cpu_ticks()
+    return {"streams": len(ttft),
+            # how much of the machine's CPU the phase used (client, stub and gateway share
+            # it): near 1, every process waits for a core and latency grows with it
+            "machine_cpu_busy": round((busy1 - busy0) / max(1, total1 - total0), 3),
+            "ttft_p50_ms": round(statistics.median(ttft) * 1e3, 3),
             "ttft_p90_ms": round(q(ttft, n=10)[-1] * 1e3, 3) if len(ttft) > 1 else None,
             "itl_p50_ms": round(statistics.median(itl) * 1e3, 3),
             "itl_p99_ms": round(q(itl, n=100)[-1] * 1e3, 3) if len(itl) > 1 else None}
@@ -194,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                args.throughput_interval_ms}}
     with processes() as procs:
         direct = start_stub(procs, work / "logs", args.interval_ms, 1) + "/v1/completions"
-        paced, _ = start_gateway(procs, work, trust, "gw-paced", args.interval_ms, 1)
+        paced, paced_gw = start_gateway(procs, work, trust, "gw-paced", args.interval_ms, 1)
         paced += "/v1/completions"
         latency: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for c in args.concurrency:
@@ -202,8 +218,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.rounds):
                 for name, url in (("direct", direct), ("gateway", paced)):
                     note(f"latency c={c} round {r + 1}: {name}")
-                    latency[str(c)][name].append(asyncio.run(latency_phase(
-                        url, c, args.seconds, args.tokens)))
+                    cpu0, t0 = cpu_seconds(paced_gw.popen.pid), time.perf_counter()
+                    phase = asyncio.run(latency_phase(url, c, args.seconds, args.tokens))
+                    if name == "gateway":  # cores the gateway process used (its loop: 1 at most)
+                        phase["gateway_cores"] = round((cpu_seconds(paced_gw.popen.pid) - cpu0)
+                                                       / (time.perf_counter() - t0), 3)
+                    latency[str(c)][name].append(phase)
         result["latency"] = {c: {name: _medians(rounds) for name, rounds in by.items()}
                              for c, by in latency.items()}
         fast, gw = start_gateway(procs, work, trust, "gw-fast", args.throughput_interval_ms,

@@ -143,6 +143,7 @@ class ServedStream:
                                             "ends here") if not isinstance(exc, StateError)
                           else exc, durable=len(self.client.ids) - len(ids))
                 return
+            self.gw.writer.expect()  # the next chunk, or the end, needs a commit too
             self._ready.append(events)
 
     def _chunk(self, ids: list[int]) -> ChunkWrite:
