@@ -196,10 +196,10 @@ def test_a_counter_value_advanced_ahead_is_recorded_by_one_commit_and_never_two_
     third.close()
 
 
-def test_a_commit_that_fails_to_commit_advances_nothing_ahead(tmp_path: Path) -> None:
-    """A COMMIT that fails may or may not be on disk: its value is not used again, and no
-    value is advanced ahead until a commit records a newer one (else a crash could leave
-    the log two behind: a false rollback)."""
+def test_a_commit_or_advance_that_fails_advances_nothing_ahead(tmp_path: Path) -> None:
+    """A COMMIT (or a counter advance) that fails may or may not be on disk: its value is
+    not used again, and no value is advanced ahead until a commit records a newer one
+    (else a crash could leave the log two behind: a false rollback)."""
     device = SoftDevice(tmp_path / "device")
     log = PairLog(tmp_path / "log.sqlite", device)
     log.set_meta("k", b"v")
@@ -224,6 +224,20 @@ def test_a_commit_that_fails_to_commit_advances_nothing_ahead(tmp_path: Path) ->
     log.set_meta("k", b"x")  # a newer value recorded: advancing ahead is safe again
     log.reserve()
     assert log.spare == device.counter() == at + 2
+    log.set_meta("k", b"y")
+    advance = device.advance_counter
+
+    def failing_advance() -> int:
+        advance()  # on the device, but its caller never learns the value
+        raise OSError("the counter's flush failed")
+
+    device.advance_counter = failing_advance  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        log.reserve()
+    device.advance_counter = advance  # type: ignore[method-assign]
+    at = device.counter()
+    log.reserve()  # the failed advance may count: none ahead until a commit records one
+    assert log.spare is None and device.counter() == at
     log.close()
 
 

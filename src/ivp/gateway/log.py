@@ -174,7 +174,16 @@ class PairLog:
         would consume it, never two unrecorded (a crash leaves the log one behind at
         most, ``rollback``'s ``interrupted``)."""
         if self.spare is None and not self._unsure:
-            self.spare = self.device.advance_counter()
+            self.spare = self._advance()
+
+    def _advance(self) -> int:
+        """The device counter's next value. An advance that fails may be on the device
+        or not: nothing is advanced ahead until a commit records a newer value."""
+        try:
+            return self.device.advance_counter()
+        except BaseException:
+            self._unsure = True
+            raise
 
     def _bind(self) -> None:
         """At the start of every commit: advance the device counter (or take the value
@@ -184,7 +193,7 @@ class PairLog:
         value, self.spare = self.spare, None
         self._recorded = self.bound
         try:
-            self.bound = value if value is not None else self.device.advance_counter()
+            self.bound = value if value is not None else self._advance()
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                              (_COUNTER, self.device.seal(_META, str(self.bound).encode(),
                                                          _COUNTER.encode())))
