@@ -166,7 +166,7 @@ def test_an_interrupted_commit_keeps_every_undecided_pair(
 
 def test_a_counter_value_advanced_ahead_is_recorded_by_one_commit_and_never_two_ahead(
         tmp_path: Path) -> None:
-    """``PairLog.reserve`` (a request went to its server) advances the device counter for
+    """``PairLog.reserve`` (a stream is at its server) advances the device counter for
     the coming commit, which then records that value without advancing again; a commit
     that is undone gives it back; a clean close records it; never two values ahead."""
     device = SoftDevice(tmp_path / "device")

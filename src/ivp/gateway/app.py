@@ -149,10 +149,15 @@ class _StreamHead:
         self.response: web.StreamResponse | None = None
 
     async def send(self) -> None:
-        self.response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
-        self.response.content_type = EVENT_STREAM
+        self.response = _event_stream(200)
         with contextlib.suppress(ConnectionError, RuntimeError):  # client gone: see _send
             await self.response.prepare(self.request)
+
+
+def _event_stream(status: int) -> web.StreamResponse:
+    resp = web.StreamResponse(status=status, headers={"Cache-Control": "no-cache"})
+    resp.content_type = EVENT_STREAM
+    return resp
 
 
 async def _complete(gateway: Gateway, request: web.Request, endpoint: Endpoint
@@ -161,12 +166,16 @@ async def _complete(gateway: Gateway, request: web.Request, endpoint: Endpoint
     head = _StreamHead(request)
     try:
         reply = await gateway.complete(endpoint, body, head.send)
-    except IvpError as exc:
+    except Exception as exc:
         if head.response is None:
             raise
         # the head is out (the server broke before its first token): the error event
         # ends the stream, in the OpenAI shape; no pair was logged
-        status, error = error_body(exc)
+        if isinstance(exc, IvpError):
+            status, error = error_body(exc)
+        else:
+            log.exception("unexpected error in a stream after its head was sent")
+            status, error = 500, error_json("internal gateway error", "InternalError")
         gateway.metrics.requests.labels(endpoint, str(status)).inc()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await head.response.write(b"data: " + json.dumps(error).encode()
@@ -180,16 +189,13 @@ async def _send(gateway: Gateway, request: web.Request, reply: Reply,
                 started: web.StreamResponse | None = None) -> web.StreamResponse:
     """Write the reply (``started``: a stream whose head is out), then run its
     after-release step (the sampling draw) regardless."""
-    headers = {"Cache-Control": "no-cache"} if reply.content_type == EVENT_STREAM else {}
     resp: web.StreamResponse
     if reply.chunks is None:
+        headers = {"Cache-Control": "no-cache"} if reply.content_type == EVENT_STREAM else {}
         resp = web.Response(body=reply.body, status=reply.status, headers=headers,
                             content_type=reply.content_type)
-    elif started is not None:
-        resp = started
     else:  # a stream: each piece leaves as soon as the datapath hands it over (durable)
-        resp = web.StreamResponse(status=reply.status, headers=headers)
-        resp.content_type = reply.content_type
+        resp = started or _event_stream(reply.status)
     try:
         await resp.prepare(request)  # a no-op for a started stream
         if reply.chunks is not None:

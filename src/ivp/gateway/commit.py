@@ -113,17 +113,18 @@ class GroupCommit:
         self.enqueue(op)
         return op
 
-    def expect(self, stream: bool = False) -> None:
-        """A commit is coming (a request went to its server): once the queue is empty,
-        advance the device counter for it on the log's thread (``log.PairLog.reserve``),
-        while the server works, so that commit waits for one disk flush instead of two.
-        ``stream``: it is a stream's first chunk, so draws lingering for a commit to
-        share are written now instead (a stream's many commits leave nothing to share,
-        and the first chunk's commit is what its first token waits for)."""
+    def expect(self, first: bool = False) -> None:
+        """A stream's next commit is coming (its request went to its server, or a chunk
+        of it was committed): once the queue is empty, advance the device counter for it
+        on the log's thread (``log.PairLog.reserve``), while the server works, so that
+        commit waits for one disk flush instead of two. ``first``: it is the stream's
+        first chunk, so draws lingering for a commit to share are written now instead (a
+        stream's many commits leave nothing to share, and its first token waits for
+        that commit)."""
         if self.log.spare is None:
             self._spare_wanted = True
             self._run()
-        if stream:
+        if first:
             self.hurry()
 
     def enqueue(self, op: Write) -> asyncio.Future[Any]:

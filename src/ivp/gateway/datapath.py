@@ -145,7 +145,6 @@ class Datapath:
         body = proxy.server_request(boot.manifest.model_id, prompt_ids, request.params, seed,
                                     tag, request.stream)
         t = time.monotonic()
-        gw.writer.expect()  # the counter advances for its commit while the server works
         status, raw = await gw.upstream.post("/v1/completions", body, timeout=timeout)
         elapsed = time.monotonic() - t
         gw.metrics.server_seconds.observe(elapsed)
@@ -177,7 +176,7 @@ class Datapath:
                                     tag, True)
         answer = await gw.upstream.stream("/v1/completions", body,
                                           timeout=gw.config.server_timeout)
-        gw.writer.expect(stream=True)  # the log readies the first chunk's commit meanwhile
+        gw.writer.expect(first=True)  # the log readies the first chunk's commit meanwhile
         try:
             status = await answer.status()
         except BaseException:

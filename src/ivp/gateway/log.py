@@ -40,7 +40,7 @@ holds that disk, so:
   first, then writes the new value into ``meta`` in the same transaction, so the log
   always holds the counter value of its last commit. The advance may be made a moment
   ahead, while the log's thread is idle and a commit is coming (:meth:`PairLog.reserve`:
-  a request went to its server), so that commit waits for one disk flush, not two; at
+  a stream is at its server), so that commit waits for one disk flush, not two; at
   most one value is ever advanced and not yet recorded, as when a commit is cut short.
   A restored copy of the log, or a fresh one in place of a deleted log, holds a value
   behind the device's, which the gateway sees at its next start (``rollback.judge``).
