@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ivp.errors import ValidationError
 from ivp.gateway import inputs, proxy
 from ivp.gateway.errors import ServerProtocolError
-from ivp.gateway.streaming import ClientStream, parse_server_stream
+from ivp.gateway.streaming import ClientStream, ServerStream, parse_server_stream
 from ivp.protocol.messages import SamplingParams, Tag
 
 TAG = Tag(gateway_id="gw", boot_id="b" * 32, seq=3)
@@ -245,3 +245,25 @@ def test_whitelisted_tokenizer_ids_match_the_transformers_wrapper(tiny_model_dir
         for special in (True, False):
             assert tok._encode(text, special) == \
                 wrapper(text, add_special_tokens=special)["input_ids"], text
+
+
+@given(good=st.integers(1, PARAMS.max_tokens - 1),
+       cuts=st.lists(st.integers(0, 10_000), max_size=6))
+@settings(max_examples=60, deadline=None)
+def test_where_a_bad_line_cuts_a_stream_does_not_depend_on_how_it_was_read(
+        good: int, cuts: list[int]) -> None:
+    """A stream of good tokens, then a line outside the protocol (a token outside the
+    vocabulary), read in pieces split anywhere: the ids given before the refusal are
+    the good ones, all of them, however the bytes were split into reads."""
+    raw = _sse(*[{"choices": [{"token_ids": [5 + i]}], "ivp_tag": TAGD} for i in range(good)],
+               {"choices": [{"token_ids": [LIMITS.vocab_size]}], "ivp_tag": TAGD})
+    stream = ServerStream(TAG, PARAMS, LIMITS)
+    ids: list[int] = []
+    points = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
+    with pytest.raises(ServerProtocolError):
+        for a, b in itertools.pairwise(points):
+            ids += stream.feed(raw[a:b])
+            if stream.refused is not None:
+                stream.feed(b"")  # a held refusal is raised by the next call
+        stream.end()
+    assert ids == [5 + i for i in range(good)]

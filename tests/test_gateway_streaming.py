@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_gateway_rig import MODEL_ID, Rig, flush, make_rig, run, started
 
 from ivp.gateway.log import _CHUNK, _STREAM
@@ -166,12 +167,15 @@ def test_server_dying_mid_stream_is_alarmed_and_logged_cut(
     run(body())
 
 
+@pytest.mark.parametrize("event_delay", [0.01, 0.0])
 def test_server_stepping_outside_the_protocol_mid_stream_is_cut_before_the_bad_chunk(
-        tmp_path: Path, tiny_model_dir: Path) -> None:
+        tmp_path: Path, tiny_model_dir: Path, event_delay: float) -> None:
     """Attack: a server that sends a token outside the vocabulary mid-stream. The client
-    never gets it, the pair is logged cut before it, an alarm is raised."""
+    never gets it, the pair is logged cut right before it, an alarm is raised — also
+    when the good tokens and the bad one come in one read (``event_delay`` 0)."""
     async def body() -> None:
-        rig = await serving_rig(tmp_path, tiny_model_dir, sse_answer(IDS, bad_at=4))
+        rig = await serving_rig(tmp_path, tiny_model_dir, sse_answer(IDS, bad_at=4),
+                                event_delay=event_delay)
         reply = await rig.gw.complete("completions", stream_body())
         raw = await reply.read()
         await reply.after_release()

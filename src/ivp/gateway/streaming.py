@@ -62,7 +62,10 @@ class ServerStream:
     as it arrives. Every other field the server sends is discarded here.
 
     Feed the bytes with :meth:`feed` (the new token ids); :meth:`end` once the stream
-    ended. Any refusal is a ``ServerProtocolError``; the tokens fed before it stay good.
+    ended. Any refusal is a ``ServerProtocolError``; the tokens before the refused line
+    stay good, even in the same read: :meth:`feed` then gives them and holds the
+    refusal in ``refused`` (raised by the next :meth:`feed` or :meth:`end`), so where a
+    stream is cut does not depend on how its bytes were split into reads.
     """
 
     def __init__(self, tag: Tag, params: SamplingParams, limits: ModelLimits) -> None:
@@ -70,6 +73,7 @@ class ServerStream:
         self.count = 0  # tokens accepted
         self.finish: str | None = None
         self.tagged = self.done = False
+        self.refused: ServerProtocolError | None = None
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[int]:
@@ -81,12 +85,21 @@ class ServerStream:
                 reasons, data after [DONE], more than ``max_tokens`` tokens, a token
                 outside the vocabulary, or a line over ``MAX_LINE`` bytes.
         """
+        if self.refused is not None:
+            raise self.refused
         buf = self._buf
         buf += data
         out: list[int] = []
         start = 0
         while (end := buf.find(b"\n", start)) >= 0:
-            out += self._line(bytes(buf[start:end]))
+            try:
+                out += self._line(bytes(buf[start:end]))
+            except ServerProtocolError as exc:
+                if not out:
+                    raise
+                self.refused = exc  # the good ids before it go first
+                buf.clear()
+                return out
             start = end + 1
         del buf[:start]
         if len(buf) > MAX_LINE:
@@ -101,6 +114,8 @@ class ServerStream:
             ServerProtocolError: no tag, no finish reason, no ``[DONE]``, or a finish
                 reason the count does not give.
         """
+        if self.refused is not None:
+            raise self.refused
         if self._buf:  # a last line without its newline
             rest, self._buf = bytes(self._buf), bytearray()
             if self._line(rest):
@@ -170,7 +185,7 @@ def parse_server_stream(raw: bytes, tag: Tag, params: SamplingParams,
     """
     stream = ServerStream(tag, params, limits)
     ids = stream.feed(raw)
-    return ServerOutput(ids, stream.end().finish_reason)
+    return ServerOutput(ids, stream.end().finish_reason)  # end() raises a held refusal
 
 
 class ClientStream:

@@ -114,13 +114,7 @@ class ServedStream:
             ids = self.server.feed(data) if data else []
             finish = self.server.end().finish_reason if not data else None
         except ServerProtocolError:
-            # nothing of the offending bytes reaches the client or the alarm
-            await self.gw.alarm("unpaired_output", f"{self.tag.boot_id}/{self.tag.seq}: a "
-                                "streamed answer stepped outside the protocol after "
-                                f"{len(self.client.ids)} tokens: dropped unread, logged cut")
-            self._end("cut", ServerProtocolError(
-                "the server's output was outside the protocol and was dropped; an alarm "
-                "was raised"))
+            await self._refuse()
             return
         except TransportError as exc:
             await self.gw.alarm("stream_cut", f"{self.tag.boot_id}/{self.tag.seq}: the "
@@ -142,9 +136,22 @@ class ServedStream:
                 self._end("cut", StateError(f"the stream could not be logged ({exc}): it "
                                             "ends here") if not isinstance(exc, StateError)
                           else exc, durable=len(self.client.ids) - len(ids))
-                return
-            self.gw.writer.expect()  # the next chunk, or the end, needs a commit too
-            self._ready.append(events)
+            else:
+                self.gw.writer.expect()  # the next chunk, or the end, needs a commit too
+                self._ready.append(events)
+        if self.server.refused is not None:  # a bad line after these tokens, in this read
+            await self._refuse()
+
+    async def _refuse(self) -> None:
+        """The server stepped outside the protocol: alarmed, and the stream ends cut
+        here (a no-op end if it already ended). Nothing of the offending bytes reaches
+        the client or the alarm."""
+        await self.gw.alarm("unpaired_output", f"{self.tag.boot_id}/{self.tag.seq}: a "
+                            "streamed answer stepped outside the protocol after "
+                            f"{len(self.client.ids)} tokens: dropped unread, logged cut")
+        self._end("cut", ServerProtocolError(
+            "the server's output was outside the protocol and was dropped; an alarm "
+            "was raised"))
 
     def _chunk(self, ids: list[int]) -> ChunkWrite:
         """The log row of this chunk: only its tokens and text (the bytes and the work
