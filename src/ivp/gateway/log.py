@@ -149,7 +149,7 @@ class PairLog:
         self.bound = 0  # the device counter of the commit in progress (or the last one)
         self.spare: int | None = None  # advanced ahead, for the next commit to record
         self._recorded = 0  # the value the log holds (bound is that of a commit in progress)
-        self._unsure = False  # a COMMIT failed: its value may be recorded or not
+        self._unsure = False  # a COMMIT or an advance failed: the device may be ahead
 
     def close(self) -> None:
         """Close the log; a counter value advanced ahead is recorded first (a log left
