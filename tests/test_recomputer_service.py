@@ -3,8 +3,10 @@ INPUT routing, restart, tamper = brick. Fake gateways are small in-process aioht
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from msgspec.structs import replace
 from test_recomputer_support import MODEL_ID, Inspectors, ScriptedGateway, body, enrol, results, run
 
-from ivp.errors import BrickedError, ValidationError
+from ivp.errors import BrickedError, TransportError, ValidationError
 from ivp.protocol import envelope as env
 from ivp.protocol.acks import ControlReceipt, digest_of
 from ivp.protocol.encoding import to_builtins
@@ -624,4 +626,55 @@ def test_rate_limited_client_gets_retry_after(config, inspectors, gateway) -> No
             assert r.status == 429 and r.headers["Retry-After"] == "2"
             assert (await r.json())["error"]["code"] == "rate_limit_exceeded"
         await fake.close()
+    run(main())
+
+
+def test_closing_while_a_store_write_runs_waits_for_it(config) -> None:
+    """A cancelled task's store write keeps running on the store's thread; close's own
+    writes (last-served times, folded alarms) once ran beside it on the loop's thread and
+    failed with "cannot start a transaction within a transaction". They queue behind it."""
+    async def main() -> None:
+        async with serving(config) as (rec, _client):
+            started = threading.Event()
+
+            def slow_write() -> None:
+                with rec.store.transaction():
+                    started.set()
+                    time.sleep(0.3)
+
+            rec._spawn(rec._db(slow_write))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+            rec.router.last_served["m"] = 1.0
+            rec._served_dirty = True
+        # leaving ``serving`` closed the app, and the recomputer with it, without an error
+    run(main())
+
+
+def test_a_failed_uplink_write_acknowledges_nothing_and_the_resent_batch_is_taken(
+        config, inspectors, gateway) -> None:
+    """The store refuses one uplink write (a full disk): the batch is answered as not
+    taken, the recomputer's trusted state is reloaded from the store (the records' effects
+    it had applied in memory are undone), and the gateway's resend of the same records
+    is accepted and verified once each."""
+    async def main() -> None:
+        rec = Recomputer(config)
+        await rec.start()
+        await enrol(rec, inspectors, gateway)
+        boot = gateway.boot()
+        records = [gateway.audit(max_tokens=5) for _ in range(2)]
+        real = rec.store.write_uplink
+
+        def full_disk(*args: Any) -> Any:
+            rec.store.write_uplink = real  # once
+            raise sqlite3.OperationalError("database or disk is full")
+
+        rec.store.write_uplink = full_disk  # type: ignore[method-assign]
+        with pytest.raises(TransportError, match="store write failed"):
+            await rec.uplink(body(boot, *records))
+        assert rec.queue_depth() == 0
+        ack = await rec.uplink(body(boot, *records))  # the same bytes again
+        assert [ok for ok, _ in results(ack)] == [True] * 3
+        await rec.drain()
+        assert [v["audit_seq"] for v in await rec.verdicts()] == [1, 2]
+        await rec.close()
     run(main())

@@ -62,7 +62,7 @@ class AdminShell:
 
     def check_alive(self) -> None: ...
 
-    def _store_accepted(self) -> None: ...
+    async def _store_accepted(self) -> None: ...
 
     # --- admin ------------------------------------------------------------------------------------
     async def handle_admin(self, body: bytes) -> dict[str, Any]:
@@ -117,7 +117,7 @@ class AdminShell:
             await self._db(self.store.confirm)
             self.admin.advance(seq, digest, d)
             if accept:
-                self._store_accepted()
+                await self._store_accepted()
             if d.accepted:
                 admin_ops.apply(targets, d.args, now)
                 if readmit is not None:

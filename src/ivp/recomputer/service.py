@@ -241,10 +241,10 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
                 "the inspectors accept it: " + rollback_detail(self.store.rollback,
                                                                self.store.rollback_error))
 
-    def _store_accepted(self) -> None:
+    async def _store_accepted(self) -> None:
         """``accept_store`` is durable: the store is trusted as it stands; verify its
         queue, and measure silence from now (nobody was heard while it was locked)."""
-        self._queue.extend(self.store.queued())
+        self._queue.extend(await self._db(self.store.queued))
         self.ingest.resume(time.time())
         self._wake.set()
 
@@ -312,11 +312,12 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
         self._signatures.close()
         if self.session is not None:
             await self.session.close()
+        # through the store's one thread: a cancelled task's write may still be running there
         if self._served_dirty:
-            self.store.put_served(self.router.last_served)
+            await self._db(self.store.put_served, self.router.last_served)
         folded = self.noise.take(time.time(), force=True)
         if folded:
-            self.store.add_alarms(folded)
+            await self._db(self.store.add_alarms, folded)
         self._db_exec.shutdown(wait=True)
         self.store.close()
         self.notices.close()
@@ -355,11 +356,14 @@ class Recomputer(UplinkShell, Delivery, Verifying, AdminShell):
                 "kem_public_key": kem_public_hex(self.device)}
 
     # --- uplink (the rest is in ``uplink.UplinkShell``) ------------------------------------
-    def _reload(self) -> None:
-        self.ingest = Ingest(self.whitelist.manifest, self.config.rules)
-        snap = self.store.snapshot()
-        self.ingest.restore(snap, self._boot_envelope, time.time())
-        self._apply_settings(snap.settings)
+    async def _reload(self) -> None:
+        def load() -> tuple[Ingest, dict[str, Any]]:  # on the store's thread: no write beside
+            ingest = Ingest(self.whitelist.manifest, self.config.rules)
+            snap = self.store.snapshot()
+            ingest.restore(snap, self._boot_envelope, time.time())
+            return ingest, snap.settings
+        self.ingest, settings = await self._db(load)
+        self._apply_settings(settings)
 
     # --- sensors -----------------------------------------------------------------------------
     async def sensor_events(self, body: bytes) -> Ack:

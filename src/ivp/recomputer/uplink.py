@@ -110,7 +110,7 @@ class UplinkShell:
 
     async def _enforce_all(self, alarms: Sequence[Alarm]) -> None: ...
 
-    def _reload(self) -> None: ...
+    async def _reload(self) -> None: ...
 
     @contextlib.asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
@@ -216,7 +216,7 @@ class UplinkShell:
             ids = await self._db(self.store.write_uplink, effects, alarms, evidence)
         except Exception as exc:
             log.exception("uplink write failed; reloading trusted state from the store")
-            self._reload()
+            await self._reload()
             raise TransportError(f"recomputer store write failed: {exc}") from None
         for effect, audit_id in zip(effects, ids, strict=True):
             if effect.kind == "audit" and audit_id is not None:
