@@ -59,3 +59,46 @@ def test_demo_catches_rogue_model(tmp_path) -> None:
     assert summary["attack"]["failed"] >= 1
     assert summary["attack"]["alarms"] >= 1
     assert summary["attack"]["gateway_state"] == "shutdown"
+
+
+class _Alive:
+    def alive(self) -> bool:
+        return True
+
+
+class _ScriptedDatacenter:
+    """What ``LoopbackDatacenter.drain`` reads, scripted: one gateway whose status
+    answers come from ``answers`` in turn (the last one repeats)."""
+
+    def __init__(self, answers: list[dict]) -> None:
+        from types import SimpleNamespace
+        self.handles = [SimpleNamespace(process=_Alive())]
+        self.answers, self.asked = answers, 0
+
+    def gateway_status(self, index: int) -> dict:
+        self.asked += 1
+        return self.answers[min(self.asked, len(self.answers)) - 1]
+
+    def recomputer_status(self) -> dict:
+        return {"queue_depth": 0}
+
+
+def _status(settling: int, rounds: int, spool_depth: int = 0) -> dict:
+    return {"settling": settling, "spool_depth": spool_depth, "uplink": {"rounds": rounds}}
+
+
+def test_drain_waits_for_the_last_draw_and_a_round_begun_after_it(monkeypatch) -> None:
+    """The CI failure it fixes: the client had its answer, the draw was not made yet,
+    and the spool (as of the last uplink round) was empty: drain returned one verdict
+    short. Now it waits for ``settling`` 0, then two more uplink rounds."""
+    from ivp.datacenter import LoopbackDatacenter
+
+    monkeypatch.setattr("ivp.datacenter.time.sleep", lambda s: None)
+    script = [_status(1, 7), _status(1, 7), _status(0, 7), _status(0, 8), _status(0, 9)]
+    dc = _ScriptedDatacenter(script)
+    LoopbackDatacenter.drain(dc)  # type: ignore[arg-type]
+    assert dc.asked == len(script)  # returned at the first answer that settles it
+
+    still_spooled = _ScriptedDatacenter([_status(0, 3), _status(0, 9, spool_depth=1)])
+    with pytest.raises(RuntimeError, match="did not drain"):
+        LoopbackDatacenter.drain(still_spooled, timeout=0.2)  # type: ignore[arg-type]

@@ -11,7 +11,6 @@ a cheat only through the protocol.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -594,15 +593,33 @@ class LoopbackDatacenter:
         return body
 
     def drain(self, timeout: float = 300.0) -> None:
-        """Wait until every gateway's spool is empty and the recomputer queue is empty."""
+        """Wait until every audit record of the pairs served so far is at the recomputer
+        and verified: each gateway has made every draw (``settling`` 0), then finished
+        two uplink rounds (the first may have begun before the last record was spooled)
+        and left nothing spooled; and the recomputer's queue is empty."""
         deadline = time.monotonic() + timeout
+        settled: dict[int, int] = {}  # gateway -> its uplink rounds when all were drawn
         while time.monotonic() < deadline:
-            spools = 0
+            waiting = False
             for i, h in enumerate(self.handles):
-                if h.process is not None and h.process.alive():
-                    with contextlib.suppress(OSError):
-                        spools += int(self.gateway_status(i).get("spool_depth", 0))
-            if spools == 0 and int(self.recomputer_status().get("queue_depth", 0)) == 0:
+                if h.process is None or not h.process.alive():
+                    continue
+                try:
+                    st = self.gateway_status(i)
+                except OSError:
+                    waiting = True
+                    continue
+                if "uplink" not in st:  # no uplink (bricked): nothing more will leave
+                    continue
+                rounds = int(st["uplink"].get("rounds", 0))
+                if st.get("settling", 0):
+                    settled.pop(i, None)
+                    waiting = True
+                elif i not in settled:
+                    settled[i], waiting = rounds, True
+                elif rounds < settled[i] + 2 or int(st.get("spool_depth", 0)):
+                    waiting = True
+            if not waiting and int(self.recomputer_status().get("queue_depth", 0)) == 0:
                 return
             time.sleep(0.3)
         raise RuntimeError("audit queue did not drain in time")

@@ -478,8 +478,14 @@ class Gateway:
         decision before the recomputer holds the record: ``audits`` counts the audit
         records it acknowledged, and ``spool_depth`` is the spool after the last
         uplink round, not a count that grows the moment a pair is kept (that once told
-        the operator at once which cheat to roll back)."""
+        the operator at once which cheat to roll back). ``settling``: released pairs
+        whose draw was not made yet (it tells no decision); once it is 0, every uplink
+        round begun after this call counts their records (``uplink.rounds``), and this
+        call wakes the uplink for one."""
+        boots = [b for b in (self._boot, *self._ended) if b is not None]
+        settling = sum(b.next_seq - b.next_draw for b in boots)
         await self.writer.flush()  # counters include every draw already made
+        self._wake_uplink()
         boot = self._boot
         out: dict[str, Any] = {
             "gateway_id": self.gateway_id,
@@ -488,6 +494,7 @@ class Gateway:
             "boot_id": boot.boot_id if boot else None,
             "pairs_served": boot.pairs if boot else 0,
             "audits": 0,
+            "settling": settling,
             "epsilon": boot.epsilon if boot else self._settings.epsilon_for(
                 "", self.config.epsilon),
             "server": "on" if self.power.is_on else "off",
@@ -520,7 +527,7 @@ class Gateway:
             out["uplink"] = {"acked": s.acked, "refused": s.refused, "retried": s.retried,
                              "failures": s.failures, "garbage": s.garbage,
                              "forged": s.forged, "reconciled": s.reconciled,
-                             "last_error": s.last_error}
+                             "rounds": s.rounds, "last_error": s.last_error}
         return out
 
     async def alarms(self) -> list[dict[str, object]]:

@@ -150,6 +150,8 @@ class UplinkStats:
     forged: int = 0  # answers not signed by the recomputer: nothing deleted
     reconciled: int = 0  # records found stored by the cursor (their ack was lost)
     depth: int = 0  # records left in the spool after the last round
+    rounds: int = 0  # rounds that counted ``depth`` (a round begun after a record was
+    # spooled counts it: sent, or in ``depth``)
     last_error: str = ""
 
 
@@ -272,6 +274,7 @@ class Uplink:
     async def _count_depth(self) -> None:
         if self._depth is not None:
             self.stats.depth = await self._depth()
+        self.stats.rounds += 1
 
     async def _run(self) -> None:
         while True:
