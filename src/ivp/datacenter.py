@@ -609,7 +609,7 @@ class LoopbackDatacenter:
                 except OSError:
                     waiting = True
                     continue
-                if "uplink" not in st:  # no uplink (bricked): nothing more will leave
+                if "uplink" not in st:  # bricked, or built without one: nothing will leave
                     continue
                 rounds = int(st["uplink"].get("rounds", 0))
                 if st.get("settling", 0):

@@ -478,10 +478,10 @@ class Gateway:
         decision before the recomputer holds the record: ``audits`` counts the audit
         records it acknowledged, and ``spool_depth`` is the spool after the last
         uplink round, not a count that grows the moment a pair is kept (that once told
-        the operator at once which cheat to roll back). ``settling``: released pairs
-        whose draw was not made yet (it tells no decision); once it is 0, every uplink
-        round begun after this call counts their records (``uplink.rounds``), and this
-        call wakes the uplink for one."""
+        the operator at once which cheat to roll back). ``settling``: pairs handed
+        out (in flight or released) whose draw was not made yet (it tells no
+        decision); once it is 0, every uplink round begun after this call counts their
+        records (``uplink.rounds``), and this call wakes the uplink for one."""
         boots = [b for b in (self._boot, *self._ended) if b is not None]
         settling = sum(b.next_seq - b.next_draw for b in boots)
         await self.writer.flush()  # counters include every draw already made
