@@ -81,8 +81,12 @@ def test_release_time_is_the_budget_whatever_the_servers_delay(tmp_path, tiny_mo
         assert 0.3 <= time.monotonic() - t < 0.35
         assert [a["kind"] for a in rig.log.alarms()] == ["release_late"]
         rig.server.delay = 1.0  # past the last point (0.6 s): dropped, nothing released
-        with pytest.raises(TransportError, match=r"timed out after 0\.6"):
-            await rig.gw.complete("completions", COMPLETION)  # the wait ends at 0.6 s
+        t = time.monotonic()
+        with pytest.raises(TransportError, match="timed out"):
+            await rig.gw.complete("completions", COMPLETION)
+        # The server is given what is left of the 0.6 s from the request's start (the
+        # gateway's own work first takes some of it), so the wait ends at 0.6 s.
+        assert 0.59 <= time.monotonic() - t < 0.65
         assert rig.gw.metrics.late.labels("dropped")._value.get() == 1
         await asyncio.sleep(0)
         await rig.gw.close()
