@@ -196,6 +196,48 @@ def test_a_counter_value_advanced_ahead_is_recorded_by_one_commit_and_never_two_
     third.close()
 
 
+def test_commits_queued_behind_a_commit_find_the_counter_advanced_and_never_two_ahead(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Under load the group commit advances the device counter for the next commit on
+    the log's thread right after a commit with more queued behind it (while the loop
+    hands out the results), so the next commit waits for one flush; at every advance the
+    device is at most one value past what the log has recorded."""
+    import asyncio
+    import time
+
+    async def body() -> None:
+        rig = await started(make_rig(tmp_path, tiny_model_dir, epsilon=0.01,
+                                     with_uplink=False, draw_linger=0.0))
+        await rig.upload()
+        log, device = rig.log, rig.device
+        advance = device.advance_counter
+        seen: list[tuple[bool, int, int]] = []  # (in a commit, device, log) at each advance
+
+        def watched_advance() -> int:
+            in_commit = log._db.in_transaction
+            recorded = log._recorded if in_commit else log.bound_counter()
+            seen.append((in_commit, device.counter(), recorded or 0))
+            time.sleep(0.02)  # a slow flush: the next requests queue behind this commit
+            return advance()
+
+        device.advance_counter = watched_advance  # type: ignore[method-assign]
+        async def request(i: int) -> None:
+            await asyncio.sleep(0.005 * i)  # each arrives while the one before commits
+            await (await rig.gw.complete("completions", COMPLETION)).after_release()
+
+        await asyncio.gather(*(request(i) for i in range(12)))
+        await rig.gw.writer.flush()
+        device.advance_counter = advance  # type: ignore[method-assign]
+        assert seen and all(dev <= rec for _, dev, rec in seen), seen  # never two ahead
+        between = [s for s in seen if not s[0]]
+        assert between, seen  # advanced between commits, not inside the next one
+        assert log.bound_counter() in (device.counter(), device.counter() - 1)
+        await rig.gw.close()
+        assert rollback.judge(PairLog(tmp_path / "log.sqlite", device).bound_counter(),
+                              device.counter(), True).verdict == "ok"  # close records it
+    run(body())
+
+
 def test_a_commit_or_advance_that_fails_advances_nothing_ahead(tmp_path: Path) -> None:
     """A COMMIT (or a counter advance) that fails may or may not be on disk: its value is
     not used again, and no value is advanced ahead until a commit records a newer one

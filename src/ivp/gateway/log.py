@@ -40,8 +40,9 @@ holds that disk, so:
   first, then writes the new value into ``meta`` in the same transaction, so the log
   always holds the counter value of its last commit. The advance may be made a moment
   ahead, while the log's thread is idle and a commit is coming (:meth:`PairLog.reserve`:
-  a stream is at its server), so that commit waits for one disk flush, not two; at
-  most one value is ever advanced and not yet recorded, as when a commit is cut short.
+  a stream is at its server, or a commit just ended with more queued behind it), so
+  that commit waits for one disk flush, not two; at most one value is ever advanced and
+  not yet recorded, as when a commit is cut short.
   A restored copy of the log, or a fresh one in place of a deleted log, holds a value
   behind the device's, which the gateway sees at its next start (``rollback.judge``).
   The value also goes into every BOOT record and checkpoint, so the recomputer sees it

@@ -8,7 +8,8 @@ serve again). Sealing cannot stop any of that: the copy is genuine, only old.
 What stops it is the device's monotonic counter (``Device.counter``; a TPM NV counter
 in hardware). Every commit of the log advances the counter *first* and then records
 the new value in that same commit (``log.PairLog``; the advance may be made just
-ahead, while a stream is at its server, ``PairLog.reserve``, but never more than one
+ahead, while a stream is at its server or right after a commit with more queued,
+``PairLog.reserve``, but never more than one
 value is advanced and unrecorded), so at the next start:
 
 =================  ==============================================  =======================
