@@ -9,8 +9,8 @@ What stops it is the device's monotonic counter (``Device.counter``; a TPM NV co
 in hardware). Every commit of the log advances the counter *first* and then records
 the new value in that same commit (``log.PairLog``; the advance may be made just
 ahead, while a stream is at its server or right after a commit with more queued,
-``PairLog.reserve``, but never more than one
-value is advanced and unrecorded), so at the next start:
+``PairLog.reserve``, but never more than one value is advanced and unrecorded), so at
+the next start:
 
 =================  ==============================================  =======================
 log's value L       meaning                                          the gateway
