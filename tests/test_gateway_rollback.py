@@ -6,8 +6,10 @@ before the recomputer acknowledged the record."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -202,9 +204,6 @@ def test_commits_queued_behind_a_commit_find_the_counter_advanced_and_never_two_
     the log's thread right after a commit with more queued behind it (while the loop
     hands out the results), so the next commit waits for one flush; at every advance the
     device is at most one value past what the log has recorded."""
-    import asyncio
-    import time
-
     async def body() -> None:
         rig = await started(make_rig(tmp_path, tiny_model_dir, epsilon=0.01,
                                      with_uplink=False, draw_linger=0.0))
@@ -221,6 +220,7 @@ def test_commits_queued_behind_a_commit_find_the_counter_advanced_and_never_two_
             return advance()
 
         device.advance_counter = watched_advance  # type: ignore[method-assign]
+
         async def request(i: int) -> None:
             await asyncio.sleep(0.005 * i)  # each arrives while the one before commits
             await (await rig.gw.complete("completions", COMPLETION)).after_release()
@@ -327,8 +327,6 @@ def test_status_reveals_no_audit_decision_before_its_acknowledgement(
 
 def test_a_shut_down_gateway_keeps_sending_heartbeats(tmp_path: Path,
                                                        tiny_model_dir: Path) -> None:
-    import asyncio
-
     async def body() -> None:
         rig = await started(make_rig(tmp_path, tiny_model_dir, checkpoint_interval=0.1),
                             background_uplink=True)

@@ -170,8 +170,9 @@ class GroupCommit:
             while self._writes or self._spare_wanted:
                 if not self._writes:
                     self._spare_wanted = False
-                    with contextlib.suppress(Exception):  # the commit meets it again
-                        await self.call(self.log.reserve)
+                    if self.log.spare is None:  # the last commit's job may have advanced it
+                        with contextlib.suppress(Exception):  # the commit meets it again
+                            await self.call(self.log.reserve)
                     continue
                 await self._linger()
                 batch, self._writes = self._writes, []
@@ -210,19 +211,19 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         durable: asyncio.Future[list[object]] = loop.create_future()
 
-        def settle(results: list[object] | None, error: BaseException | None) -> None:
+        def settle(results: list[object], error: BaseException | None) -> None:
             if durable.done():  # the loop stopped waiting (cancelled)
                 return
             if error is not None:
                 durable.set_exception(error)
             else:
-                durable.set_result(results or [])
+                durable.set_result(results)
 
         def job() -> None:
             try:
                 results = self._write_batch(batch)
             except BaseException as exc:
-                loop.call_soon_threadsafe(settle, None, exc)
+                loop.call_soon_threadsafe(settle, [], exc)
                 raise
             loop.call_soon_threadsafe(settle, results, None)
             if self._writes or self._spare_wanted:  # read on the thread: a hint only
